@@ -1,0 +1,34 @@
+# savlt-fl: every target creates the venv on first use (make install is idempotent).
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+OUT ?= runs/simulate
+
+.PHONY: install test simulate bench lint clean
+
+install: $(STAMP)
+
+# torch and torchvision are pinned first so that pip takes the builds on this machine's disk.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q
+
+simulate: install
+	$(BIN)/savlt simulate --config configs/default.yaml --out $(OUT)
+
+bench: install
+	$(BIN)/python benchmarks/run_cpu.py
+
+lint: install
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

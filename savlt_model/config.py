@@ -1,0 +1,290 @@
+"""Typed run configuration: YAML in, validated dataclasses out.
+
+Every run starts here (config -> data -> model -> client/server -> results). The schema is
+the dataclasses below; an unknown key, a wrong type or a missing file stops the run with
+one line naming the key and what is expected. ``--set key=value`` overrides any key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from savlt_model.errors import SavltError
+
+CERVICAL_CLASSES = [
+    "cancer",
+    "cyst",
+    "ectropion",
+    "high-grade_squamous_intraepithelial_lesion",
+    "mild_inflammation",
+]
+CERVICAL_POSITIVE = ["cancer", "high-grade_squamous_intraepithelial_lesion"]
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class SynthConfig:
+    """Generate a synthetic DATA folder at ``data.root`` when it does not exist yet."""
+
+    enabled: bool = False
+    seed: int = 0
+    scale: float = 1.0  # multiplies the number of images per class and centre
+
+
+@dataclass
+class DataConfig:
+    root: str = "runs/data/synthetic"
+    train_center: str = "mixed"
+    external_centers: list[str] = field(default_factory=lambda: ["xiangya", "huaxi"])
+    split_file: str | None = None  # default: ROOT/<train_center>/split.json (written once)
+    split: list[float] = field(default_factory=lambda: [0.45, 0.15, 0.40])
+    shots: int = 16
+    on_bad_file: Literal["stop", "skip"] = "stop"
+    synthetic: SynthConfig = field(default_factory=SynthConfig)
+
+
+@dataclass
+class TaskConfig:
+    classes: list[str] = field(default_factory=lambda: list(CERVICAL_CLASSES))
+    positive: list[str] = field(default_factory=lambda: list(CERVICAL_POSITIVE))
+    prompts: str = "configs/prompts/cervical_oct.yaml"
+    prompt_set: str = "structural"
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: float = 4.0
+    dropout: float = 0.25
+    last_n_blocks: int | None = None  # None: every vision block
+    text: bool = False
+    text_r: int = 2
+    text_alpha: float = 16.0
+
+
+@dataclass
+class RoiConfig:
+    source: Literal["surface", "unet", "none"] = "surface"
+    unet_checkpoint: str | None = None
+    search_from: float = 0.1
+    heads: int = 4
+    intermediate_masking: bool = False
+
+
+@dataclass
+class ModelConfig:
+    name: str = "savlt-tiny"
+    pretrained: str | None = None  # open_clip tag, "hf-hub:org/name" or a checkpoint file
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train_visual_proj: bool = True
+    prompt_context: int = 0  # learnable context tokens before each description; 0 = off
+    roi: RoiConfig = field(default_factory=RoiConfig)
+    align_weight: float = 0.5  # "a" of the dual-alignment loss: text vs prototype branch
+
+
+@dataclass
+class TrainConfig:
+    iterations_per_shot: int = 10  # total iterations = iterations_per_shot * shots
+    batch_size: int = 32
+    lr: float = 1e-3
+    min_lr: float = 1e-6
+    weight_decay: float = 1e-4
+    device: str = "auto"
+    eval_batch_size: int = 64
+
+
+@dataclass
+class FederatedConfig:
+    protocol: Literal["paper", "centers"] = "paper"
+    methods: list[str] = field(
+        default_factory=lambda: ["central", "local", "fedavg", "fedprox", "text-anchored"]
+    )
+    hospitals: int = 3
+    rounds: int = 5
+    local_steps: int = 0  # 0: spread the centralised iteration budget evenly over rounds
+    fraction_train: float = 1.0
+    min_hospitals: int = 0  # 0: every hospital must answer
+    prox_mu: float = 0.01
+    anchor_lambda: float = 5.0
+    anchor_loss_weight: float = 0.1
+    lora_aggregation: Literal["naive", "fedex"] = "fedex"
+    round_timeout: float = 600.0
+    max_update_norm: float = 0.0  # 0: no bound
+
+
+@dataclass
+class Config:
+    seeds: list[int] = field(default_factory=lambda: [42])
+    data: DataConfig = field(default_factory=DataConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    fl: FederatedConfig = field(default_factory=FederatedConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def total_iterations(self) -> int:
+        return self.train.iterations_per_shot * self.data.shots
+
+
+def resolve_path(path: str | Path, base: Path = PROJECT_ROOT) -> Path:
+    """Relative paths in a config are relative to the project root, like the shipped configs."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else (base / p)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except SavltError as exc:
+                errors.append(str(exc))
+        raise SavltError(errors[0] if errors else f"config key '{key}' has a bad value")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise SavltError(
+                f"config key '{key}' must be one of {list(allowed)}, got {value!r}"
+            )
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise SavltError(
+                f"config key '{key}' must be a list of {_type_name(item_tp)}, got {value!r}"
+            )
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise SavltError(f"config key '{key}' must be true or false, got {value!r}")
+    if tp in (int, float) and isinstance(value, bool):
+        raise SavltError(f"config key '{key}' must be {tp.__name__}, got {value!r}")
+    if not isinstance(value, tp):
+        raise SavltError(
+            f"config key '{key}' must be {_type_name(tp)}, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SavltError(f"config key '{prefix}' must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            where = f"{prefix}.{key}" if prefix else key
+            raise SavltError(f"config key '{where}' is unknown; allowed here: {', '.join(names)}")
+    kwargs = {
+        k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in raw.items()
+    }
+    return cls(**kwargs)
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise SavltError(f"--set {item!r}: expected key=value, e.g. --set train.lr=0.0005")
+    key, text = item.split("=", 1)
+    value = yaml.safe_load(text) if text else None
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise SavltError(f"--set {key}: '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def validate(cfg: Config) -> Config:
+    """Cross-field checks that a type annotation cannot express."""
+    t = cfg.task
+    if len(set(t.classes)) != len(t.classes) or len(t.classes) < 2:
+        raise SavltError("config key 'task.classes' needs at least two distinct class names")
+    unknown = [c for c in t.positive if c not in t.classes]
+    if unknown or not t.positive:
+        raise SavltError(
+            f"config key 'task.positive' must be a non-empty subset of task.classes; "
+            f"not classes: {unknown}"
+        )
+    if len(t.positive) == len(t.classes):
+        raise SavltError("config key 'task.positive' must leave at least one negative class")
+    if len(cfg.data.split) != 3 or abs(sum(cfg.data.split) - 1.0) > 1e-6:
+        raise SavltError("config key 'data.split' must be three fractions (train, val, test) summing to 1")
+    if cfg.data.shots < 1:
+        raise SavltError("config key 'data.shots' must be >= 1")
+    if not cfg.seeds:
+        raise SavltError("config key 'seeds' must list at least one seed")
+    if not 0.0 <= cfg.model.align_weight <= 1.0:
+        raise SavltError("config key 'model.align_weight' must lie in [0, 1]")
+    prompts = resolve_path(t.prompts)
+    if not prompts.is_file():
+        raise SavltError(f"config key 'task.prompts': file {prompts} does not exist")
+    if cfg.model.roi.source == "unet" and not cfg.model.roi.unet_checkpoint:
+        raise SavltError(
+            "config key 'model.roi.unet_checkpoint' is required when model.roi.source is 'unet' "
+            "(train one with `savlt roi train`)"
+        )
+    if cfg.model.roi.unet_checkpoint and not resolve_path(cfg.model.roi.unet_checkpoint).is_file():
+        raise SavltError(
+            f"config key 'model.roi.unet_checkpoint': file {cfg.model.roi.unet_checkpoint} "
+            "does not exist"
+        )
+    known = {"central", "local", "fedavg", "fedprox", "text-anchored"}
+    bad = [m for m in cfg.fl.methods if m not in known]
+    if bad:
+        raise SavltError(f"config key 'fl.methods': unknown {bad}; choose from {sorted(known)}")
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the built-in defaults when ``path`` is None) and validate it."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise SavltError(f"config file {p} does not exist; try configs/default.yaml")
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise SavltError(f"config file {p} is not valid YAML: {exc}".splitlines()[0]) from exc
+        if not isinstance(raw, dict):
+            raise SavltError(f"config file {p} must hold a mapping at the top level")
+    for item in overrides or []:
+        _apply_override(raw, item)
+    return validate(_build(Config, raw, ""))
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Rebuild a Config saved with a run (``config.yaml``) or sent in a Flower run config."""
+    return validate(_build(Config, raw, ""))
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
