@@ -165,9 +165,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
-            raise SavltError(
-                f"config key '{key}' must be one of {list(allowed)}, got {value!r}"
-            )
+            raise SavltError(f"config key '{key}' must be one of {list(allowed)}, got {value!r}")
         return value
     if origin is list:
         (item_tp,) = typing.get_args(tp)
@@ -202,9 +200,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         if key not in names:
             where = f"{prefix}.{key}" if prefix else key
             raise SavltError(f"config key '{where}' is unknown; allowed here: {', '.join(names)}")
-    kwargs = {
-        k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in raw.items()
-    }
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in raw.items()}
     return cls(**kwargs)
 
 
@@ -236,7 +232,9 @@ def validate(cfg: Config) -> Config:
     if len(t.positive) == len(t.classes):
         raise SavltError("config key 'task.positive' must leave at least one negative class")
     if len(cfg.data.split) != 3 or abs(sum(cfg.data.split) - 1.0) > 1e-6:
-        raise SavltError("config key 'data.split' must be three fractions (train, val, test) summing to 1")
+        raise SavltError(
+            "config key 'data.split' must be three fractions (train, val, test) summing to 1"
+        )
     if cfg.data.shots < 1:
         raise SavltError("config key 'data.shots' must be >= 1")
     if not cfg.seeds:

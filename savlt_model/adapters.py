@@ -1,0 +1,147 @@
+"""peft LoRA on the frozen backbone, and the trainable set as a named payload.
+
+The payload (:func:`trainable_state`) is exactly what a hospital uploads: LoRA factors, ROI
+pooling, prototypes, the visual projection and optional prompt context. Names are stable
+across processes and machines (peft's saved-adapter names, adapter name removed), so
+the server can average them key by key and :func:`load_trainable_state` can put them back.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from savlt_model.backbone import VisionTower
+from savlt_model.config import LoraConfig as LoraSettings
+from savlt_model.errors import SavltError
+
+ADAPTER = "default"
+
+
+def _alternation(names: list[str]) -> str:
+    return "(?:" + "|".join(re.escape(n) for n in names) + ")"
+
+
+def inject_lora(clip: nn.Module, tower: VisionTower, cfg: LoraSettings) -> PeftModel:
+    """Wrap ``clip`` with LoRA on the attention of the last N vision blocks (and optionally text).
+
+    peft's MultiheadAttention support adapts q, k, v (the fused in-projection) and the output
+    projection of open_clip's ``nn.MultiheadAttention``; timm ViTs expose qkv/proj Linears.
+    """
+    n_blocks = len(tower.attn_module_names)
+    last_n = n_blocks if cfg.last_n_blocks is None else cfg.last_n_blocks
+    if not 1 <= last_n <= n_blocks:
+        raise SavltError(f"model.lora.last_n_blocks must be in 1..{n_blocks}, got {last_n}")
+    vision = [n for block in tower.attn_module_names[n_blocks - last_n :] for n in block]
+    vision_re = _alternation(vision)
+    if not cfg.text:
+        lora = LoraConfig(
+            r=cfg.r,
+            lora_alpha=cfg.alpha,
+            lora_dropout=cfg.dropout,
+            bias="none",
+            target_modules=vision_re,
+        )
+    else:
+        if not hasattr(clip, "transformer"):
+            raise SavltError("model.lora.text needs open_clip's native text tower; set it to false")
+        text = [f"transformer.resblocks.{i}.attn" for i in range(len(clip.transformer.resblocks))]
+        # Text modules take the default rank; the vision pattern overrides it for vision modules.
+        lora = LoraConfig(
+            r=cfg.text_r,
+            lora_alpha=cfg.text_alpha,
+            lora_dropout=cfg.dropout,
+            bias="none",
+            target_modules=_alternation(vision + text),
+            rank_pattern={vision_re: cfg.r},
+            alpha_pattern={vision_re: cfg.alpha},
+        )
+    return get_peft_model(clip, lora)
+
+
+def stable_name(param_name: str) -> str:
+    """Model parameter name -> payload key (drops the peft wrapper prefix and adapter name)."""
+    return param_name.replace("clip.base_model.model.", "clip.").replace(f".{ADAPTER}.", ".")
+
+
+def payload_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The trainable parameters by payload key, in a stable (sorted) order."""
+    params = {stable_name(n): p for n, p in model.named_parameters() if p.requires_grad}
+    return dict(sorted(params.items()))
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Exactly the trainable tensors (detached CPU copies): the federated payload."""
+    return {k: p.detach().to("cpu", copy=True) for k, p in payload_parameters(model).items()}
+
+
+def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Inverse of :func:`trainable_state`; refuses missing, extra or mis-shaped tensors."""
+    params = payload_parameters(model)
+    missing = sorted(set(params) - set(state))
+    extra = sorted(set(state) - set(params) - set(residual_targets(model)))
+    if missing or extra:
+        raise SavltError(
+            f"adapter payload does not match this model: missing {missing[:3]}, unexpected "
+            f"{extra[:3]} (different model.lora / prompt settings?)"
+        )
+    with torch.no_grad():
+        for key, p in params.items():
+            t = state[key]
+            if tuple(t.shape) != tuple(p.shape):
+                raise SavltError(
+                    f"adapter payload tensor {key} has shape {tuple(t.shape)}, "
+                    f"expected {tuple(p.shape)}"
+                )
+            p.copy_(t.to(p.device, p.dtype))
+
+
+def lora_pairs(keys: list[str]) -> list[tuple[str, str, str]]:
+    """(prefix, A key, B key) for every LoRA factor pair in a payload."""
+    out = []
+    for key in keys:
+        if key.endswith(".lora_A.weight"):
+            prefix = key[: -len(".lora_A.weight")]
+            out.append((prefix, key, f"{prefix}.lora_B.weight"))
+    return out
+
+
+def residual_targets(model: nn.Module) -> dict[str, tuple[torch.Tensor, float]]:
+    """``residual.<prefix>`` -> (frozen base weight, LoRA scaling) for every LoRA layer.
+
+    The exact (FedEx-LoRA) aggregation sends the part of sum_k w_k B_k A_k that the averaged
+    factors cannot express as a dense residual; clients add it to these frozen weights.
+    """
+    out: dict[str, tuple[torch.Tensor, float]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
+            base = module.get_base_layer()
+            weight = base.in_proj_weight if isinstance(base, nn.MultiheadAttention) else base.weight
+            prefix = stable_name(f"{name}.").rstrip(".")
+            out[f"residual.{prefix}"] = (weight, float(module.scaling[ADAPTER]))
+    return out
+
+
+def add_residuals(model: nn.Module, state: dict[str, torch.Tensor]) -> int:
+    """Add the dense FedEx residuals of a global state to the frozen base weights."""
+    targets = residual_targets(model)
+    n = 0
+    with torch.no_grad():
+        for key, tensor in state.items():
+            if not key.startswith("residual."):
+                continue
+            if key not in targets:
+                raise SavltError(f"global state has residual {key} for a layer this model lacks")
+            weight, _ = targets[key]
+            weight.add_(tensor.to(weight.device, weight.dtype))
+            n += 1
+    return n
+
+
+def lora_scalings(model: nn.Module) -> dict[str, float]:
+    """LoRA scaling (alpha / r) per payload prefix, needed to form B A exactly on the server."""
+    return {k[len("residual.") :]: s for k, (_, s) in residual_targets(model).items()}

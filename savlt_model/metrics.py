@@ -1,0 +1,112 @@
+"""Classification metrics in percent, as reported in the SAVLT study (SAVLT_METHOD.md §2).
+
+Binary task: a case is high-risk when its class is in ``positive`` (cancer and HSIL for the
+cervical task). The binary prediction is "the argmax class is in ``positive``", so the
+binary and multi-class predictions never disagree. The binary AUC scores each case with
+the sum of the softmax probabilities of the positive classes (:func:`binary_scores`);
+the original code used a softmax over summed logits instead, which is not a probability
+of the positive group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import confusion_matrix, roc_auc_score
+
+from savlt_model.errors import SavltError
+
+METRIC_KEYS = (
+    "acc_5class",
+    "acc_binary",
+    "auc_binary",
+    "sensitivity",
+    "specificity",
+    "ppv",
+    "npv",
+)
+
+_ROW_SUM_TOL = 1e-3  # loose enough for float16 softmax, tight enough to catch logits
+
+
+def _check_probs(probs: np.ndarray) -> np.ndarray:
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2 or probs.shape[0] == 0 or probs.shape[1] < 2:
+        raise SavltError(f"probs must have shape (N>=1, C>=2), got {probs.shape}")
+    if not np.all(np.isfinite(probs)):
+        raise SavltError("probs contains NaN or infinite values")
+    if np.any(probs < 0) or not np.allclose(probs.sum(axis=1), 1.0, atol=_ROW_SUM_TOL):
+        raise SavltError("probs rows must be softmax probabilities summing to 1 (got logits?)")
+    return probs
+
+
+def _check_positive(positive: Sequence[int], n_classes: int) -> np.ndarray:
+    pos = np.asarray(list(positive))
+    if pos.size == 0 or not np.issubdtype(pos.dtype, np.integer):
+        raise SavltError(f"positive must be a non-empty list of class indices, got {positive!r}")
+    if len(set(pos.tolist())) != pos.size:
+        raise SavltError(f"positive has repeated class indices: {positive!r}")
+    if pos.min() < 0 or pos.max() >= n_classes:
+        raise SavltError(f"positive indices {positive!r} are outside 0..{n_classes - 1}")
+    if pos.size == n_classes:
+        raise SavltError("positive lists every class, so there is no negative (low-risk) group")
+    return pos
+
+
+def binary_scores(probs: np.ndarray, positive: Sequence[int]) -> np.ndarray:
+    """High-risk score per case: the summed softmax probability of the positive classes."""
+    probs = _check_probs(probs)
+    pos = _check_positive(positive, probs.shape[1])
+    return probs[:, pos].sum(axis=1)
+
+
+def _pct(num: int, den: int) -> float | None:
+    return None if den == 0 else round(100.0 * num / den, 4)
+
+
+def compute_metrics(probs: np.ndarray, labels: np.ndarray, positive: Sequence[int]) -> dict:
+    """The seven §2 metrics in percent, plus ``confusion`` (C×C, rows = true class) and ``n``.
+
+    A metric with a zero denominator is ``None``, never NaN, so results stay valid JSON:
+    ``auc_binary`` when only one binary class is present, ``sensitivity`` with no positive
+    case, ``specificity`` with no negative case, ``ppv`` with no positive prediction and
+    ``npv`` with no negative prediction. ``acc_5class`` is the C-class accuracy for any C.
+    """
+    probs = _check_probs(probs)
+    n, n_classes = probs.shape
+    labels_arr = np.asarray(labels)
+    if labels_arr.shape != (n,):
+        raise SavltError(f"labels must have shape ({n},) to match probs, got {labels_arr.shape}")
+    if labels_arr.dtype == bool or not np.issubdtype(labels_arr.dtype, np.integer):
+        raise SavltError(f"labels must be integer class indices, got dtype {labels_arr.dtype}")
+    if labels_arr.min() < 0 or labels_arr.max() >= n_classes:
+        raise SavltError(f"labels must lie in 0..{n_classes - 1} (probs has {n_classes} columns)")
+    pos = _check_positive(positive, n_classes)
+
+    pred = probs.argmax(axis=1)
+    y_true = np.isin(labels_arr, pos)
+    y_pred = np.isin(pred, pos)
+    tp = int(np.sum(y_true & y_pred))
+    tn = int(np.sum(~y_true & ~y_pred))
+    fp = int(np.sum(~y_true & y_pred))
+    fn = int(np.sum(y_true & ~y_pred))
+
+    auc: float | None = None
+    if 0 < y_true.sum() < n:
+        auc = round(100.0 * float(roc_auc_score(y_true, probs[:, pos].sum(axis=1))), 4)
+
+    out: dict[str, Any] = {
+        "acc_5class": _pct(int(np.sum(pred == labels_arr)), n),
+        "acc_binary": _pct(tp + tn, n),
+        "auc_binary": auc,
+        "sensitivity": _pct(tp, tp + fn),
+        "specificity": _pct(tn, tn + fp),
+        "ppv": _pct(tp, tp + fp),
+        "npv": _pct(tn, tn + fn),
+    }
+    cm = confusion_matrix(labels_arr, pred, labels=np.arange(n_classes))
+    out["confusion"] = cm.astype(int).tolist()
+    out["n"] = int(n)
+    return out

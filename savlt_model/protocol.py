@@ -1,0 +1,85 @@
+"""The original study's data protocol, shared by the centralised and federated runs.
+
+Train on a K-shot subset of the mixed centre's train split (val reduced to min(K, 16) per
+class); test on the mixed test split and on every external centre in full. Federated
+protocols split these same sets further, so every method is scored on the same test data.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from savlt_model.config import Config, resolve_path
+from savlt_model.data import Sample, few_shot, load_sites, scan_center, split_center
+from savlt_model.errors import SavltError
+
+log = logging.getLogger(__name__)
+
+VAL_SHOTS_MAX = 16
+
+
+@dataclass
+class CenterData:
+    """One centre's samples after the split: K-shot train, reduced val and full test."""
+
+    name: str
+    train: list[Sample]
+    val: list[Sample]
+    test: list[Sample]
+    sites: dict[str, str] | None = None  # sample key -> sub-site, when the centre has sites.json
+
+
+def data_root(cfg: Config) -> Path:
+    """The DATA folder; generates the synthetic one first when the config asks for it."""
+    root = resolve_path(cfg.data.root)
+    syn = cfg.data.synthetic
+    if syn.enabled and not root.exists():
+        from savlt_model.synth import generate
+
+        log.info("Generating synthetic multi-centre OCT data in %s (seed %d)", root, syn.seed)
+        generate(root, seed=syn.seed, scale=syn.scale, classes=cfg.task.classes)
+    if not root.is_dir():
+        raise SavltError(
+            f"data.root: {root} does not exist; point it at a DATA folder or set "
+            "data.synthetic.enabled=true (or run `savlt synth --out DIR`)"
+        )
+    return root
+
+
+def is_synthetic(root: Path) -> bool:
+    return (root / "synth.json").is_file()
+
+
+def prepare_center(
+    cfg: Config, root: Path, center: str, seed: int, with_sites: bool = False
+) -> CenterData:
+    """Split one centre (split saved and reused) and draw the seeded K-shot train and val sets."""
+    samples = scan_center(root, center, cfg.task.classes, cfg.data.on_bad_file)
+    split_file = resolve_path(cfg.data.split_file) if cfg.data.split_file else None
+    parts = split_center(root, center, samples, tuple(cfg.data.split), split_file)
+    k, n_classes = cfg.data.shots, len(cfg.task.classes)
+    cache = root / center / "few_shot"
+    train = few_shot(parts["train"], k, seed, n_classes, cache / f"train_k{k}_seed{seed}.json")
+    val_k = min(k, VAL_SHOTS_MAX)
+    val = few_shot(parts["val"], val_k, seed, n_classes, cache / f"val_k{val_k}_seed{seed}.json")
+    sites = load_sites(root, center, samples) if with_sites else None
+    return CenterData(center, train, val, parts["test"], sites)
+
+
+def external_test(cfg: Config, root: Path, center: str) -> list[Sample]:
+    """External centres are test-only: every image counts."""
+    return scan_center(root, center, cfg.task.classes, cfg.data.on_bad_file)
+
+
+def paper_protocol(
+    cfg: Config, seed: int, with_sites: bool = False
+) -> tuple[CenterData, dict[str, list[Sample]]]:
+    """(training centre data, {centre: test samples}) for the original protocol."""
+    root = data_root(cfg)
+    train_center = prepare_center(cfg, root, cfg.data.train_center, seed, with_sites)
+    tests = {cfg.data.train_center: train_center.test}
+    for center in cfg.data.external_centers:
+        tests[center] = external_test(cfg, root, center)
+    return train_center, tests

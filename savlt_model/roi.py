@@ -1,0 +1,217 @@
+"""Structure awareness (SAVLT_METHOD.md §3): tissue mask -> ROI box -> masked attention pooling.
+
+Everything here runs batched on the normalised image batch, on the model's device, so ROI
+extraction is part of the timed train step and the data pipeline stays a plain image loader.
+The only per-sample loop is :func:`roi_pool_reference`, kept for tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from savlt_model.config import RoiConfig, resolve_path
+from savlt_model.errors import SavltError
+from savlt_model.roi_unet import UNet, load_unet
+
+_GRAY = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma weights
+_OTSU_BINS = 256
+
+
+def _unnormalise(images: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """Back to [0, 1] RGB (float32 whatever the autocast dtype, so thresholds are stable)."""
+    return images.float() * std.view(1, -1, 1, 1) + mean.view(1, -1, 1, 1)
+
+
+def _gaussian_blur(x: Tensor, sigma: float) -> Tensor:
+    """Separable Gaussian blur of a (B, 1, H, W) batch with reflect padding."""
+    radius = max(1, math.ceil(3 * sigma))
+    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), k.view(1, 1, -1, 1))
+
+
+def _otsu_threshold(x: Tensor) -> Tensor:
+    """Per-image Otsu threshold of a (B, P) batch in [0, 1], via one batched histogram."""
+    b = x.shape[0]
+    idx = (x * (_OTSU_BINS - 1)).round().long().clamp_(0, _OTSU_BINS - 1)
+    hist = torch.zeros(b, _OTSU_BINS, device=x.device).scatter_add_(1, idx, torch.ones_like(x))
+    p = hist / hist.sum(1, keepdim=True)
+    centres = torch.linspace(0, 1, _OTSU_BINS, device=x.device)
+    omega = p.cumsum(1)
+    mu = (p * centres).cumsum(1)
+    between = (mu[:, -1:] * omega - mu) ** 2 / (omega * (1 - omega)).clamp_min(1e-12)
+    return centres[between.argmax(1)]
+
+
+class SurfaceDetector(nn.Module):
+    """Weight-free tissue mask for OCT B-scans: tissue is everything below the bright surface.
+
+    Steps: undo normalisation, grayscale, Gaussian blur (sigma = S/64), per-image Otsu
+    threshold on the min-max-scaled image, a vertical morphological opening (removes bright
+    speckle shorter than ~S/32 rows above the surface), then per column everything from the
+    first tissue row downward (a cumulative max along depth), because OCT signal decays with
+    depth and deep tissue can fall below the threshold.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32), persistent=False)
+        self.register_buffer("gray", torch.tensor(_GRAY).view(1, 3, 1, 1), persistent=False)
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        b, _, h, w = images.shape
+        g = (_unnormalise(images, self.mean, self.std) * self.gray).sum(1, keepdim=True)
+        g = _gaussian_blur(g, sigma=max(1.0, h / 64)).flatten(1)
+        lo, hi = g.aminmax(dim=1, keepdim=True)
+        g = (g - lo) / (hi - lo).clamp_min(1e-6)  # constant image -> all 0 -> no tissue
+        tissue = (g > _otsu_threshold(g)[:, None]).float().view(b, 1, h, w)
+        k = 2 * max(1, h // 64) + 1
+        opened = -F.max_pool2d(-tissue, (k, 1), stride=1, padding=(k // 2, 0))
+        opened = F.max_pool2d(opened, (k, 1), stride=1, padding=(k // 2, 0))
+        return opened.squeeze(1).cummax(dim=1).values
+
+
+class UNetMasker(nn.Module):
+    """A trained, frozen U-Net as a mask source.
+
+    The model's batch is re-normalised to the U-Net's own statistics and resized to its
+    training size; the logits are resized back before thresholding at sigmoid 0.5 (logit 0).
+    ``train()`` keeps the U-Net in eval mode so its BatchNorm statistics never drift.
+    """
+
+    def __init__(self, unet: UNet, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.unet = unet.eval().requires_grad_(False)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32), persistent=False)
+        for name, value in (("unet_mean", unet.mean), ("unet_std", unet.std)):
+            self.register_buffer(name, torch.tensor(value).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True) -> UNetMasker:
+        super().train(mode)
+        self.unet.eval()
+        return self
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        size = images.shape[-2:]
+        x = (_unnormalise(images, self.mean, self.std) - self.unet_mean) / self.unet_std
+        if tuple(size) != (self.unet.size, self.unet.size):
+            x = F.interpolate(x, size=self.unet.size, mode="bilinear", align_corners=False)
+        logits = self.unet(x)
+        if logits.shape[-2:] != size:
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        return (logits.squeeze(1) > 0).float()
+
+
+def build_mask_source(
+    cfg: RoiConfig, mean: Sequence[float], std: Sequence[float]
+) -> nn.Module | None:
+    """The module that turns a normalised batch into tissue masks; None when ROI is off."""
+    if cfg.source == "none":
+        return None
+    if cfg.source == "surface":
+        return SurfaceDetector(mean, std)
+    if not cfg.unet_checkpoint:
+        raise SavltError(
+            "config key 'model.roi.unet_checkpoint' is required when model.roi.source is 'unet' "
+            "(train one with `savlt roi train`)"
+        )
+    return UNetMasker(load_unet(resolve_path(cfg.unet_checkpoint)), mean, std)
+
+
+def roi_top(mask: Tensor, search_from: float = 0.1) -> Tensor:
+    """Normalised top ``y`` of the ROI box ``(0, y, 1, 1)`` for each (H, W) mask in the batch.
+
+    Rows are searched from ``floor(search_from * H)`` downward; the ROI starts at the first
+    row whose tissue fraction equals the largest fraction among the searched rows. When some
+    row is tissue across its whole width this is exactly the method's rule (first full row).
+    Otherwise it falls back gracefully: a column that never turns to tissue (a shadow) does
+    not throw the box away, the box starts where every other column has reached tissue; with
+    no tissue at all every row ties at 0 and the box starts at ``search_from``.
+    """
+    if not 0.0 <= search_from < 1.0:
+        raise SavltError(
+            f"config key 'model.roi.search_from' must lie in [0, 1), got {search_from}"
+        )
+    h = mask.shape[1]
+    start = min(int(search_from * h), h - 1)
+    frac = (mask[:, start:] > 0.5).float().mean(dim=2)  # (B, H - start)
+    hit = frac >= frac.amax(dim=1, keepdim=True)
+    first = hit.float().argmax(dim=1)  # argmax returns the first of equal maxima
+    return (first + start).float() / h
+
+
+def patch_keep_mask(top: Tensor, grid: int) -> Tensor:
+    """(B, grid*grid) bool, row-major like ViT tokens: patch row i is kept when i/grid >= top.
+
+    The comparison is made in patch-row units with a 1e-4 tolerance, so a box top that falls
+    exactly on a patch border (e.g. 16/224 vs 1/14 in float32) keeps that row. The last patch
+    row is always kept, so attention pooling never sees an empty set.
+    """
+    rows = torch.arange(grid, device=top.device)
+    keep_rows = (rows[None, :] >= top[:, None] * grid - 1e-4) | (rows[None, :] == grid - 1)
+    return keep_rows[:, :, None].expand(-1, grid, grid).reshape(top.shape[0], grid * grid)
+
+
+class RoiAttentionPool(nn.Module):
+    """Multi-head attention pooling over the ROI patch tokens with one learned query.
+
+    Initialisation: the query is zero, so every head's softmax is uniform over the kept
+    tokens, and ``proj`` is the identity (zero bias); at step 0 the pool is exactly masked
+    mean pooling, so CLIP's visual projection sees features on its usual scale. The query
+    still gets a gradient at zero (tokens minus their mean), so attention is learned.
+    """
+
+    def __init__(self, width: int, heads: int = 4) -> None:
+        super().__init__()
+        if width % heads:
+            raise SavltError(
+                f"config key 'model.roi.heads': {heads} does not divide the token width {width}"
+            )
+        self.heads = heads
+        self.head_dim = width // heads
+        self.query = nn.Parameter(torch.zeros(width))
+        self.proj = nn.Linear(width, width)
+        with torch.no_grad():
+            self.proj.weight.copy_(torch.eye(width))
+            self.proj.bias.zero_()
+
+    def forward(self, tokens: Tensor, keep: Tensor) -> Tensor:
+        """tokens (B, N, W), keep (B, N) bool with at least one True per row -> (B, W)."""
+        b, n, w = tokens.shape
+        t = tokens.view(b, n, self.heads, self.head_dim)
+        q = self.query.view(self.heads, self.head_dim).to(tokens.dtype)
+        scores = torch.einsum("bnhd,hd->bhn", t, q) / math.sqrt(self.head_dim)
+        attn = scores.masked_fill(~keep[:, None, :], float("-inf")).softmax(dim=-1)
+        return self.proj(torch.einsum("bhn,bnhd->bhd", attn, t).reshape(b, w))
+
+
+def roi_pool_reference(pool: RoiAttentionPool, tokens: Tensor, keep: Tensor) -> Tensor:
+    """The original per-sample, per-head loop with ``pool``'s parameters (tests/benchmarks only)."""
+    d = pool.head_dim
+    out = []
+    for b in range(tokens.shape[0]):
+        roi = tokens[b][keep[b]]  # (n_kept, W)
+        heads = []
+        for h in range(pool.heads):
+            th = roi[:, h * d : (h + 1) * d]
+            weights = torch.softmax(th @ pool.query[h * d : (h + 1) * d] / math.sqrt(d), dim=0)
+            heads.append(weights @ th)
+        out.append(pool.proj(torch.cat(heads)))
+    return torch.stack(out)
+
+
+def mask_patch_tokens(x: Tensor, keep: Tensor) -> Tensor:
+    """Zero the non-ROI patch tokens of (B, 1+N, W) activations; CLS (index 0) is kept."""
+    cls = torch.ones(keep.shape[0], 1, dtype=torch.bool, device=keep.device)
+    return x.masked_fill(~torch.cat([cls, keep], dim=1)[:, :, None], 0.0)

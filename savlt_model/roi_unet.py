@@ -1,0 +1,273 @@
+"""The tissue-segmentation U-Net of SAVLT_METHOD.md §3: ResNet-18 encoder, one sigmoid output.
+
+Trained once on the synthetic masks (``savlt roi train``) and then used frozen as a mask
+source. The decoder is deliberately narrow so that training at 128 px runs on a laptop CPU.
+Checkpoints are ``.safetensors`` files whose metadata carries the preprocessing contract
+(input size, mean, std) along with the Dice scores it reached.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from savlt_model.atomic import atomic_write
+from savlt_model.errors import SavltError
+
+ARCH = "unet-resnet18"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+
+
+def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
+
+
+class _Up(nn.Module):
+    """Upsample x2, concatenate the encoder skip, two 3x3 convolutions."""
+
+    def __init__(self, cin: int, skip: int, cout: int) -> None:
+        super().__init__()
+        self.block = nn.Sequential(_conv_bn_relu(cin + skip, cout), _conv_bn_relu(cout, cout))
+
+    def forward(self, x: Tensor, skip: Tensor | None) -> Tensor:
+        x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        return self.block(x if skip is None else torch.cat([x, skip], dim=1))
+
+
+class UNet(nn.Module):
+    """U-Net on a torchvision ResNet-18 (random init: no weights can be downloaded here).
+
+    ``size``, ``mean`` and ``std`` are the preprocessing the weights were trained with;
+    they travel in the checkpoint so a mask source can re-normalise any backbone's batch.
+    Input side must be a multiple of 32. Output: (B, 1, S, S) logits.
+    """
+
+    def __init__(
+        self,
+        size: int = 128,
+        mean: Sequence[float] = CLIP_MEAN,
+        std: Sequence[float] = CLIP_STD,
+    ) -> None:
+        super().__init__()
+        self.size = size
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        r = torchvision.models.resnet18(weights=None)
+        self.stem = nn.Sequential(r.conv1, r.bn1, r.relu)  # 64 @ S/2
+        self.pool = r.maxpool
+        self.enc = nn.ModuleList([r.layer1, r.layer2, r.layer3, r.layer4])  # 64..512 @ S/4..S/32
+        self.up4 = _Up(512, 256, 128)  # S/16
+        self.up3 = _Up(128, 128, 64)  # S/8
+        self.up2 = _Up(64, 64, 48)  # S/4
+        self.up1 = _Up(48, 64, 32)  # S/2
+        self.up0 = _Up(32, 0, 16)  # S
+        self.head = nn.Conv2d(16, 1, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        s0 = self.stem(x)
+        s1 = self.enc[0](self.pool(s0))
+        s2 = self.enc[1](s1)
+        s3 = self.enc[2](s2)
+        y = self.up4(self.enc[3](s3), s3)
+        y = self.up1(self.up2(self.up3(y, s2), s1), s0)
+        return self.head(self.up0(y, None))
+
+
+def _load_image(path: Path, size: int) -> np.ndarray:
+    """Decode 8/16-bit grayscale, RGB or JPEG to (size, size, 3) uint8."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in {"I", "I;16", "I;16B", "I;16L", "F"}:
+                a = np.asarray(im, dtype=np.float64)
+                a = a / max(a.max(), 1e-12) * 255.0  # 16-bit: scale by max to 8-bit
+                im = Image.fromarray(a.round().astype(np.uint8))
+            im = im.convert("RGB").resize((size, size), Image.BILINEAR)
+    except (OSError, ValueError) as exc:
+        raise SavltError(
+            f"image {path} cannot be decoded ({exc}); delete or regenerate it"
+        ) from exc
+    return np.asarray(im, dtype=np.uint8)
+
+
+def _load_mask(path: Path, size: int) -> np.ndarray:
+    """Binary (size, size) mask; binarised at half its maximum so 0/1 and 0/255 both work."""
+    try:
+        with Image.open(path) as im:
+            im = im if im.mode.startswith("I") else im.convert("L")
+            a = np.asarray(im.resize((size, size), Image.NEAREST), dtype=np.int64)
+    except (OSError, ValueError) as exc:
+        raise SavltError(f"mask {path} cannot be decoded ({exc}); regenerate the masks") from exc
+    return a > (a.max() / 2) if a.max() > 0 else np.zeros_like(a, dtype=bool)
+
+
+def _find_pairs(data_root: Path) -> list[tuple[Path, Path]]:
+    """(image, mask) pairs: ROOT/<centre>/images/<class>/<stem>.* + masks/<class>/<stem>.png."""
+    if not data_root.is_dir():
+        raise SavltError(f"--data {data_root} is not a folder; point it at the synthetic DATA root")
+    pairs = []
+    for centre in sorted(p for p in data_root.iterdir() if (p / "images").is_dir()):
+        masks = centre / "masks"
+        if not masks.is_dir():
+            raise SavltError(
+                f"masks folder {masks} does not exist; regenerate the synthetic data with masks"
+            )
+        for image in sorted((centre / "images").glob("*/*")):
+            if image.suffix.lower() not in _IMAGE_SUFFIXES:
+                continue
+            mask = masks / image.parent.name / f"{image.stem}.png"
+            if not mask.is_file():
+                raise SavltError(
+                    f"mask {mask} for image {image} does not exist; regenerate the masks"
+                )
+            pairs.append((image, mask))
+    if not pairs:
+        raise SavltError(f"no images found under {data_root}/<centre>/images/<class>/")
+    return pairs
+
+
+def _dice(pred: Tensor, target: Tensor) -> Tensor:
+    """Per-image Dice of (B, H, W) binary masks; two empty masks count as a perfect 1."""
+    inter = (pred * target).flatten(1).sum(1)
+    total = pred.flatten(1).sum(1) + target.flatten(1).sum(1)
+    return torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total))
+
+
+@torch.no_grad()
+def _mean_dice(
+    masker: Callable[[Tensor], Tensor], images: Tensor, masks: Tensor, batch_size: int
+) -> float:
+    scores = [
+        _dice(masker(images[i : i + batch_size]), masks[i : i + batch_size])
+        for i in range(0, len(images), batch_size)
+    ]
+    return float(torch.cat(scores).mean()) if scores else float("nan")
+
+
+def train_unet(
+    data_root: Path,
+    out: Path,
+    epochs: int = 3,
+    size: int = 128,
+    batch_size: int = 16,
+    seed: int = 0,
+    progress: bool = True,
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+) -> dict:
+    """Train the U-Net on the synthetic tissue masks and write ``out`` (.safetensors) atomically.
+
+    80/20 train/val split by a seeded shuffle; BCE + soft-Dice loss, AdamW, horizontal flips.
+    Returns train/val Dice and, as a baseline, the weight-free SurfaceDetector's val Dice.
+    """
+    from savlt_model.roi import SurfaceDetector  # roi imports this module
+
+    data_root, out = Path(data_root), Path(out)
+    if out.suffix != ".safetensors":
+        raise SavltError(f"--out {out} must be a .safetensors file, e.g. runs/roi/unet.safetensors")
+    if size % 32 or size < 32:
+        raise SavltError(f"--size {size} must be a positive multiple of 32 (ResNet-18 strides)")
+    if epochs < 1:
+        raise SavltError(f"--epochs {epochs} must be >= 1")
+    pairs = _find_pairs(data_root)
+    if len(pairs) < 2:
+        raise SavltError(
+            f"only {len(pairs)} image under {data_root}; need at least 2 for train/val"
+        )
+
+    random.Random(seed).shuffle(pairs)
+    torch.manual_seed(seed)
+    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    images = torch.from_numpy(np.stack([_load_image(p, size) for p, _ in pairs]))
+    images = (images.permute(0, 3, 1, 2).float() / 255.0 - m) / s
+    masks = torch.from_numpy(np.stack([_load_mask(q, size) for _, q in pairs])).float()
+    n_val = max(1, round(0.2 * len(pairs)))
+    x_val, y_val, x_tr, y_tr = images[:n_val], masks[:n_val], images[n_val:], masks[n_val:]
+
+    net = UNet(size, mean, std)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
+    steps = epochs * ((len(x_tr) + batch_size - 1) // batch_size)
+    bar = tqdm(total=steps, desc="roi unet", unit="step", disable=not progress)
+    for _ in range(epochs):
+        net.train()
+        for idx in torch.randperm(len(x_tr)).split(batch_size):
+            x, y = x_tr[idx], y_tr[idx]
+            flip = torch.rand(len(idx)) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            y = torch.where(flip[:, None, None], y.flip(-1), y)
+            logits = net(x).squeeze(1)
+            prob = logits.sigmoid()
+            soft_dice = (2 * (prob * y).sum((1, 2)) + 1) / (prob.sum((1, 2)) + y.sum((1, 2)) + 1)
+            loss = F.binary_cross_entropy_with_logits(logits, y) + (1 - soft_dice).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+
+    net.eval()
+
+    def unet_mask(x: Tensor) -> Tensor:
+        return (net(x).squeeze(1) > 0).float()
+
+    result = {
+        "train_dice": _mean_dice(unet_mask, x_tr, y_tr, batch_size),
+        "val_dice": _mean_dice(unet_mask, x_val, y_val, batch_size),
+        "surface_val_dice": _mean_dice(SurfaceDetector(mean, std), x_val, y_val, batch_size),
+        "n_train": len(x_tr),
+        "n_val": n_val,
+        "epochs": epochs,
+        "size": size,
+    }
+    meta = {
+        "arch": ARCH,
+        "size": size,
+        "mean": list(net.mean),
+        "std": list(net.std),
+        "dice": result,
+    }
+    state = {k: v.contiguous() for k, v in net.state_dict().items()}
+    atomic_write(out, lambda p: save_file(state, str(p), metadata={"savlt": json.dumps(meta)}))
+    return {**result, "out": str(out)}
+
+
+def load_unet(path: str | Path) -> UNet:
+    """Load a checkpoint written by :func:`train_unet`, in eval mode."""
+    path = Path(path)
+    if not path.is_file():
+        raise SavltError(
+            f"U-Net checkpoint {path} does not exist; train one with `savlt roi train`"
+        )
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["savlt"])
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+        if meta["arch"] != ARCH:
+            raise ValueError(f"arch {meta['arch']!r} is not {ARCH!r}")
+        net = UNet(int(meta["size"]), meta["mean"], meta["std"])
+        net.load_state_dict(state)
+    except Exception as exc:  # safetensors raises its own error types; all mean "bad file"
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SavltError(
+            f"U-Net checkpoint {path} is not a valid {ARCH} .safetensors file ({first}); "
+            "retrain it with `savlt roi train`"
+        ) from exc
+    return net.eval()

@@ -1,0 +1,374 @@
+"""Data protocol: scanning, bad inputs, splits, few-shot draws, decoding, datasets."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from savlt_model import data
+from savlt_model.data import (
+    ImageSet,
+    Sample,
+    few_shot,
+    load_image,
+    load_sites,
+    make_loader,
+    scan_center,
+    split_center,
+)
+from savlt_model.errors import SavltError
+
+CLASSES = ["cyst", "cancer", "ectropion"]  # not alphabetical: labels follow this order
+
+
+def make_center(root: Path, center: str, counts: dict[str, int]) -> Path:
+    """Write ``counts[cls]`` 40x30 PNGs per class; pixel values encode the image index."""
+    for cls, n in counts.items():
+        folder = root / center / "images" / cls
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.new("RGB", (40, 30), (i * 10 % 256, 50, 100)).save(folder / f"img{i:02d}.png")
+    return root
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return make_center(tmp_path / "DATA", "mixed", dict.fromkeys(CLASSES, 20))
+
+
+# --- scan_center ---------------------------------------------------------------------
+
+
+def test_scan_order_labels_and_ignored_files(tmp_path: Path) -> None:
+    root = make_center(tmp_path, "c", {"cyst": 2, "cancer": 1, "ectropion": 1})
+    folder = root / "c" / "images" / "cyst"
+    Image.new("L", (40, 30)).save(folder / "UPPER.PNG")
+    Image.new("L", (40, 30)).save(folder / ".hidden.png")
+    (folder / "notes.txt").write_text("x")
+    (folder / "meta.json").write_text("{}")
+    samples = scan_center(root, "c", CLASSES)
+    assert [s.key for s in samples] == [
+        "cyst/UPPER.PNG",
+        "cyst/img00.png",
+        "cyst/img01.png",
+        "cancer/img00.png",
+        "ectropion/img00.png",
+    ]
+    assert [s.label for s in samples] == [0, 0, 0, 1, 2]
+    assert samples[0].path == folder / "UPPER.PNG"
+    assert scan_center(root, "c", CLASSES) == samples
+
+
+def test_missing_centre(root: Path) -> None:
+    with pytest.raises(SavltError, match=r"centre folder .*huaxi not found.*\['mixed'\]"):
+        scan_center(root, "huaxi", CLASSES)
+
+
+def test_missing_images_dir(root: Path) -> None:
+    (root / "xiangya").mkdir()
+    with pytest.raises(SavltError, match=r"xiangya/images not found — expected layout"):
+        scan_center(root, "xiangya", CLASSES)
+
+
+def test_missing_class_folder(root: Path) -> None:
+    with pytest.raises(SavltError, match="centre mixed has no folder for class 'mild'"):
+        scan_center(root, "mixed", [*CLASSES, "mild"])
+
+
+def test_empty_class_folder(root: Path) -> None:
+    empty = root / "mixed" / "images" / "mild"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("no images")
+    with pytest.raises(SavltError, match="class 'mild' of centre mixed has no readable images"):
+        scan_center(root, "mixed", [*CLASSES, "mild"])
+
+
+def test_extra_class_folder(root: Path) -> None:
+    (root / "mixed" / "images" / "polyp").mkdir()
+    with pytest.raises(
+        SavltError,
+        match=r"centre mixed has classes not in task.classes: \['polyp'\] — add them",
+    ):
+        scan_center(root, "mixed", CLASSES)
+
+
+def corrupt(root: Path) -> list[Path]:
+    folder = root / "mixed" / "images" / "cancer"
+    bad = [folder / "zz_garbage.png", folder / "zz_empty.jpg"]
+    bad[0].write_bytes(b"not an image at all" * 10)
+    bad[1].write_bytes(b"")
+    return bad
+
+
+def test_corrupt_file_stops(root: Path) -> None:
+    corrupt(root)
+    with pytest.raises(SavltError, match=r"unreadable image .*zz_empty.jpg .*on_bad_file: skip"):
+        scan_center(root, "mixed", CLASSES)
+
+
+def test_corrupt_file_skipped_and_counted(root: Path, caplog: pytest.LogCaptureFixture) -> None:
+    corrupt(root)
+    with caplog.at_level(logging.WARNING, logger="savlt_model.data"):
+        samples = scan_center(root, "mixed", CLASSES, on_bad_file="skip")
+    assert len(samples) == 60
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "centre mixed: skipped 2 unreadable image(s)" in warnings[0]
+    assert "cancer/zz_garbage.png" in warnings[0]
+
+
+def test_bad_on_bad_file_value(root: Path) -> None:
+    with pytest.raises(SavltError, match=r"data.on_bad_file"):
+        scan_center(root, "mixed", CLASSES, on_bad_file="ignore")
+
+
+# --- split_center ----------------------------------------------------------------------
+
+
+def test_split_fractions_saved_and_reused(root: Path) -> None:
+    samples = scan_center(root, "mixed", CLASSES)
+    split = split_center(root, "mixed", samples, seed=3)
+    for label in range(3):
+        sizes = [sum(s.label == label for s in split[p]) for p in ("train", "val", "test")]
+        assert sizes == [9, 3, 8]
+    keys = [s.key for p in ("train", "val", "test") for s in split[p]]
+    assert sorted(keys) == sorted(s.key for s in samples)
+    saved = json.loads((root / "mixed" / "split.json").read_text())
+    assert saved == {p: [s.key for s in split[p]] for p in ("train", "val", "test")}
+    # An existing file wins over seed and fractions.
+    assert split_center(root, "mixed", samples, fractions=(0.8, 0.1, 0.1), seed=99) == split
+    assert split_center(root, "mixed", samples, split_file=root / "s4.json", seed=4) != split
+
+
+def test_split_reuse_with_deleted_sample(root: Path) -> None:
+    samples = scan_center(root, "mixed", CLASSES)
+    split_center(root, "mixed", samples)
+    (root / "mixed" / "images" / "cyst" / "img05.png").unlink()
+    with pytest.raises(SavltError, match=r"split.json names 1 image\(s\) not in the data: cyst/"):
+        split_center(root, "mixed", scan_center(root, "mixed", CLASSES))
+
+
+def test_split_file_missing_samples(root: Path) -> None:
+    samples = scan_center(root, "mixed", CLASSES)
+    split_center(root, "mixed", samples)
+    Image.new("RGB", (40, 30)).save(root / "mixed" / "images" / "cyst" / "new.png")
+    with pytest.raises(SavltError, match=r"misses 1 image\(s\): cyst/new.png — delete the file"):
+        split_center(root, "mixed", scan_center(root, "mixed", CLASSES))
+
+
+def test_split_small_classes_keep_one_per_part(tmp_path: Path) -> None:
+    root = make_center(tmp_path, "c", {"cyst": 3, "cancer": 4, "ectropion": 2})
+    split = split_center(root, "c", scan_center(root, "c", CLASSES), split_file=tmp_path / "s.json")
+    for label in (0, 1):
+        assert all(any(s.label == label for s in split[p]) for p in ("train", "val", "test"))
+    assert [sum(s.label == 2 for s in split[p]) for p in ("train", "val", "test")] == [1, 0, 1]
+    assert (tmp_path / "s.json").is_file() and not (root / "c" / "split.json").exists()
+
+
+def test_split_bad_fractions(root: Path) -> None:
+    with pytest.raises(SavltError, match=r"data.split"):
+        split_center(root, "mixed", scan_center(root, "mixed", CLASSES), fractions=(0.5, 0.5, 0.5))
+
+
+def test_split_read_only_warns(
+    root: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def read_only(path: Path, obj: object) -> Path:
+        raise PermissionError(30, "Read-only file system")
+
+    monkeypatch.setattr(data, "write_json", read_only)
+    samples = scan_center(root, "mixed", CLASSES)
+    with caplog.at_level(logging.WARNING, logger="savlt_model.data"):
+        split = split_center(root, "mixed", samples)
+    assert sum(len(v) for v in split.values()) == 60
+    assert "could not save split" in caplog.text
+    assert split_center(root, "mixed", samples) == split  # seeded, so still the same
+
+
+# --- few_shot --------------------------------------------------------------------------
+
+
+def test_few_shot_determinism_and_order_independence(root: Path) -> None:
+    samples = scan_center(root, "mixed", CLASSES)
+    a = few_shot(samples, 4, seed=5, num_classes=3)
+    assert len(a) == 12 and all(sum(s.label == c for s in a) == 4 for c in range(3))
+    assert few_shot(samples, 4, seed=5, num_classes=3) == a
+    assert few_shot(list(reversed(samples)), 4, seed=5, num_classes=3) == a
+    assert few_shot(samples, 4, seed=42, num_classes=3) != a
+
+
+def test_few_shot_cache_reused(root: Path, tmp_path: Path) -> None:
+    samples = scan_center(root, "mixed", CLASSES)
+    cache = tmp_path / "fs" / "seed5.json"
+    first = few_shot(samples, 2, seed=5, num_classes=3, cache=cache)
+    saved = json.loads(cache.read_text())
+    assert saved == {"seed": 5, "shots": 2, "keys": [s.key for s in first]}
+    # Replace the cached keys with another valid set: the next call must return it.
+    other = [s.key for s in samples if s.key not in saved["keys"]][:6]
+    cache.write_text(json.dumps({**saved, "keys": other}))
+    assert [s.key for s in few_shot(samples, 2, seed=5, num_classes=3, cache=cache)] == sorted(
+        other
+    )
+    with pytest.raises(SavltError, match="drawn for seed 5 and 2 shots, not seed 6"):
+        few_shot(samples, 2, seed=6, num_classes=3, cache=cache)
+    cache.write_text(json.dumps({**saved, "keys": ["cyst/gone.png"]}))
+    with pytest.raises(SavltError, match=r"names 1 image.*cyst/gone.png — delete the file"):
+        few_shot(samples, 2, seed=5, num_classes=3, cache=cache)
+
+
+def test_few_shot_small_class_takes_all(root: Path, caplog: pytest.LogCaptureFixture) -> None:
+    samples = [
+        s for s in scan_center(root, "mixed", CLASSES) if s.label != 1 or s.key < "cancer/img03"
+    ]
+    with caplog.at_level(logging.WARNING, logger="savlt_model.data"):
+        chosen = few_shot(samples, 5, seed=1, num_classes=3)
+    assert sum(s.label == 1 for s in chosen) == 3
+    assert "class 1 has 3 image(s), fewer than 5 shots" in caplog.text
+
+
+# --- load_image ------------------------------------------------------------------------
+
+
+def transparent_palette() -> Image.Image:
+    """A palette image whose only colour is fully transparent: composites to black."""
+    im = Image.new("P", (40, 30), 1)
+    im.putpalette([0, 0, 0, 200, 100, 50])
+    im.info["transparency"] = 1
+    return im
+
+
+@pytest.mark.parametrize(
+    ("make", "suffix", "expected"),
+    [
+        (lambda: Image.new("L", (41, 17), 200), ".png", (200, 200, 200)),
+        (lambda: Image.new("RGB", (13, 57), (10, 120, 250)), ".png", (10, 120, 250)),
+        (lambda: Image.new("RGB", (33, 21), (10, 120, 250)), ".jpg", (10, 120, 250)),
+        (lambda: Image.new("RGBA", (40, 30), (200, 100, 50, 128)), ".png", (100, 50, 25)),
+        (lambda: Image.new("LA", (40, 30), (200, 255)), ".png", (200, 200, 200)),
+        (lambda: Image.new("RGB", (40, 30), (0, 102, 204)).convert("P"), ".png", (0, 102, 204)),
+        (transparent_palette, ".png", (0, 0, 0)),
+        (lambda: Image.new("CMYK", (40, 30), (0, 0, 0, 0)), ".jpg", (255, 255, 255)),
+        (lambda: Image.new("RGB", (40, 30), (30, 60, 90)), ".bmp", (30, 60, 90)),
+        (lambda: Image.new("RGB", (40, 30), (30, 60, 90)), ".tiff", (30, 60, 90)),
+    ],
+)
+def test_load_image_modes(tmp_path: Path, make, suffix: str, expected: tuple[int, ...]) -> None:
+    path = tmp_path / f"im{suffix}"
+    make().save(path)
+    out = load_image(path, 24)
+    assert out.dtype == torch.uint8 and out.shape == (3, 24, 24)
+    centre = out[:, 12, 12].tolist()
+    assert all(abs(a - b) <= 3 for a, b in zip(centre, expected, strict=True)), centre
+
+
+def save_16bit(path: Path, values: np.ndarray) -> None:
+    Image.fromarray(values.astype(np.uint16)).save(path)
+
+
+@pytest.mark.parametrize(
+    ("peak", "expected"),
+    [(65535, 255), (32768, 128), (4095, 255), (2048, 128), (255, 255), (100, 100)],
+)
+def test_load_image_16bit_scaling(tmp_path: Path, peak: int, expected: int) -> None:
+    path = tmp_path / "wide.png"
+    save_16bit(path, np.full((30, 50), peak))
+    assert Image.open(path).mode.startswith("I")
+    out = load_image(path, 16)
+    assert out.shape == (3, 16, 16) and abs(int(out[0, 8, 8]) - expected) <= 1
+
+
+def test_load_image_16bit_gradient_keeps_range(tmp_path: Path) -> None:
+    path = tmp_path / "grad.tif"
+    save_16bit(path, np.tile(np.linspace(0, 65535, 64), (20, 1)))
+    out = load_image(path, 64)
+    assert out[0, 10, 0] <= 3 and out[0, 10, -1] >= 250
+    assert torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])
+
+
+def test_load_image_corrupt(tmp_path: Path) -> None:
+    path = tmp_path / "broken.png"
+    path.write_bytes(b"garbage")
+    with pytest.raises(SavltError, match=r"cannot decode image .*broken.png"):
+        load_image(path, 8)
+
+
+# --- ImageSet and make_loader -----------------------------------------------------------
+
+
+def test_imageset_eval_normalises_and_decodes_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    white, black = tmp_path / "w.png", tmp_path / "b.png"
+    Image.new("RGB", (40, 30), (255, 255, 255)).save(white)
+    Image.new("L", (40, 30), 0).save(black)
+    samples = [Sample(white, 1, "x/w.png"), Sample(black, 0, "x/b.png")]
+    calls: list[Path] = []
+    real = data.load_image
+    monkeypatch.setattr(data, "load_image", lambda p, s: calls.append(p) or real(p, s))
+    ds = ImageSet(samples, 16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.25, 0.5), train=False)
+    again = ImageSet(samples, 16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.25, 0.5), train=True)
+    for _ in range(3):
+        x, y = ds[0]
+        _ = again[1]
+    assert calls == [white, black]  # two files, each decoded once for both sets
+    assert ds.labels == [1, 0] and ds.samples == samples and len(ds) == 2
+    assert x.dtype == torch.float32 and x.shape == (3, 16, 16) and y == 1
+    assert torch.allclose(x[0], torch.ones(16, 16)) and torch.allclose(
+        x[1], torch.full((16, 16), 2.0)
+    )
+    assert torch.allclose(ds[1][0][0], torch.full((16, 16), -1.0))
+
+
+def test_imageset_train_augments(tmp_path: Path) -> None:
+    path = tmp_path / "grad.png"
+    Image.fromarray(np.tile(np.arange(0, 240, 4, dtype=np.uint8), (30, 1))).save(path)
+    ds = ImageSet([Sample(path, 2, "x/grad.png")], 32, (0.0,) * 3, (1.0,) * 3, train=True)
+    torch.manual_seed(0)
+    views = [ds[0][0] for _ in range(8)]
+    assert all(v.shape == (3, 32, 32) and v.dtype == torch.float32 for v in views)
+    assert all(float(v.min()) >= 0.0 and float(v.max()) <= 1.0 for v in views)
+    assert any(not torch.equal(views[0], v) for v in views[1:])
+    plain = ImageSet(ds.samples, 32, (0.0,) * 3, (1.0,) * 3, train=False)
+    assert torch.equal(plain[0][0], plain[0][0])
+
+
+def test_make_loader_seeded_shuffle(root: Path) -> None:
+    samples = scan_center(root, "mixed", CLASSES)
+    ds = ImageSet(samples, 8, (0.5,) * 3, (0.5,) * 3, train=False)
+
+    def order(seed: int) -> list[int]:
+        loader = make_loader(ds, batch_size=7, shuffle=True, seed=seed)
+        return [float(x.sum()) for xb, _ in loader for x in xb]
+
+    assert order(1) == order(1)
+    assert order(1) != order(2)
+    assert len(make_loader(ds, 32, shuffle=True, seed=0, drop_last=True)) == 1
+    with pytest.raises(SavltError, match=r"train.batch_size \(64\) exceeds the 60"):
+        make_loader(ds, 64, shuffle=True, seed=0, drop_last=True)
+
+
+# --- load_sites -------------------------------------------------------------------------
+
+
+def test_load_sites(root: Path) -> None:
+    samples = scan_center(root, "mixed", CLASSES)
+    sites = {s.key: f"site{i % 3}" for i, s in enumerate(samples)}
+    sites["cyst/skipped.png"] = "site9"  # extra entries (e.g. skipped files) are ignored
+    (root / "mixed" / "sites.json").write_text(json.dumps(sites))
+    got = load_sites(root, "mixed", samples)
+    assert got == {s.key: sites[s.key] for s in samples}
+    del sites["cancer/img04.png"]
+    (root / "mixed" / "sites.json").write_text(json.dumps(sites))
+    with pytest.raises(SavltError, match=r"sites.json has no site for 1 image\(s\): cancer/img04"):
+        load_sites(root, "mixed", samples)
+
+
+def test_load_sites_missing_file(root: Path) -> None:
+    with pytest.raises(SavltError, match=r"mixed/sites.json not found — create it"):
+        load_sites(root, "mixed", scan_center(root, "mixed", CLASSES))

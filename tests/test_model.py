@@ -1,0 +1,175 @@
+"""The SAVLT model on real open_clip + peft: what trains, what is uploaded, what loads."""
+
+from __future__ import annotations
+
+import json
+
+import open_clip
+import pytest
+import torch
+
+from savlt_model.adapters import load_trainable_state, payload_parameters, trainable_state
+from savlt_model.backbone import load_backbone
+from savlt_model.config import load_config
+from savlt_model.errors import SavltError
+from savlt_model.model import SavltModel
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_backbone("savlt-tiny")
+
+
+def _cfg(*overrides: str):
+    return load_config(None, ["model.lora.last_n_blocks=2", *overrides])
+
+
+def test_only_adapters_prototypes_pooling_and_projection_train(tiny):
+    model = SavltModel(_cfg("model.prompt_context=4", "model.lora.text=true"), tiny)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    kinds = set()
+    for name in trainable:
+        if ".lora_A." in name or ".lora_B." in name:
+            kinds.add(
+                "text-lora"
+                if name.startswith("clip.base_model.model.transformer")
+                else "vision-lora"
+            )
+            continue
+        assert name in {
+            "clip.base_model.model.visual.proj",
+            "prototypes",
+            "roi_pool.query",
+            "roi_pool.proj.weight",
+            "roi_pool.proj.bias",
+            "text.ctx",
+        }, name
+    assert kinds == {"text-lora", "vision-lora"}
+    # vision LoRA only in the last 2 of 6 blocks, on q/k/v (in_proj) and out_proj
+    vision = sorted({n.split(".attn")[0] for n in trainable if "visual.transformer" in n})
+    assert [v.rsplit(".", 1)[1] for v in vision] == ["4", "5"]
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert any("visual.transformer.resblocks.0.attn.in_proj_weight" in n for n in frozen)
+    assert any(n.endswith("token_embedding.weight") for n in frozen)
+
+
+def test_text_lora_uses_its_own_rank(tiny):
+    model = SavltModel(_cfg("model.lora.text=true", "model.lora.r=8", "model.lora.text_r=2"), tiny)
+    shapes = {k: tuple(v.shape) for k, v in trainable_state(model).items()}
+    text_a = [s for k, s in shapes.items() if k.startswith("clip.transformer") and "lora_A" in k]
+    vis_a = [s for k, s in shapes.items() if k.startswith("clip.visual") and "lora_A" in k]
+    assert text_a and all(s[0] == 2 for s in text_a)
+    assert vis_a and all(s[0] == 8 for s in vis_a)
+
+
+def test_payload_round_trip_reproduces_outputs(tiny):
+    cfg = _cfg("model.lora.dropout=0.0")
+    torch.manual_seed(0)
+    a, b = SavltModel(cfg, tiny), SavltModel(cfg, tiny)
+    with torch.no_grad():  # make every trainable tensor non-trivial (LoRA B starts at zero)
+        for p in payload_parameters(a).values():
+            p.add_(torch.randn_like(p) * 0.05)
+    images = torch.randn(3, 3, 128, 128)
+    assert not torch.allclose(a(images).logits, b(images).logits)
+    state = trainable_state(a)
+    assert set(state) == set(payload_parameters(b))
+    load_trainable_state(b, state)
+    torch.testing.assert_close(a.eval()(images).logits, b.eval()(images).logits)
+
+
+def test_payload_rejects_wrong_keys_and_shapes(tiny):
+    model = SavltModel(_cfg(), tiny)
+    state = trainable_state(model)
+    with pytest.raises(SavltError, match="missing"):
+        load_trainable_state(model, {k: v for k, v in state.items() if k != "prototypes"})
+    bad = dict(state, prototypes=torch.zeros(2, 2))
+    with pytest.raises(SavltError, match="shape"):
+        load_trainable_state(model, bad)
+
+
+def test_payload_is_small_for_vit_b16():
+    """The federated upload: under 2% of ViT-B/16's parameters and under 1% of its bytes."""
+    backbone = load_backbone("ViT-B-16")
+    total = sum(p.numel() for p in backbone.model.parameters())
+    model = SavltModel(load_config(None), backbone)
+    state = trainable_state(model)
+    payload = sum(t.numel() for t in state.values())
+    payload_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    model_bytes = sum(p.numel() * p.element_size() for p in backbone.model.parameters())
+    assert 140e6 < total < 160e6
+    assert payload / total < 0.02
+    assert payload_bytes / model_bytes < 0.01
+    assert any(".lora_A." in k for k in state)
+
+
+def test_local_checkpoint_file_loads(tiny, tmp_path):
+    other = load_backbone("savlt-tiny", init_seed=7)
+    assert other.fingerprint != tiny.fingerprint
+    path = tmp_path / "tiny.pt"
+    torch.save(other.model.state_dict(), path)
+    loaded = load_backbone("savlt-tiny", str(path))
+    assert loaded.fingerprint == other.fingerprint
+    assert loaded.weights == str(path)
+
+
+def test_random_init_is_deterministic_and_warns(caplog):
+    with caplog.at_level("WARNING"):
+        a = load_backbone("savlt-tiny")
+    assert "randomly initialised" in caplog.text
+    assert load_backbone("savlt-tiny").fingerprint == a.fingerprint
+
+
+@pytest.mark.parametrize(
+    ("name", "pretrained", "message"),
+    [
+        ("no-such-model", None, "unknown open_clip model"),
+        ("savlt-tiny", "/nonexistent/weights.pt", "does not exist"),
+        ("savlt-tiny", "laion2b_s34b_b79k", "not an open_clip tag"),
+    ],
+)
+def test_bad_backbone_settings_are_named(name, pretrained, message):
+    with pytest.raises(SavltError, match=message):
+        load_backbone(name, pretrained)
+
+
+def test_timm_vision_tower_works(tmp_path):
+    """BiomedCLIP's vision tower is a timm ViT; an offline timm config exercises that path."""
+    cfg = {
+        "embed_dim": 64,
+        "vision_cfg": {
+            "timm_model_name": "vit_tiny_patch16_224",
+            "timm_model_pretrained": False,
+            "timm_pool": "",
+            "timm_proj": "linear",
+            "image_size": 224,
+        },
+        "text_cfg": {
+            "context_length": 77,
+            "vocab_size": 49408,
+            "width": 64,
+            "heads": 2,
+            "layers": 1,
+        },
+    }
+    (tmp_path / "timm-tiny-test.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / "timm-tiny-test.json")
+    backbone = load_backbone("timm-tiny-test")
+    model = SavltModel(load_config(None, ["model.name=timm-tiny-test"]), backbone)
+    names = set(trainable_state(model))
+    assert any("trunk.blocks.11.attn.qkv.lora_A" in n for n in names)
+    assert any("visual.head.proj" in n for n in names)
+    out = model(torch.randn(2, 3, 224, 224))
+    assert out.logits.shape == (2, 5)
+    out.logits.sum().backward()
+
+
+def test_loss_uses_both_branches(tiny):
+    model = SavltModel(_cfg("model.align_weight=0.5"), tiny)
+    images, labels = torch.randn(4, 3, 128, 128), torch.tensor([0, 1, 2, 3])
+    out = model(images)
+    expected = 0.5 * torch.nn.functional.cross_entropy(out.text_logits, labels) + 0.5 * (
+        torch.nn.functional.cross_entropy(out.proto_logits, labels)
+    )
+    torch.testing.assert_close(model.loss(out, labels), expected)
+    assert model.loss(out, labels, anchor_weight=1.0) > model.loss(out, labels)
+    torch.testing.assert_close(out.logits, 0.5 * out.text_logits + 0.5 * out.proto_logits)
