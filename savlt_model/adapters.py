@@ -83,7 +83,7 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     """Inverse of :func:`trainable_state`; refuses missing, extra or mis-shaped tensors."""
     params = payload_parameters(model)
     missing = sorted(set(params) - set(state))
-    extra = sorted(set(state) - set(params) - set(residual_targets(model)))
+    extra = sorted(set(state) - set(params))
     if missing or extra:
         raise SavltError(
             f"adapter payload does not match this model: missing {missing[:3]}, unexpected "
@@ -140,6 +140,12 @@ def add_residuals(model: nn.Module, state: dict[str, torch.Tensor]) -> int:
             weight.add_(tensor.to(weight.device, weight.dtype))
             n += 1
     return n
+
+
+def apply_global_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a server state: FedEx residuals into the frozen weights, the rest as the payload."""
+    add_residuals(model, state)
+    load_trainable_state(model, {k: v for k, v in state.items() if not k.startswith("residual.")})
 
 
 def lora_scalings(model: nn.Module) -> dict[str, float]:

@@ -1,5 +1,5 @@
-"""Centralised SAVLT training on the original protocol: the baseline every federated run
-is compared with (method name ``central``)."""
+"""Non-federated training: the centralised baseline (``central``, the original protocol on
+pooled data) and each hospital alone (``local``). Both use the one training loop."""
 
 from __future__ import annotations
 
@@ -9,19 +9,14 @@ from pathlib import Path
 from savlt_model.adapters import trainable_state
 from savlt_model.checkpoint import save_adapter
 from savlt_model.config import Config
-from savlt_model.data import ImageSet, Sample
-from savlt_model.evaluation import save_figures, score_centers, score_records
+from savlt_model.data import Sample
+from savlt_model.evaluation import CenterScore, save_figures, score_centers
 from savlt_model.model import SavltModel
 from savlt_model.protocol import data_root, is_synthetic, paper_protocol
-from savlt_model.train import build_model, cached_backbone, train_steps
+from savlt_model.results import make_record
+from savlt_model.train import build_model, image_sets, train_steps
 
 log = logging.getLogger(__name__)
-
-
-def image_sets(cfg: Config, samples: dict[str, list[Sample]], train: bool) -> dict[str, ImageSet]:
-    """ImageSets sized and normalised for the configured backbone."""
-    bb = cached_backbone(cfg.model.name, cfg.model.pretrained)
-    return {k: ImageSet(v, bb.image_size, bb.mean, bb.std, train=train) for k, v in samples.items()}
 
 
 def adapter_meta(model: SavltModel, cfg: Config, **extra) -> dict:
@@ -36,30 +31,48 @@ def adapter_meta(model: SavltModel, cfg: Config, **extra) -> dict:
     }
 
 
+def fit_and_score(
+    cfg: Config,
+    tag: str,
+    seed: int,
+    train: list[Sample],
+    tests: dict[str, list[Sample]],
+    steps: int,
+    out_dir: Path,
+    progress: bool = True,
+) -> tuple[dict[str, CenterScore], float]:
+    """Train one model on ``train`` for ``steps`` steps, save its adapter, score every test set."""
+    model = build_model(cfg, seed)
+    train_set = image_sets(cfg, {"train": train}, train=True)["train"]
+    stats = train_steps(model, train_set, cfg, steps, seed, desc=tag if progress else None)
+    log.info("%s: %d steps on %d images, mean loss %.4f", tag, stats.steps, len(train), stats.loss)
+    scores = score_centers(model, image_sets(cfg, tests, train=False), cfg.train.eval_batch_size)
+    save_figures(scores, model, out_dir / "figures", tag, is_synthetic(data_root(cfg)))
+    save_adapter(
+        out_dir / "adapters" / f"{tag}.safetensors",
+        trainable_state(model),
+        adapter_meta(model, cfg, method=tag.split("_")[0], seed=seed),
+    )
+    return scores, stats.loss
+
+
 def run_central(cfg: Config, out_dir: Path, progress: bool = True) -> list[dict]:
-    """Train on the pooled K-shot mixed set for every seed; score each test centre."""
-    synthetic = is_synthetic(data_root(cfg))
+    """The original protocol: pooled K-shot mixed set, every seed, every test centre."""
     records: list[dict] = []
     for seed in cfg.seeds:
-        train_center, tests = paper_protocol(cfg, seed)
-        train_set = image_sets(cfg, {"train": train_center.train}, train=True)["train"]
-        test_sets = image_sets(cfg, tests, train=False)
-        model = build_model(cfg, seed)
-        stats = train_steps(
-            model,
-            train_set,
+        center, tests = paper_protocol(cfg, seed)
+        scores, loss = fit_and_score(
             cfg,
-            cfg.total_iterations,
+            f"central_seed{seed}",
             seed,
-            desc=f"central seed {seed}" if progress else None,
+            center.train,
+            tests,
+            cfg.total_iterations,
+            out_dir,
+            progress,
         )
-        log.info("central seed %d: %d steps, mean loss %.4f", seed, stats.steps, stats.loss)
-        scores = score_centers(model, test_sets, cfg.train.eval_batch_size)
-        records += score_records(scores, "central", seed, cfg.data.shots, train_loss=stats.loss)
-        save_figures(scores, model, out_dir / "figures", f"central_seed{seed}", synthetic)
-        save_adapter(
-            out_dir / "adapters" / f"central_seed{seed}.safetensors",
-            trainable_state(model),
-            adapter_meta(model, cfg, method="central", seed=seed),
-        )
+        records += [
+            make_record("central", c, seed, cfg.data.shots, s.metrics, train_loss=loss)
+            for c, s in scores.items()
+        ]
     return records

@@ -87,6 +87,20 @@ def cmd_train(args: argparse.Namespace) -> None:
     _report(records, args.out, cfg, f"Centralised SAVLT, K={cfg.data.shots}, seeds {cfg.seeds}")
 
 
+def cmd_simulate(args: argparse.Namespace) -> None:
+    from simulation.runner import run_simulate
+
+    cfg = _start_run(args)
+    records = run_simulate(cfg, args.out, resume=args.resume)
+    _report(
+        records,
+        args.out,
+        cfg,
+        f"SAVLT {cfg.fl.protocol} protocol, {cfg.fl.hospitals} hospitals, {cfg.fl.rounds} rounds, "
+        f"K={cfg.data.shots}, seeds {cfg.seeds}",
+    )
+
+
 def cmd_roi_train(args: argparse.Namespace) -> None:
     from savlt_model.roi_unet import train_unet
 
@@ -108,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="centralised SAVLT on the original protocol")
     _config_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "simulate", help="federated simulation with centralised and local baselines (Flower)"
+    )
+    _config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.set_defaults(func=cmd_simulate)
 
     roi = sub.add_parser("roi", help="tissue-mask tools").add_subparsers(
         dest="roi_command", required=True

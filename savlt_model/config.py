@@ -115,6 +115,8 @@ class FederatedConfig:
     anchor_lambda: float = 5.0
     anchor_loss_weight: float = 0.1
     lora_aggregation: Literal["naive", "fedex"] = "fedex"
+    server_eval: bool = True  # score the global model on the test centres after every round
+    client_eval: bool = False  # hospitals score the global model on their own val split
     round_timeout: float = 600.0
     max_update_norm: float = 0.0  # 0: no bound
 

@@ -11,7 +11,6 @@ from savlt_model.data import ImageSet
 from savlt_model.metrics import binary_scores, compute_metrics
 from savlt_model.model import SavltModel
 from savlt_model.plots import plot_confusion, plot_roc
-from savlt_model.results import make_record
 from savlt_model.train import predict
 
 
@@ -30,12 +29,6 @@ def score_centers(
         probs, labels, _ = predict(model, dataset, batch_size)
         scores[center] = CenterScore(compute_metrics(probs, labels, model.positive), probs, labels)
     return scores
-
-
-def score_records(
-    scores: dict[str, CenterScore], method: str, seed: int, shots: int, **extra
-) -> list[dict]:
-    return [make_record(method, c, seed, shots, s.metrics, **extra) for c, s in scores.items()]
 
 
 def save_figures(

@@ -98,7 +98,7 @@ def _load_image(path: Path, size: int) -> np.ndarray:
                 a = np.asarray(im, dtype=np.float64)
                 a = a / max(a.max(), 1e-12) * 255.0  # 16-bit: scale by max to 8-bit
                 im = Image.fromarray(a.round().astype(np.uint8))
-            im = im.convert("RGB").resize((size, size), Image.BILINEAR)
+            im = im.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
     except (OSError, ValueError) as exc:
         raise SavltError(
             f"image {path} cannot be decoded ({exc}); delete or regenerate it"
@@ -111,7 +111,7 @@ def _load_mask(path: Path, size: int) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im = im if im.mode.startswith("I") else im.convert("L")
-            a = np.asarray(im.resize((size, size), Image.NEAREST), dtype=np.int64)
+            a = np.asarray(im.resize((size, size), Image.Resampling.NEAREST), dtype=np.int64)
     except (OSError, ValueError) as exc:
         raise SavltError(f"mask {path} cannot be decoded ({exc}); regenerate the masks") from exc
     return a > (a.max() / 2) if a.max() > 0 else np.zeros_like(a, dtype=bool)
@@ -149,13 +149,24 @@ def _dice(pred: Tensor, target: Tensor) -> Tensor:
     return torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total))
 
 
+def _normalise(images_u8: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    return (images_u8.float() / 255.0 - mean) / std
+
+
 @torch.no_grad()
 def _mean_dice(
-    masker: Callable[[Tensor], Tensor], images: Tensor, masks: Tensor, batch_size: int
+    masker: Callable[[Tensor], Tensor],
+    images_u8: Tensor,
+    masks: Tensor,
+    mean: Tensor,
+    std: Tensor,
+    batch_size: int,
 ) -> float:
     scores = [
-        _dice(masker(images[i : i + batch_size]), masks[i : i + batch_size])
-        for i in range(0, len(images), batch_size)
+        _dice(
+            masker(_normalise(images_u8[i : i + batch_size], mean, std)), masks[i : i + batch_size]
+        )
+        for i in range(0, len(images_u8), batch_size)
     ]
     return float(torch.cat(scores).mean()) if scores else float("nan")
 
@@ -173,7 +184,8 @@ def train_unet(
 ) -> dict:
     """Train the U-Net on the synthetic tissue masks and write ``out`` (.safetensors) atomically.
 
-    80/20 train/val split by a seeded shuffle; BCE + soft-Dice loss, AdamW, horizontal flips.
+    Images are held in memory as uint8 (5,000 images at 128 px: ~250 MB) and normalised per
+    batch. 80/20 train/val split by a seeded shuffle; BCE + soft-Dice loss, AdamW, horizontal flips.
     Returns train/val Dice and, as a baseline, the weight-free SurfaceDetector's val Dice.
     """
     from savlt_model.roi import SurfaceDetector  # roi imports this module
@@ -196,7 +208,7 @@ def train_unet(
     m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
     images = torch.from_numpy(np.stack([_load_image(p, size) for p, _ in pairs]))
-    images = (images.permute(0, 3, 1, 2).float() / 255.0 - m) / s
+    images = images.permute(0, 3, 1, 2).contiguous()  # (N, 3, S, S) uint8
     masks = torch.from_numpy(np.stack([_load_mask(q, size) for _, q in pairs])).float()
     n_val = max(1, round(0.2 * len(pairs)))
     x_val, y_val, x_tr, y_tr = images[:n_val], masks[:n_val], images[n_val:], masks[n_val:]
@@ -208,7 +220,7 @@ def train_unet(
     for _ in range(epochs):
         net.train()
         for idx in torch.randperm(len(x_tr)).split(batch_size):
-            x, y = x_tr[idx], y_tr[idx]
+            x, y = _normalise(x_tr[idx], m, s), y_tr[idx]
             flip = torch.rand(len(idx)) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
             y = torch.where(flip[:, None, None], y.flip(-1), y)
@@ -229,9 +241,9 @@ def train_unet(
         return (net(x).squeeze(1) > 0).float()
 
     result = {
-        "train_dice": _mean_dice(unet_mask, x_tr, y_tr, batch_size),
-        "val_dice": _mean_dice(unet_mask, x_val, y_val, batch_size),
-        "surface_val_dice": _mean_dice(SurfaceDetector(mean, std), x_val, y_val, batch_size),
+        "train_dice": _mean_dice(unet_mask, x_tr, y_tr, m, s, batch_size),
+        "val_dice": _mean_dice(unet_mask, x_val, y_val, m, s, batch_size),
+        "surface_val_dice": _mean_dice(SurfaceDetector(mean, std), x_val, y_val, m, s, batch_size),
         "n_train": len(x_tr),
         "n_val": n_val,
         "epochs": epochs,

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from savlt_model.adapters import payload_parameters
 from savlt_model.backbone import Backbone, load_backbone
 from savlt_model.config import Config
-from savlt_model.data import ImageSet, make_loader
+from savlt_model.data import ImageSet, Sample, make_loader
 from savlt_model.model import SavltModel
 
 
@@ -42,6 +42,12 @@ def build_model(cfg: Config, seed: int) -> SavltModel:
         torch.manual_seed(seed)
         model = SavltModel(cfg, backbone)
     return model.to(pick_device(cfg.train.device))
+
+
+def image_sets(cfg: Config, samples: dict[str, list[Sample]], train: bool) -> dict[str, ImageSet]:
+    """ImageSets sized and normalised for the configured backbone."""
+    bb = cached_backbone(cfg.model.name, cfg.model.pretrained)
+    return {k: ImageSet(v, bb.image_size, bb.mean, bb.std, train=train) for k, v in samples.items()}
 
 
 def cosine_lr(step: int, total: int, lr: float, min_lr: float) -> float:

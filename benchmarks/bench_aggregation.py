@@ -1,0 +1,127 @@
+"""Server aggregation time per round, and how wrong naive LoRA averaging is.
+
+Why: the exact (FedEx) mode forms sum_k w_k B_k A_k densely for every LoRA layer each round;
+this checks that it stays cheap next to a client's local epoch, up to 50 hospitals and on
+ViT-B/16 shapes, and reports the naive product error on the same factors.
+
+Factors are random: A ~ N(0, 1/in) like peft's init scale, B ~ N(0, 0.01) as after some
+local steps from B = 0, each client = a shared part + an independent client part, so
+the naive error depends on how far the clients drifted apart (the ``drift`` column). The
+``first`` rows model round 1: every client starts from peft's B = 0, so B is all client part
+while A moved only by ``drift`` from the common init.
+
+    .venv/bin/python benchmarks/bench_aggregation.py [--quick] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from functools import partial
+
+import numpy as np
+import torch
+
+from server.aggregation import ClientUpdate, aggregate
+
+R = 8
+CLASSES = 5
+MODELS = {"savlt-tiny": (6, 192, 256), "ViT-B/16": (12, 768, 512)}  # blocks, width, embed
+MODES = (("fedavg", "naive"), ("fedavg", "fedex"), ("text-anchored", "fedex"))
+
+
+def _shapes(blocks: int, width: int, embed: int) -> dict[str, tuple[int, ...]]:
+    """Payload shapes of the vision LoRA (fused in-projection + out-projection) and heads."""
+    shapes: dict[str, tuple[int, ...]] = {
+        "prototypes": (CLASSES, embed),
+        "roi_pool.proj": (width, width),
+        "roi_pool.query": (width,),
+        "clip.visual.proj": (width, embed),
+    }
+    for i in range(blocks):
+        for name, out in (("attn", 3 * width), ("attn.out_proj", width)):
+            prefix = f"clip.visual.transformer.resblocks.{i}.{name}"
+            shapes[f"{prefix}.lora_A.weight"] = (R, width)
+            shapes[f"{prefix}.lora_B.weight"] = (out, R)
+    return shapes
+
+
+def _random(key: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """peft-like scale for A (1/sqrt(in)); 0.01 for B and everything else."""
+    scale = shape[-1] ** -0.5 if key.endswith(".lora_A.weight") else 0.01
+    return scale * torch.randn(shape, generator=gen)
+
+
+def _round(
+    shapes: dict[str, tuple[int, ...]], clients: int, drift: float, seed: int, first: bool = False
+) -> tuple[dict[str, torch.Tensor], list[ClientUpdate]]:
+    """Global state and client updates: each client = common + drift * own, per tensor."""
+    gen = torch.Generator().manual_seed(seed)
+    glob = {k: _random(k, s, gen) for k, s in shapes.items()}
+    if first:  # B = 0 at the start: the client B is entirely the client's own (drift 1/0)
+        glob = {k: torch.zeros_like(t) if "lora_B" in k else t for k, t in glob.items()}
+    own = {k: 1.0 if first and k.endswith(".lora_B.weight") else drift for k in glob}
+    rng = np.random.default_rng(seed)
+    updates = [
+        ClientUpdate(
+            node=f"h{k}",
+            state={k: t + own[k] * _random(k, t.shape, gen) for k, t in glob.items()},
+            num_examples=int(rng.integers(50, 500)),
+            class_counts=rng.integers(1, 100, CLASSES).tolist(),
+            agreement=rng.uniform(0.1, 0.5, CLASSES).tolist(),
+        )
+        for k in range(clients)
+    ]
+    return glob, updates
+
+
+def _median_ms(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model, fewer repeats")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models = {"savlt-tiny": MODELS["savlt-tiny"]} if args.quick else MODELS
+    repeats = 2 if args.quick else 5
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU float64 accumulate")
+    print(f"{'model':<11} {'clients':>7} {'mode':<20} {'median ms':>10} {'payload MB':>10}")
+    for name, dims in models.items():
+        shapes = _shapes(*dims)
+        scalings = {
+            k[: -len(".lora_A.weight")]: 2.0 for k in shapes if k.endswith(".lora_A.weight")
+        }
+        mb = sum(int(np.prod(s)) for s in shapes.values()) * 4 / 2**20
+        for clients in (3, 10, 50):
+            glob, updates = _round(shapes, clients, 1.0, seed=clients)
+            for method, mode in MODES:
+                step = partial(aggregate, updates, glob, method, 1.0, mode, scalings)
+                ms = _median_ms(step, repeats)
+                print(f"{name:<11} {clients:>7} {method + '-' + mode:<20} {ms:>10.1f} {mb:>10.2f}")
+    print("\nnaive LoRA product error ||sum w BA - mean(B) mean(A)||_F / ||sum w BA||_F")
+    print(f"{'model':<11} {'clients':>7} {'round':>6} {'drift':>6} {'mean rel':>9} {'max rel':>8}")
+    name = "savlt-tiny" if args.quick else "ViT-B/16"
+    shapes = _shapes(*MODELS[name])
+    for clients in (3, 10):
+        for first, drift in ((True, 0.05), (True, 0.2), (False, 0.1), (False, 0.3), (False, 1.0)):
+            glob, updates = _round(shapes, clients, drift, 7, first)
+            _, report = aggregate(updates, glob, "fedavg", 0.0, "naive", {})
+            mean, worst = report["lora_naive_rel_error"], report["lora_max_rel_error"]
+            label = "first" if first else "later"
+            print(f"{name:<11} {clients:>7} {label:>6} {drift:>6.2f} {mean:>9.4f} {worst:>8.4f}")
+
+
+if __name__ == "__main__":
+    main()

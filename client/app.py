@@ -1,0 +1,152 @@
+"""The hospital's Flower ClientApp: trains the SAVLT adapters on local images only.
+
+The hospital's data comes from ``node_config`` in deployment (``data-root``, ``center``,
+optionally a local ``pretrained`` weights file and ``prompts`` file) and, in simulation,
+from the protocol's partition-id-to-hospital mapping. A reply carries exactly the payload
+tensors and the metric names declared in :mod:`savlt_model.wire`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch  # noqa: F401  (ArrayRecord.to_torch_state_dict needs torch imported here)
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from savlt_model.adapters import apply_global_state, trainable_state
+from savlt_model.config import Config
+from savlt_model.errors import SavltError
+from savlt_model.metrics import compute_metrics
+from savlt_model.model import SavltModel
+from savlt_model.protocol import prepare_center
+from savlt_model.train import anchor_agreement, build_model, image_sets, predict, train_steps
+from savlt_model.wire import ARRAYS, CONFIG, METRICS, RoundPlan
+from simulation.protocols import Hospital, build_protocol
+
+log = logging.getLogger(__name__)
+app = ClientApp()
+
+
+def local_config(cfg: Config, node_config: dict) -> Config:
+    """Apply what legitimately lives at the hospital: its data folder, weights, prompts."""
+    data, model, task = cfg.data, cfg.model, cfg.task
+    if "data-root" in node_config:
+        data = dataclasses.replace(
+            data,
+            root=str(node_config["data-root"]),
+            synthetic=dataclasses.replace(data.synthetic, enabled=False),
+        )
+    if "pretrained" in node_config:
+        model = dataclasses.replace(model, pretrained=str(node_config["pretrained"]))
+    if "prompts" in node_config:
+        task = dataclasses.replace(task, prompts=str(node_config["prompts"]))
+    return dataclasses.replace(cfg, data=data, model=model, task=task)
+
+
+def hospital_data(cfg: Config, seed: int, node_config: dict) -> tuple[int, Hospital]:
+    """(hospital index, its train/val images) for this node."""
+    if "data-root" in node_config:
+        if "center" not in node_config:
+            raise SavltError(
+                "node-config: 'center' is required with 'data-root' (e.g. center=\"huaxi\")"
+            )
+        center = str(node_config["center"])
+        part = prepare_center(cfg, Path(cfg.data.root), center, seed)
+        return zlib.crc32(center.encode()) % 1000, Hospital(center, part.train, part.val)
+    protocol = build_protocol(cfg, seed)
+    pid, n = int(node_config["partition-id"]), int(node_config["num-partitions"])
+    if n != len(protocol.hospitals):
+        raise SavltError(
+            f"simulation runs {n} nodes but the {cfg.fl.protocol} protocol has "
+            f"{len(protocol.hospitals)} hospitals; set num-supernodes to fl.hospitals"
+        )
+    return pid, protocol.hospitals[pid]
+
+
+def check_fingerprints(model: SavltModel, plan: RoundPlan, hospital: str) -> None:
+    """Refuse to train (or be averaged in) with a different backbone, prompts or class list."""
+    if model.backbone_fingerprint != plan.backbone_fingerprint:
+        raise SavltError(
+            f"hospital {hospital}: frozen backbone differs from the server's "
+            f"({model.backbone_id}, fingerprint {model.backbone_fingerprint} vs "
+            f"{plan.backbone_fingerprint}); use the same model.name and weights"
+        )
+    if model.anchor_fingerprint != plan.anchor_fingerprint:
+        raise SavltError(
+            f"hospital {hospital}: text anchors differ from the server's (fingerprint "
+            f"{model.anchor_fingerprint} vs {plan.anchor_fingerprint}); class list "
+            f"{model.classes} or prompt descriptions differ"
+        )
+
+
+def _model_for(
+    msg: Message, context: Context
+) -> tuple[RoundPlan, Config, int, Hospital, SavltModel]:
+    plan = RoundPlan.from_record(msg.content[CONFIG])
+    cfg = local_config(plan.config, dict(context.node_config))
+    index, hospital = hospital_data(cfg, plan.seed, dict(context.node_config))
+    model = build_model(cfg, plan.seed)
+    check_fingerprints(model, plan, hospital.name)
+    apply_global_state(model, msg.content[ARRAYS].to_torch_state_dict())
+    return plan, cfg, index, hospital, model
+
+
+def _val_metrics(model: SavltModel, cfg: Config, hospital: Hospital) -> dict[str, float]:
+    if not hospital.val:
+        return {"val-n": 0, "val-acc_5class": 0.0, "val-acc_binary": 0.0}
+    probs, labels, _ = predict(
+        model, image_sets(cfg, {"v": hospital.val}, False)["v"], cfg.train.eval_batch_size
+    )
+    m = compute_metrics(probs, labels, model.positive)
+    return {
+        "val-n": len(labels),
+        "val-acc_5class": m["acc_5class"],
+        "val-acc_binary": m["acc_binary"],
+    }
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    plan, cfg, index, hospital, model = _model_for(msg, context)
+    method = plan.method
+    seed = int(np.random.SeedSequence([plan.seed, plan.round, index]).generate_state(1)[0])
+    stats = train_steps(
+        model,
+        image_sets(cfg, {"t": hospital.train}, True)["t"],
+        cfg,
+        plan.local_steps,
+        seed,
+        start_step=plan.start_step,
+        total_steps=plan.total_steps,
+        prox_mu=cfg.fl.prox_mu if method == "fedprox" else 0.0,
+        anchor_weight=cfg.fl.anchor_loss_weight if method == "text-anchored" else 0.0,
+    )
+    counts, agreement = anchor_agreement(
+        model, image_sets(cfg, {"t": hospital.train}, False)["t"], cfg.train.eval_batch_size
+    )
+    metrics = {
+        "num-examples": len(hospital.train),
+        "train-loss": stats.loss,
+        "train-steps": stats.steps,
+        "class-counts": counts,
+        "anchor-agreement": agreement,
+        **_val_metrics(model, cfg, hospital),
+    }
+    log.info("hospital %s round %d: loss %.4f", hospital.name, plan.round, stats.loss)
+    content = RecordDict(
+        {ARRAYS: ArrayRecord(trainable_state(model)), METRICS: MetricRecord(metrics)}
+    )
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    _, cfg, _, hospital, model = _model_for(msg, context)
+    metrics = {"num-examples": len(hospital.val), **_val_metrics(model, cfg, hospital)}
+    metrics.pop("val-n")
+    return Message(content=RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)

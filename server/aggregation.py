@@ -1,0 +1,227 @@
+"""Server-side aggregation maths: client weights, tensor averaging, exact LoRA merging.
+
+Pure tensors and numpy, no Flower, so the maths is testable and benchmarkable on its own;
+the Flower strategy only unpacks messages, calls :func:`check_update` and :func:`aggregate`,
+and logs the report (SAVLT_METHOD.md §4).
+
+- ``fedavg`` / ``fedprox``: every tensor weighted by n_k (FedProx differs only on the client).
+- ``text-anchored``: shared tensors weighted by n_k * exp(lambda * mean_c a_kc), prototype
+  row c by n_kc>0 * n_k * exp(lambda * a_kc); lambda = 0 is bitwise FedAvg (same code path).
+- LoRA ``naive`` averages A and B separately (mean(B) mean(A) != mean(B A): the error is
+  measured and reported); ``fedex`` (FedEx-LoRA) also sends the dense difference as
+  ``residual.<prefix>``, which clients add to their frozen weights, so the merged effective
+  weight is exactly the weighted average of the clients' effective weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from savlt_model.adapters import lora_pairs
+from savlt_model.errors import SavltError
+
+METHODS = ("fedavg", "fedprox", "text-anchored")
+LORA_MODES = ("naive", "fedex")
+RESIDUAL = "residual."
+PROTOTYPES = "prototypes"
+# a_kc is a mean cosine; anything outside [-1, 1] is a bug or an attempt to buy weight.
+_COSINE_SLACK = 1e-4
+
+
+@dataclass
+class ClientUpdate:
+    """One hospital's reply: its trained payload plus what the weighting needs."""
+
+    node: str  # node id, for log lines
+    state: dict[str, torch.Tensor]
+    num_examples: int
+    class_counts: list[int]  # n_kc
+    agreement: list[float]  # a_kc = mean cos(f(x), T_c) over class-c images; ignored if n_kc == 0
+
+
+def _payload_keys(state: dict[str, torch.Tensor]) -> list[str]:
+    """Keys clients train and send: everything but the server-owned dense residuals."""
+    return sorted(k for k in state if not k.startswith(RESIDUAL))
+
+
+def check_update(
+    update: ClientUpdate, reference: dict[str, torch.Tensor], max_norm: float = 0.0
+) -> str | None:
+    """None if ``update`` may be averaged in, else a one-line reason to refuse it.
+
+    ``reference`` is the global state that was sent; ``max_norm > 0`` bounds the L2 norm of
+    the whole update (state - reference), a cheap guard against diverged or hostile clients.
+    """
+    expected = _payload_keys(reference)
+    missing = sorted(set(expected) - set(update.state))
+    extra = sorted(set(update.state) - set(expected))
+    if missing or extra:
+        return f"payload keys differ: missing {missing[:3]}, extra {extra[:3]}"
+    sq_norm = 0.0
+    for key in expected:
+        got, ref = update.state[key], reference[key]
+        if tuple(got.shape) != tuple(ref.shape):
+            return f"{key} has shape {tuple(got.shape)}, expected {tuple(ref.shape)}"
+        if got.dtype != ref.dtype:
+            return f"{key} has dtype {got.dtype}, expected {ref.dtype}"
+        if not bool(torch.isfinite(got).all()):
+            return f"{key} has non-finite values"
+        sq_norm += float((got.double() - ref.double()).square().sum())
+    norm = math.sqrt(sq_norm)
+    if max_norm > 0 and norm > max_norm:
+        return f"update norm {norm:.4g} exceeds the bound {max_norm:.4g}"
+    if update.num_examples <= 0:
+        return f"num_examples is {update.num_examples}"
+    n_classes = reference[PROTOTYPES].shape[0] if PROTOTYPES in reference else None
+    counts, agreement = update.class_counts, update.agreement
+    if n_classes is not None and len(counts) != n_classes:
+        return f"class_counts has {len(counts)} entries, expected {n_classes}"
+    if len(agreement) != len(counts):
+        return f"agreement has {len(agreement)} entries, expected {len(counts)}"
+    if any(n < 0 for n in counts) or sum(counts) == 0:
+        return f"class_counts {list(counts)} must be non-negative with a positive total"
+    for c, (n, a) in enumerate(zip(counts, agreement, strict=True)):
+        if n > 0 and not (math.isfinite(a) and abs(a) <= 1 + _COSINE_SLACK):
+            return f"agreement[{c}] is {a}, expected a cosine in [-1, 1]"
+    return None
+
+
+def _normalise(raw: np.ndarray) -> np.ndarray:
+    """Scale along axis 0 to sum 1 (float64)."""
+    return raw / raw.sum(axis=0, keepdims=True)
+
+
+def _softweights(n: np.ndarray, logits: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """n * exp(logits - max) over ``present`` rows, normalised along axis 0.
+
+    FedAvg passes zero logits: exp(0) == 1.0 exactly, so with lambda = 0 text-anchored and
+    FedAvg run identical float operations and agree bitwise.
+    """
+    shifted = np.where(present, logits, -np.inf)
+    shifted = shifted - shifted.max(axis=0, keepdims=True)
+    return _normalise(np.where(present, n * np.exp(shifted), 0.0))
+
+
+def client_weights(
+    updates: list[ClientUpdate], method: str, anchor_lambda: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """(shared weights (K,), prototype weights (K, C)); the vector and each column sum to 1."""
+    if method not in METHODS:
+        raise SavltError(f"unknown aggregation method {method!r}; choose one of {METHODS}")
+    if not updates:
+        raise SavltError("no client updates to aggregate")
+    if not math.isfinite(anchor_lambda):
+        raise SavltError(f"anchor_lambda must be finite, got {anchor_lambda}")
+    n_classes = {len(u.class_counts) for u in updates} | {len(u.agreement) for u in updates}
+    if len(n_classes) != 1:
+        raise SavltError(f"clients disagree on the number of classes: {sorted(n_classes)}")
+    n = np.array([float(u.num_examples) for u in updates])
+    if (n <= 0).any():
+        raise SavltError(f"every client needs num_examples > 0, got {n.astype(int).tolist()}")
+    counts = np.array([u.class_counts for u in updates], dtype=np.float64).reshape(len(updates), -1)
+    present = counts > 0
+    if method == "text-anchored":
+        if not present.any(axis=1).all():
+            raise SavltError("text-anchored weighting needs every client to report a class count")
+        raw = np.array([u.agreement for u in updates], dtype=np.float64).reshape(counts.shape)
+        agreement = np.where(present, raw, 0.0)  # NaN for absent classes must not leak
+        shared_logits = anchor_lambda * (agreement.sum(axis=1) / present.sum(axis=1))
+        proto_logits = anchor_lambda * agreement
+    else:
+        shared_logits = np.zeros(len(updates))
+        proto_logits = np.zeros(counts.shape)
+        present = np.ones(counts.shape, dtype=bool)  # FedAvg: every client counts for every row
+    shared = _softweights(n, shared_logits, np.ones(len(updates), dtype=bool))
+    nobody = ~present.any(axis=0)  # no client has class c: fall back to the shared weights
+    proto = _softweights(n[:, None], proto_logits, present | nobody)
+    return shared, np.where(nobody, shared[:, None], proto)
+
+
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Clients' tensors as one float64 (K, ...) block: a few large ops, not K small ones each."""
+    return torch.stack(tensors).double()
+
+
+def _weighted_sum(stacked: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_k weights[k] * stacked[k] in float64; ``weights`` is (K,) or (K, C) for prototypes."""
+    w = weights.reshape(weights.shape + (1,) * (stacked.dim() - weights.dim()))
+    return (w * stacked).sum(dim=0)
+
+
+def _exact_product(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """sum_k w_k B_k A_k (float64) as one matmul of the stacked factors [w_k B_k] @ [A_k].
+
+    ``a`` is (K, r, in), ``b`` is (K, out, r): (out, K r) @ (K r, in).
+    """
+    k, out, r = b.shape
+    wb = (w[:, None, None] * b).permute(1, 0, 2).reshape(out, k * r)
+    return wb @ a.reshape(k * r, -1)
+
+
+def aggregate(
+    updates: list[ClientUpdate],
+    global_state: dict[str, torch.Tensor],
+    method: str,
+    anchor_lambda: float,
+    lora_mode: str,
+    scalings: dict[str, float],
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """New global state (float32, CPU) and a report for the round's log line.
+
+    Report: ``weights`` (shared, per client), ``prototype_weights`` (K lists of C),
+    ``lora_naive_rel_error`` / ``lora_max_rel_error``: mean / max over LoRA layers of
+    ||sum_k w_k B_k A_k - B̄ Ā||_F / ||sum_k w_k B_k A_k||_F (the scaling cancels), i.e. how
+    wrong naive averaging is this round, whichever mode was used.
+    """
+    if lora_mode not in LORA_MODES:
+        raise SavltError(f"unknown lora_mode {lora_mode!r}; choose one of {LORA_MODES}")
+    shared_np, proto_np = client_weights(updates, method, anchor_lambda)
+    keys = _payload_keys(global_state)
+    for u in updates:
+        if sorted(u.state) != keys:
+            raise SavltError(f"client {u.node} sent keys that differ from the global state")
+    pairs = lora_pairs(keys)
+    if lora_mode == "fedex":
+        unscaled = sorted(p for p, _, _ in pairs if p not in scalings)
+        if unscaled:
+            raise SavltError(f"no LoRA scaling for {unscaled[:3]}: fedex needs alpha/r per layer")
+
+    shared = torch.from_numpy(shared_np)
+    lora_keys = {key for _, a_key, b_key in pairs for key in (a_key, b_key)}
+    new: dict[str, torch.Tensor] = {}
+    # Residuals carry over (clients' frozen weights include them); fedex adds this round's gap.
+    new.update({k: v.clone() for k, v in global_state.items() if k.startswith(RESIDUAL)})
+    for key in keys:  # one key at a time: peak memory is one tensor x K clients in float64
+        if key not in lora_keys:
+            w = torch.from_numpy(proto_np) if key == PROTOTYPES else shared
+            new[key] = _weighted_sum(_stack([u.state[key] for u in updates]), w).float()
+
+    errors = []
+    for prefix, a_key, b_key in pairs:
+        a = _stack([u.state[a_key] for u in updates])
+        b = _stack([u.state[b_key] for u in updates])
+        new[a_key] = _weighted_sum(a, shared).float()
+        new[b_key] = _weighted_sum(b, shared).float()
+        exact = _exact_product(a, b, shared)
+        # B̄ Ā from the float32 tensors clients will load, so the residual closes that exact gap
+        gap = exact - new[b_key].double() @ new[a_key].double()
+        norm = float(torch.linalg.matrix_norm(exact))
+        errors.append(float(torch.linalg.matrix_norm(gap)) / norm if norm > 0 else 0.0)
+        if lora_mode == "fedex":
+            res_key = RESIDUAL + prefix
+            old = global_state.get(res_key)
+            residual = scalings[prefix] * gap
+            if old is not None:
+                residual += old.double()
+            new[res_key] = residual.float()
+    report = {
+        "weights": shared_np.tolist(),
+        "prototype_weights": proto_np.tolist(),
+        "lora_naive_rel_error": float(np.mean(errors)) if errors else 0.0,
+        "lora_max_rel_error": max(errors, default=0.0),
+    }
+    return dict(sorted(new.items())), report

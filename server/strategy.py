@@ -1,0 +1,190 @@
+"""The SAVLT Flower strategy: FedAvg's sampling, with SAVLT's validation and aggregation.
+
+One class serves FedAvg, FedProx (the proximal term runs on the client) and text-anchored
+aggregation; the method only changes the client weights (:mod:`server.aggregation`).
+Every update is checked before it can be averaged, and every completed round is
+checkpointed atomically so that a restarted server resumes from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from savlt_model.backbone import fingerprint_tensors
+from savlt_model.checkpoint import load_adapter, save_adapter
+from savlt_model.wire import ARRAYS, CONFIG, METRICS, RoundPlan
+from server.aggregation import ClientUpdate, aggregate, check_update
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundLog:
+    """Per-round history kept in the checkpoint: metrics, accepted and refused hospitals."""
+
+    rows: list[dict] = field(default_factory=list)  # one per aggregated round
+    events: list[dict] = field(default_factory=list)  # failed / rejected hospitals, skipped rounds
+    evals: list[dict] = field(default_factory=list)  # server-side scores per round and centre
+
+
+def array_bytes(record: ArrayRecord) -> int:
+    """Serialised size of an ArrayRecord's tensors: what crosses the network."""
+    return sum(len(array.data) for array in record.values())
+
+
+class SavltStrategy(FedAvg):
+    """FedAvg/FedProx/text-anchored aggregation of the SAVLT payload."""
+
+    def __init__(
+        self,
+        plan_for: Callable[[int], RoundPlan],
+        scalings: dict[str, float],
+        checkpoint: Path,
+        start_round: int,
+        history: RoundLog,
+        num_hospitals: int,
+        min_hospitals: int,
+        client_eval: bool,
+    ) -> None:
+        super().__init__(
+            fraction_train=1.0,
+            fraction_evaluate=1.0 if client_eval else 0.0,
+            min_train_nodes=min_hospitals,
+            min_evaluate_nodes=min_hospitals if client_eval else 0,
+            min_available_nodes=num_hospitals,
+            arrayrecord_key=ARRAYS,
+            configrecord_key=CONFIG,
+        )
+        self.plan_for = plan_for
+        self.scalings = scalings
+        self.checkpoint = checkpoint
+        self.offset = start_round  # rounds completed before this process started
+        self.history = history
+        self.min_hospitals = min_hospitals
+        self.sent: dict[str, torch.Tensor] = {}
+        self.upload_bytes = 0
+        self.download_bytes = 0
+
+    def _plan_record(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
+        record = ConfigRecord(dict(config))
+        record.update(self.plan_for(self.offset + server_round).to_record())
+        return record
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.sent = arrays.to_torch_state_dict()
+        self.download_bytes = array_bytes(arrays)
+        return super().configure_train(
+            server_round, arrays, self._plan_record(server_round, config), grid
+        )
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return super().configure_evaluate(
+            server_round, arrays, self._plan_record(server_round, config), grid
+        )
+
+    def _event(self, round_: int, node: str, kind: str, reason: str) -> None:
+        log.warning("round %d: %s update from node %s: %s", round_, kind, node, reason)
+        self.history.events.append({"round": round_, "node": node, "event": kind, "reason": reason})
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        round_ = self.offset + server_round
+        plan = self.plan_for(round_)
+        valid, errors = self._check_and_log_replies(replies, is_train=True, validate=False)
+        for msg in errors:
+            self._event(round_, str(msg.metadata.src_node_id), "failed", msg.error.reason)
+        updates: list[ClientUpdate] = []
+        losses: list[float] = []
+        for msg in valid:
+            node = str(msg.metadata.src_node_id)
+            try:
+                record, metrics = msg.content[ARRAYS], msg.content[METRICS]
+                update = ClientUpdate(
+                    node=node,
+                    state=record.to_torch_state_dict(),
+                    num_examples=int(metrics["num-examples"]),
+                    class_counts=[int(v) for v in metrics["class-counts"]],
+                    agreement=[float(v) for v in metrics["anchor-agreement"]],
+                )
+                loss = float(metrics["train-loss"])
+            except (KeyError, TypeError, ValueError) as exc:
+                self._event(round_, node, "rejected", f"malformed reply: {exc}")
+                continue
+            reason = check_update(update, self.sent, plan.config.fl.max_update_norm)
+            if reason:
+                self._event(round_, node, "rejected", reason)
+                continue
+            self.upload_bytes = max(self.upload_bytes, array_bytes(record))
+            updates.append(update)
+            losses.append(loss)
+        if len(updates) < self.min_hospitals:
+            log.error(
+                "round %d: only %d usable updates (minimum %d); the global model is unchanged",
+                round_,
+                len(updates),
+                self.min_hospitals,
+            )
+            self.history.events.append(
+                {"round": round_, "node": "-", "event": "skipped", "reason": "too few updates"}
+            )
+            return None, None
+        # Replies arrive in any order and node ids are random: sort by content so that the
+        # float sums (and thus a resumed or repeated run) are bit-for-bit reproducible.
+        order = sorted(
+            range(len(updates)), key=lambda i: fingerprint_tensors(updates[i].state.items())
+        )
+        updates, losses = [updates[i] for i in order], [losses[i] for i in order]
+        cfg = plan.config
+        state, report = aggregate(
+            updates,
+            self.sent,
+            plan.method,
+            cfg.fl.anchor_lambda,
+            cfg.fl.lora_aggregation,
+            self.scalings,
+        )
+        total = sum(u.num_examples for u in updates)
+        row = {
+            "round": round_,
+            "hospitals": len(updates),
+            "train-loss": sum(
+                loss * u.num_examples for loss, u in zip(losses, updates, strict=True)
+            )
+            / total,
+            "lora-naive-rel-error": report["lora_naive_rel_error"],
+            "upload-bytes": self.upload_bytes,
+            "download-bytes": self.download_bytes,
+        }
+        self.history.rows.append(row)
+        save_checkpoint(self.checkpoint, state, round_, self.history)
+        return ArrayRecord(state), MetricRecord(
+            {k: v for k, v in row.items() if isinstance(v, (int, float))}
+        )
+
+
+def save_checkpoint(
+    path: Path, state: dict[str, torch.Tensor], round_: int, history: RoundLog
+) -> None:
+    """Global state + history in one atomic file: a crash leaves the previous round intact."""
+    save_adapter(path, state, {"round": round_, **dataclasses.asdict(history)})
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], int, RoundLog] | None:
+    if not path.is_file():
+        return None
+    state, meta = load_adapter(path)
+    return state, int(meta["round"]), RoundLog(meta["rows"], meta["events"], meta["evals"])

@@ -1,0 +1,221 @@
+"""Aggregation maths: FedAvg reduction, text-anchored weighting, exact LoRA, update checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from savlt_model.errors import SavltError
+from server.aggregation import ClientUpdate, aggregate, check_update, client_weights
+
+C = 4
+LAYERS = {"clip.blk0.attn": (24, 16), "clip.blk1.attn.out_proj": (16, 16)}  # prefix: (out, in)
+R = 3
+SCALINGS = {"clip.blk0.attn": 2.0, "clip.blk1.attn.out_proj": 0.5}
+
+
+def _state(gen: torch.Generator) -> dict[str, torch.Tensor]:
+    state = {
+        "prototypes": torch.randn(C, 8, generator=gen),
+        "roi_pool.query": torch.randn(16, generator=gen),
+        "clip.visual.proj": torch.randn(16, 8, generator=gen),
+    }
+    for prefix, (out, inp) in LAYERS.items():
+        state[f"{prefix}.lora_A.weight"] = torch.randn(R, inp, generator=gen)
+        state[f"{prefix}.lora_B.weight"] = torch.randn(out, R, generator=gen)
+    return state
+
+
+def _updates(
+    k: int = 3,
+    seed: int = 0,
+    counts: list[list[int]] | None = None,
+    agreement: list[list[float]] | None = None,
+) -> list[ClientUpdate]:
+    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    return [
+        ClientUpdate(
+            node=f"n{i}",
+            state=_state(gen),
+            num_examples=int(rng.integers(10, 100)),
+            class_counts=counts[i] if counts else [5] * C,
+            agreement=agreement[i] if agreement else rng.uniform(0.1, 0.6, C).tolist(),
+        )
+        for i in range(k)
+    ]
+
+
+def _global(seed: int = 99, residual: bool = False) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    state = _state(gen)
+    if residual:
+        for prefix, shape in LAYERS.items():
+            state[f"residual.{prefix}"] = 0.1 * torch.randn(shape, generator=gen)
+    return state
+
+
+def _fedavg(updates: list[ClientUpdate], key: str) -> torch.Tensor:
+    n = torch.tensor([float(u.num_examples) for u in updates], dtype=torch.float64)
+    stacked = torch.stack([u.state[key].double() for u in updates])
+    return torch.einsum("k,k...->...", n / n.sum(), stacked)
+
+
+def test_weights_sum_to_one() -> None:
+    counts = [[5, 0, 3, 1], [0, 0, 2, 7], [1, 0, 4, 0]]  # nobody has class 1
+    updates = _updates(counts=counts)
+    for method in ("fedavg", "fedprox", "text-anchored"):
+        shared, proto = client_weights(updates, method, 2.0)
+        assert shared.shape == (3,) and proto.shape == (3, C)
+        np.testing.assert_allclose(shared.sum(), 1.0, rtol=1e-12)
+        np.testing.assert_allclose(proto.sum(axis=0), np.ones(C), rtol=1e-12)
+    shared, proto = client_weights(updates, "text-anchored", 2.0)
+    np.testing.assert_array_equal(proto[:, 1], shared)  # no client has class 1: shared fallback
+
+
+def test_lambda_zero_is_fedavg_bitwise() -> None:
+    updates = _updates(k=4)
+    glob = _global()
+    for mode in ("naive", "fedex"):
+        fed, _ = aggregate(updates, glob, "fedavg", 0.0, mode, SCALINGS)
+        anchored, _ = aggregate(updates, glob, "text-anchored", 0.0, mode, SCALINGS)
+        assert fed.keys() == anchored.keys()
+        for key in fed:
+            assert torch.equal(fed[key], anchored[key]), key
+    for key in ("prototypes", "clip.visual.proj"):
+        torch.testing.assert_close(fed[key], _fedavg(updates, key).float(), rtol=0, atol=1e-6)
+
+
+def test_higher_agreement_gets_more_weight() -> None:
+    updates = _updates(k=2, agreement=[[0.2] * C, [0.6] * C])
+    for u in updates:
+        u.num_examples = 50
+    shared, proto = client_weights(updates, "text-anchored", 5.0)
+    assert shared[1] > shared[0]
+    np.testing.assert_allclose(shared[1] / shared[0], np.exp(5.0 * 0.4), rtol=1e-12)
+    assert (proto[1] > proto[0]).all()
+    shared, _ = client_weights(updates, "fedavg", 5.0)  # lambda is ignored by FedAvg
+    np.testing.assert_array_equal(shared, [0.5, 0.5])
+
+
+def test_client_without_class_does_not_drag_prototype() -> None:
+    counts = [[5, 5, 5, 5], [5, 0, 5, 5], [5, 5, 5, 5]]
+    agreement = [[0.3] * C, [0.9, float("nan"), 0.9, 0.9], [0.5] * C]  # NaN where n_kc == 0
+    updates = _updates(counts=counts, agreement=agreement)
+    _, proto = client_weights(updates, "text-anchored", 3.0)
+    assert proto[1, 1] == 0.0
+    new, _ = aggregate(updates, _global(), "text-anchored", 3.0, "naive", {})
+    others = [updates[0], updates[2]]
+    w = np.array(
+        [u.num_examples * np.exp(3.0 * a) for u, a in zip(others, (0.3, 0.5), strict=True)]
+    )
+    w /= w.sum()
+    expected = sum(wk * u.state["prototypes"][1].double() for wk, u in zip(w, others, strict=True))
+    torch.testing.assert_close(new["prototypes"][1], expected.float(), rtol=0, atol=1e-6)
+    assert torch.isfinite(new["prototypes"]).all()
+
+
+@pytest.mark.parametrize("old_residual", [False, True])
+@pytest.mark.parametrize("method", ["fedavg", "text-anchored"])
+def test_fedex_is_exact(method: str, old_residual: bool) -> None:
+    updates = _updates(k=5, seed=3)
+    glob = _global(residual=old_residual)
+    new, report = aggregate(updates, glob, method, 1.5, "fedex", SCALINGS)
+    shared, _ = client_weights(updates, method, 1.5)
+    assert report["weights"] == shared.tolist()
+    for prefix, shape in LAYERS.items():
+        s = SCALINGS[prefix]
+        old = glob.get(f"residual.{prefix}", torch.zeros(shape)).double()
+        target = sum(
+            w
+            * (
+                old
+                + s
+                * u.state[f"{prefix}.lora_B.weight"].double()
+                @ u.state[f"{prefix}.lora_A.weight"].double()
+            )
+            for w, u in zip(shared, updates, strict=True)
+        )
+        merged = new[f"residual.{prefix}"].double() + s * (
+            new[f"{prefix}.lora_B.weight"].double() @ new[f"{prefix}.lora_A.weight"].double()
+        )
+        torch.testing.assert_close(merged, target, rtol=0, atol=1e-5)
+        assert new[f"residual.{prefix}"].dtype == torch.float32
+
+
+def test_naive_error_reported() -> None:
+    new, report = aggregate(_updates(seed=1), _global(), "fedavg", 0.0, "naive", {})
+    assert not any(k.startswith("residual.") for k in new)
+    assert report["lora_naive_rel_error"] > 0.3  # random factors: the product is badly wrong
+    assert report["lora_max_rel_error"] >= report["lora_naive_rel_error"]
+    glob = _global(residual=True)
+    kept, _ = aggregate(_updates(seed=1), glob, "fedavg", 0.0, "naive", {})
+    for prefix in LAYERS:  # naive mode leaves an earlier exact round's residual as it was
+        assert torch.equal(kept[f"residual.{prefix}"], glob[f"residual.{prefix}"])
+
+    same = _updates(seed=1)
+    for u in same[1:]:
+        u.state = {k: v.clone() for k, v in same[0].state.items()}
+    _, report = aggregate(same, _global(), "text-anchored", 1.0, "fedex", SCALINGS)
+    assert report["lora_naive_rel_error"] == pytest.approx(0.0, abs=1e-6)
+    assert report["lora_max_rel_error"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_aggregate_refuses_bad_arguments() -> None:
+    updates, glob = _updates(), _global()
+    with pytest.raises(SavltError, match="method"):
+        aggregate(updates, glob, "fedmedian", 0.0, "naive", {})
+    with pytest.raises(SavltError, match="lora_mode"):
+        aggregate(updates, glob, "fedavg", 0.0, "flora", {})
+    with pytest.raises(SavltError, match="no client updates"):
+        aggregate([], glob, "fedavg", 0.0, "naive", {})
+    with pytest.raises(SavltError, match="scaling"):
+        aggregate(updates, glob, "fedavg", 0.0, "fedex", {"clip.blk0.attn": 1.0})
+
+
+def _poked(shape: tuple[int, ...], value: float) -> torch.Tensor:
+    t = torch.zeros(shape)
+    t.view(-1)[1] = value
+    return t
+
+
+def _reason(glob: dict[str, torch.Tensor], drop: str = "", max_norm: float = 0.0, **edits):
+    """check_update on a fresh good update with a key dropped, tensors replaced or fields set."""
+    u = _updates(k=1)[0]
+    u.state.pop(drop, None)
+    for name, value in edits.items():
+        if isinstance(value, torch.Tensor):
+            u.state[name.replace("__", ".")] = value
+        else:
+            setattr(u, name, value)
+    return check_update(u, glob, max_norm)
+
+
+def test_check_update() -> None:
+    glob = _global(residual=True)  # residual keys in the reference are not expected back
+    assert _reason(glob) is None
+    assert "prototypes has non-finite" in _reason(glob, prototypes=_poked((C, 8), float("nan")))
+    inf = _poked((16, 8), float("inf"))
+    assert "clip.visual.proj has non-finite" in _reason(glob, clip__visual__proj=inf)
+    assert "missing ['roi_pool.query']" in _reason(glob, drop="roi_pool.query")
+    assert "extra ['bogus']" in _reason(glob, bogus=torch.zeros(1))
+    assert "prototypes has shape (4, 9), expected (4, 8)" in _reason(
+        glob, prototypes=torch.zeros(C, 9)
+    )
+
+    assert "dtype torch.float64" in _reason(glob, prototypes=torch.zeros(C, 8, dtype=torch.float64))
+
+    good = _updates(k=1)[0]
+    norm = torch.cat([(good.state[k] - glob[k]).flatten() for k in good.state]).norm().item()
+    assert _reason(glob, max_norm=norm * 1.01) is None
+    assert "exceeds the bound" in _reason(glob, max_norm=norm * 0.99)
+
+    assert "num_examples" in _reason(glob, num_examples=0)
+    assert "class_counts has 5" in _reason(glob, class_counts=[1] * (C + 1))
+    assert "class_counts" in _reason(glob, class_counts=[3, -1, 2, 2])
+    assert "agreement has 3" in _reason(glob, agreement=[0.1] * (C - 1))
+    assert "agreement[2]" in _reason(glob, agreement=[0.1, 0.1, float("nan"), 0.1])
+    assert "agreement[0]" in _reason(glob, agreement=[7.0, 0.1, 0.1, 0.1])  # not a cosine
+    # NaN agreement for a class the client lacks is fine: a mean over no images
+    assert _reason(glob, class_counts=[3, 0, 2, 2], agreement=[0.1, float("nan"), 0.1, 0.1]) is None
