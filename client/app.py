@@ -24,7 +24,13 @@ from savlt_model.errors import SavltError
 from savlt_model.metrics import compute_metrics
 from savlt_model.model import SavltModel
 from savlt_model.protocol import prepare_center
-from savlt_model.train import anchor_agreement, build_model, image_sets, predict, train_steps
+from savlt_model.train import (
+    anchor_agreement,
+    cached_model,
+    image_sets,
+    predict,
+    train_steps,
+)
 from savlt_model.wire import ARRAYS, CONFIG, METRICS, RoundPlan
 from simulation.protocols import Hospital, build_protocol
 
@@ -90,7 +96,7 @@ def _model_for(
     plan = RoundPlan.from_record(msg.content[CONFIG])
     cfg = local_config(plan.config, dict(context.node_config))
     index, hospital = hospital_data(cfg, plan.seed, dict(context.node_config))
-    model = build_model(cfg, plan.seed)
+    model = cached_model(cfg, plan.seed)
     check_fingerprints(model, plan, hospital.name)
     apply_global_state(model, msg.content[ARRAYS].to_torch_state_dict())
     return plan, cfg, index, hospital, model

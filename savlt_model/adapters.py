@@ -126,25 +126,25 @@ def residual_targets(model: nn.Module) -> dict[str, tuple[torch.Tensor, float]]:
     return out
 
 
-def add_residuals(model: nn.Module, state: dict[str, torch.Tensor]) -> int:
-    """Add the dense FedEx residuals of a global state to the frozen base weights."""
-    targets = residual_targets(model)
-    n = 0
-    with torch.no_grad():
-        for key, tensor in state.items():
-            if not key.startswith("residual."):
-                continue
-            if key not in targets:
-                raise SavltError(f"global state has residual {key} for a layer this model lacks")
-            weight, _ = targets[key]
-            weight.add_(tensor.to(weight.device, weight.dtype))
-            n += 1
-    return n
-
-
 def apply_global_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load a server state: FedEx residuals into the frozen weights, the rest as the payload."""
-    add_residuals(model, state)
+    """Load a server state: FedEx residuals onto the frozen weights, the rest as the payload.
+
+    The frozen weights a residual touched are remembered the first time, so a cached model
+    can take the next round's state without rebuilding it (residuals are totals, not deltas).
+    """
+    targets = residual_targets(model)
+    pristine: dict[str, torch.Tensor] = model.__dict__.setdefault("_pristine_base", {})
+    unknown = [k for k in state if k.startswith("residual.") and k not in targets]
+    if unknown:
+        raise SavltError(f"global state has residuals for layers this model lacks: {unknown[:3]}")
+    with torch.no_grad():
+        for key, original in pristine.items():
+            targets[key][0].copy_(original)
+        for key, tensor in state.items():
+            if key.startswith("residual."):
+                weight = targets[key][0]
+                pristine.setdefault(key, weight.detach().clone())
+                weight.add_(tensor.to(weight.device, weight.dtype))
     load_trainable_state(model, {k: v for k, v in state.items() if not k.startswith("residual.")})
 
 

@@ -98,6 +98,8 @@ class TrainConfig:
     weight_decay: float = 1e-4
     device: str = "auto"
     eval_batch_size: int = 64
+    amp: bool = True  # bf16 autocast + TF32 on CUDA (ignored on CPU)
+    workers: int = 0  # DataLoader workers for augmentation (images are decoded once, cached)
 
 
 @dataclass

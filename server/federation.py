@@ -24,7 +24,7 @@ from savlt_model.errors import SavltError
 from savlt_model.evaluation import save_figures, score_centers
 from savlt_model.protocol import data_root, is_synthetic
 from savlt_model.results import make_record
-from savlt_model.train import build_model, image_sets
+from savlt_model.train import build_model, cached_model, image_sets
 from savlt_model.wire import RoundPlan
 from server.strategy import RoundLog, SavltStrategy, load_checkpoint, save_checkpoint
 from simulation.protocols import build_protocol
@@ -92,7 +92,7 @@ def run_federated(grid: Grid, job: FederatedJob) -> dict:
         round_ = done + server_round
         if server_round == 0 and done:  # already scored before the restart
             return None
-        model = build_model(cfg, seed)
+        model = cached_model(cfg, seed)
         apply_global_state(model, arrays.to_torch_state_dict())
         scores = score_centers(model, tests, cfg.train.eval_batch_size)
         flat = {}
@@ -135,7 +135,7 @@ def run_federated(grid: Grid, job: FederatedJob) -> dict:
             "See the log for the hospitals' errors"
         )
     state, rounds_done, history = final
-    model = build_model(cfg, seed)
+    model = cached_model(cfg, seed)
     apply_global_state(model, state)
     upload = max((r["upload-bytes"] for r in history.rows), default=0)
     summary = {

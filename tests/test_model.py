@@ -173,3 +173,26 @@ def test_loss_uses_both_branches(tiny):
     torch.testing.assert_close(model.loss(out, labels), expected)
     assert model.loss(out, labels, anchor_weight=1.0) > model.loss(out, labels)
     torch.testing.assert_close(out.logits, 0.5 * out.text_logits + 0.5 * out.proto_logits)
+
+
+def test_cached_model_takes_successive_global_states_exactly(tiny):
+    """Reusing one model across rounds equals rebuilding it, FedEx residuals included."""
+    from savlt_model.adapters import apply_global_state, residual_targets
+
+    cfg = _cfg("model.lora.dropout=0.0")
+    reused = SavltModel(cfg, tiny).eval()
+    targets = residual_targets(reused)
+    torch.manual_seed(1)
+
+    def state_with_residuals(scale: float) -> dict:
+        state = {k: v + scale * torch.randn_like(v) for k, v in trainable_state(reused).items()}
+        state.update({k: scale * torch.randn_like(w) for k, (w, _) in targets.items()})
+        return state
+
+    first, second = state_with_residuals(0.01), state_with_residuals(0.02)
+    apply_global_state(reused, first)
+    apply_global_state(reused, second)
+    fresh = SavltModel(cfg, tiny).eval()
+    apply_global_state(fresh, second)
+    images = torch.randn(2, 3, 128, 128)
+    torch.testing.assert_close(reused(images).logits, fresh(images).logits)
