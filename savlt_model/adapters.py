@@ -8,6 +8,8 @@ the server can average them key by key and :func:`load_trainable_state` can put 
 
 from __future__ import annotations
 
+import copy
+import functools
 import re
 
 import torch
@@ -20,6 +22,7 @@ from savlt_model.config import LoraConfig as LoraSettings
 from savlt_model.errors import SavltError
 
 ADAPTER = "default"
+OUT_PROJ = ".base_layer.out_proj"  # peft nests a MultiheadAttention's out_proj LoRA here
 
 
 def _alternation(names: list[str]) -> str:
@@ -149,5 +152,37 @@ def apply_global_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None
 
 
 def lora_scalings(model: nn.Module) -> dict[str, float]:
-    """LoRA scaling (alpha / r) per payload prefix, needed to form B A exactly on the server."""
-    return {k[len("residual.") :]: s for k, (_, s) in residual_targets(model).items()}
+    """Effective LoRA scaling per payload prefix: the server forms s B A with it, exactly.
+
+    That is alpha / r, times :func:`out_proj_factor` for a MultiheadAttention out_proj.
+    """
+    return {
+        k[len("residual.") :]: s * (out_proj_factor() if k.endswith(OUT_PROJ) else 1.0)
+        for k, (_, s) in residual_targets(model).items()
+    }
+
+
+@functools.cache
+def out_proj_factor() -> float:
+    """How many times the installed peft applies a MultiheadAttention out_proj LoRA delta.
+
+    peft 0.21 merges it twice in every forward (huggingface/peft PR #3774), so the effective
+    weight is ``W + R + 2 s B A`` there. Measured, not assumed, so that exact aggregation and
+    export stay exact once peft applies it once.
+    """
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(0)
+        holder = nn.Module()
+        holder.attn = nn.MultiheadAttention(4, 1)
+        base = copy.deepcopy(holder.attn)
+        attn = get_peft_model(
+            holder, LoraConfig(r=1, target_modules=["attn"])
+        ).base_model.model.attn
+        out_proj = attn.base_layer.out_proj
+        out_proj.lora_B[ADAPTER].weight.fill_(1.0)
+        x = torch.randn(2, 1, 4)
+        ref = base(x, x, x, need_weights=False)[0]
+        got = attn(x, x, x, need_weights=False)[0]
+        base.out_proj.weight += out_proj.get_delta_weight(ADAPTER)
+        once = base(x, x, x, need_weights=False)[0]
+    return float(round(float((got - ref).sum() / (once - ref).sum())))

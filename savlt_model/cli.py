@@ -81,13 +81,16 @@ def _report(records: list[dict], out: Path, cfg, title: str) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from savlt_model.central import run_central
+    from savlt_model.report import write_report
 
     cfg = _start_run(args)
     records = run_central(cfg, args.out)
     _report(records, args.out, cfg, f"Centralised SAVLT, K={cfg.data.shots}, seeds {cfg.seeds}")
+    print(f"Report: {write_report(args.out)}")
 
 
 def cmd_simulate(args: argparse.Namespace) -> None:
+    from savlt_model.report import write_report
     from simulation.runner import run_simulate
 
     cfg = _start_run(args)
@@ -99,6 +102,67 @@ def cmd_simulate(args: argparse.Namespace) -> None:
         f"SAVLT {cfg.fl.protocol} protocol, {cfg.fl.hospitals} hospitals, {cfg.fl.rounds} rounds, "
         f"K={cfg.data.shots}, seeds {cfg.seeds}",
     )
+    print(f"Report: {write_report(args.out)}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from savlt_model.export import export_model
+
+    out = export_model(args.run, args.out, method=args.method, seed=args.seed)
+    print(
+        f"Exported to {out}: peft adapter (PeftModel.from_pretrained(open_clip_model, '{out}')) "
+        "+ SAVLT head; use it with `savlt predict` / `savlt evaluate`"
+    )
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    import csv
+    import io
+
+    from savlt_model.atomic import write_text
+    from savlt_model.inference import predict_images
+
+    rows = predict_images(args.model, args.images)
+    header = ["file", "class", "probability", "high_risk"]
+    cells = [
+        [r["file"], r["class"], f"{r['probability']:.4f}", f"{r['high_risk']:.4f}"] for r in rows
+    ]
+    widths = [max(len(c[i]) for c in [header, *cells]) for i in range(len(header))]
+    for line in [header, *cells]:
+        print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
+    if args.csv:
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow([*header, *(f"p_{c}" for c in rows[0]["probs"])])
+        writer.writerows([*c, *rows[i]["probs"].values()] for i, c in enumerate(cells))
+        print(f"CSV: {write_text(args.csv, buf.getvalue())}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from savlt_model.inference import evaluate_folder
+    from savlt_model.metrics import METRIC_KEYS
+
+    out = args.out or args.model / f"eval_{args.data.name}"
+    metrics = evaluate_folder(args.model, args.data, out)
+    print(f"{args.data} ({metrics['n']} images):")
+    for key in METRIC_KEYS:
+        value = metrics[key]
+        print(f"  {key:<12} {'n/a' if value is None else f'{value:.2f}'}")
+    print(f"Report: {out / 'report.md'}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from savlt_model.report import write_report
+
+    print(f"Report: {write_report(args.run)}")
+
+
+def cmd_deploy_local(args: argparse.Namespace) -> None:
+    from savlt_model.config import load_config
+    from server.deploy import deploy_local, print_summary
+
+    cfg = load_config(args.config, args.overrides)
+    print_summary(deploy_local(cfg, args.out, args.method, args.timeout), args.out)
 
 
 def cmd_roi_train(args: argparse.Namespace) -> None:
@@ -140,6 +204,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_roi_train, log_dir=None)
+
+    p = sub.add_parser("export", help="write a run's adapter as a peft model dir + SAVLT head")
+    p.add_argument("--run", type=Path, required=True, help="run directory (train / simulate)")
+    p.add_argument("--out", type=Path, required=True, help="model directory to write")
+    p.add_argument("--method", help="method (central, fedavg, ...) or adapter file name")
+    p.add_argument("--seed", type=int, help="seed, when the run has several")
+    p.set_defaults(func=cmd_export, log_dir=None)
+
+    p = sub.add_parser("predict", help="classify images with an exported model")
+    p.add_argument("--model", type=Path, required=True, help="directory from savlt export")
+    p.add_argument("images", type=Path, nargs="+", metavar="IMAGE")
+    p.add_argument("--csv", type=Path, help="also write the predictions (with every class) here")
+    p.set_defaults(func=cmd_predict, log_dir=None)
+
+    p = sub.add_parser("evaluate", help="score an exported model on a labelled centre folder")
+    p.add_argument("--model", type=Path, required=True, help="directory from savlt export")
+    p.add_argument("--data", type=Path, required=True, help="ROOT/<centre> with images/<class>/")
+    p.add_argument("--out", type=Path, help="output directory (default MODEL/eval_<centre>)")
+    p.set_defaults(func=cmd_evaluate, log_dir=None)
+
+    p = sub.add_parser(
+        "deploy-local",
+        help="real Flower deployment on 127.0.0.1: TLS, authenticated SuperNodes, one per centre",
+    )
+    _config_args(p)
+    p.add_argument("--method", default="text-anchored", help="fedavg, fedprox or text-anchored")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds the run may take")
+    p.set_defaults(func=cmd_deploy_local)
+
+    p = sub.add_parser("report", help="(re)write RUN_DIR/report.md")
+    p.add_argument("--run", type=Path, required=True, help="run directory")
+    p.set_defaults(func=cmd_report, log_dir=None)
     return parser
 
 

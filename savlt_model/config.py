@@ -105,6 +105,8 @@ class TrainConfig:
 @dataclass
 class FederatedConfig:
     protocol: Literal["paper", "centers"] = "paper"
+    leave_one_out: bool = False  # centers protocol: also train without each centre, test on it
+    held_out: str | None = None  # set per job by leave_one_out: the centre no hospital holds
     methods: list[str] = field(
         default_factory=lambda: ["central", "local", "fedavg", "fedprox", "text-anchored"]
     )
@@ -258,6 +260,13 @@ def validate(cfg: Config) -> Config:
             f"config key 'model.roi.unet_checkpoint': file {cfg.model.roi.unet_checkpoint} "
             "does not exist"
         )
+    centers = [cfg.data.train_center, *cfg.data.external_centers]
+    if cfg.fl.held_out is not None and cfg.fl.held_out not in centers:
+        raise SavltError(
+            f"config key 'fl.held_out' must be one of {centers}, got {cfg.fl.held_out!r}"
+        )
+    if (cfg.fl.leave_one_out or cfg.fl.held_out) and cfg.fl.protocol != "centers":
+        raise SavltError("config keys 'fl.leave_one_out' / 'fl.held_out' need fl.protocol: centers")
     known = {"central", "local", "fedavg", "fedprox", "text-anchored"}
     bad = [m for m in cfg.fl.methods if m not in known]
     if bad:

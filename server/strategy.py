@@ -71,6 +71,7 @@ class SavltStrategy(FedAvg):
         self.history = history
         self.min_hospitals = min_hospitals
         self.sent: dict[str, torch.Tensor] = {}
+        self.state: dict[str, torch.Tensor] = {}  # the last aggregate, as checkpointed
         self.upload_bytes = 0
         self.download_bytes = 0
 
@@ -170,10 +171,32 @@ class SavltStrategy(FedAvg):
             "download-bytes": self.download_bytes,
         }
         self.history.rows.append(row)
+        self.state = state
         save_checkpoint(self.checkpoint, state, round_, self.history)
         return ArrayRecord(state), MetricRecord(
             {k: v for k, v in row.items() if isinstance(v, (int, float))}
         )
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Hospitals' scores of the global model on their val splits, kept in the round's row.
+
+        In a deployment the server holds no images: these are the only quality numbers.
+        """
+        round_ = self.offset + server_round
+        replies = list(replies)
+        for msg in replies:
+            if msg.has_error():
+                self._event(round_, str(msg.metadata.src_node_id), "eval-failed", msg.error.reason)
+        metrics = super().aggregate_evaluate(server_round, replies)
+        row = self.history.rows[-1] if self.history.rows else {}
+        if metrics is not None and row.get("round") == round_:
+            row.update(
+                {f"hospitals-{k}": float(v) for k, v in metrics.items() if k != "num-examples"}
+            )
+            save_checkpoint(self.checkpoint, self.state, round_, self.history)
+        return metrics
 
 
 def save_checkpoint(

@@ -4,7 +4,8 @@
   sub-site into hospitals; tests are the mixed test split plus every external centre, i.e.
   exactly the test data of the centralised run.
 - ``centers``: every centre (mixed and the externals) is a hospital with its own
-  train/val/test split; each centre's test split is scored.
+  train/val/test split; each centre's test split is scored. With ``fl.held_out`` set, that
+  centre holds no hospital and only its test split is scored (leave-one-centre-out).
 """
 
 from __future__ import annotations
@@ -66,12 +67,13 @@ def build_protocol(cfg: Config, seed: int) -> Protocol:
         return Protocol(hospitals, tests)
     root = data_root(cfg)
     centers = [cfg.data.train_center, *cfg.data.external_centers]
-    if n != len(centers):
-        raise SavltError(
-            f"fl.hospitals={n}: the centers protocol has one hospital per centre ({len(centers)}: "
-            f"{', '.join(centers)})"
-        )
     parts = [prepare_center(cfg, root, c, seed) for c in centers]
-    return Protocol(
-        [Hospital(p.name, p.train, p.val) for p in parts], {p.name: p.test for p in parts}
-    )
+    held_out = cfg.fl.held_out
+    hospitals = [Hospital(p.name, p.train, p.val) for p in parts if p.name != held_out]
+    if n != len(hospitals):
+        raise SavltError(
+            f"fl.hospitals={n}: the centers protocol has one hospital per centre "
+            f"({', '.join(h.name for h in hospitals)})"
+        )
+    tests = {p.name: p.test for p in parts if held_out in (None, p.name)}
+    return Protocol(hospitals, tests)

@@ -9,6 +9,7 @@ from its last checkpointed round.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -127,16 +128,45 @@ def run_job(cfg: Config, method: str, seed: int, out: Path, resume: bool) -> dic
     return json.loads(job.result_file.read_text())
 
 
+def leave_one_out_configs(cfg: Config) -> list[Config]:
+    """One config per held-out centre: the other centres federate, the held-out one tests."""
+    if not cfg.fl.leave_one_out:
+        return []
+    centers = [cfg.data.train_center, *cfg.data.external_centers]
+    return [
+        dataclasses.replace(
+            cfg,
+            fl=dataclasses.replace(
+                cfg.fl, held_out=c, hospitals=len(centers) - 1, leave_one_out=False
+            ),
+        )
+        for c in centers
+    ]
+
+
 def run_simulate(cfg: Config, out: Path, resume: bool = False) -> list[dict]:
-    """Run every configured method and seed; write results.json, curves and bar plots."""
+    """Run every configured method and seed; write results.json, curves and bar plots.
+
+    Leave-one-centre-out jobs (``fl.leave_one_out``) write under ``out/heldout-<centre>`` and
+    their records are reported with the centre named ``<centre> (held out)``.
+    """
     synthetic = is_synthetic(data_root(cfg))
-    jobs = [(seed, method) for seed in cfg.seeds for method in cfg.fl.methods]
+    variants = [(cfg, out, "")] + [
+        (c, out / f"heldout-{c.fl.held_out}", " (held out)") for c in leave_one_out_configs(cfg)
+    ]
+    jobs = [
+        (variant, seed, method)
+        for variant in variants
+        for seed in cfg.seeds
+        for method in cfg.fl.methods
+    ]
     records: list[dict] = []
     curves: list[dict] = []
-    for seed, method in tqdm(jobs, desc="simulate", unit="job"):
-        summary = run_job(cfg, method, seed, out, resume)
-        records += summary["records"]
-        curves += summary["curves"]
+    for (job_cfg, job_out, suffix), seed, method in tqdm(jobs, desc="simulate", unit="job"):
+        summary = run_job(job_cfg, method, seed, job_out, resume)
+        records += [dict(r, center=r["center"] + suffix) for r in summary["records"]]
+        if not suffix:
+            curves += summary["curves"]
     if curves:
         plot_round_curves(
             curves,

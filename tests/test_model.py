@@ -196,3 +196,26 @@ def test_cached_model_takes_successive_global_states_exactly(tiny):
     apply_global_state(fresh, second)
     images = torch.randn(2, 3, 128, 128)
     torch.testing.assert_close(reused(images).logits, fresh(images).logits)
+
+
+def test_server_scalings_match_what_the_model_applies(tiny):
+    """A residual of -s·B·A per layer (s from lora_scalings) must cancel the LoRA exactly.
+
+    This is what makes the FedEx aggregation exact; it also catches peft applying a delta
+    more than once (peft 0.21 does so for MultiheadAttention out_proj).
+    """
+    from savlt_model.adapters import apply_global_state, lora_pairs, lora_scalings
+
+    cfg = _cfg("model.lora.dropout=0.0")
+    model = SavltModel(cfg, tiny).eval()
+    plain = SavltModel(cfg, tiny).eval()
+    torch.manual_seed(2)
+    state = {k: v + 0.05 * torch.randn_like(v) for k, v in trainable_state(model).items()}
+    without_lora = {k: torch.zeros_like(v) if ".lora_B." in k else v for k, v in state.items()}
+    scalings = lora_scalings(model)
+    for prefix, a_key, b_key in lora_pairs(list(state)):
+        state[f"residual.{prefix}"] = -scalings[prefix] * state[b_key] @ state[a_key]
+    apply_global_state(model, state)
+    apply_global_state(plain, without_lora)
+    images = torch.randn(2, 3, 128, 128)
+    torch.testing.assert_close(model(images).logits, plain(images).logits, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,93 @@
+"""Use an exported model (``savlt export``) on images: per-image predictions, or a scored centre.
+
+Everything is rebuilt from MODEL_DIR alone (:func:`savlt_model.export.load_exported`), and
+images are decoded with :func:`savlt_model.data.load_image`, so grayscale, 16-bit, RGBA and
+JPEG scans work exactly as in training.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from savlt_model.data import ImageSet, load_image, scan_center
+from savlt_model.errors import SavltError
+from savlt_model.evaluation import save_figures, score_centers
+from savlt_model.export import HEAD_JSON, load_exported
+from savlt_model.metrics import binary_scores
+from savlt_model.model import SavltModel
+from savlt_model.protocol import is_synthetic
+from savlt_model.results import make_record, write_results, write_summary
+from savlt_model.train import pick_device
+
+BATCH = 32
+
+
+def _load(model_dir: Path) -> tuple[SavltModel, dict]:
+    model = load_exported(model_dir).to(pick_device())
+    return model, json.loads((Path(model_dir) / HEAD_JSON).read_text(encoding="utf-8"))
+
+
+@torch.no_grad()
+def predict_images(model_dir: Path, paths: Sequence[Path]) -> list[dict]:
+    """Per image: ``file``, ``class``, ``probability`` (of that class), ``high_risk`` (summed
+    probability of the positive classes) and ``probs`` (class -> probability)."""
+    paths = [Path(p) for p in paths]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise SavltError(f"image file(s) not found: {', '.join(missing)}")
+    if not paths:
+        raise SavltError("no images given")
+    model, info = _load(model_dir)
+    device = next(model.parameters()).device
+    mean = torch.tensor(info["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(info["std"]).view(1, 3, 1, 1)
+    rows: list[dict] = []
+    for start in range(0, len(paths), BATCH):
+        chunk = paths[start : start + BATCH]
+        images = torch.stack([load_image(p, info["image_size"]) for p in chunk])
+        batch = (images.float() / 255.0 - mean) / std
+        probs = torch.softmax(model(batch.to(device)).logits.float(), dim=-1).cpu().numpy()
+        high = binary_scores(probs, model.positive)
+        for path, p, h in zip(chunk, probs, high, strict=True):
+            best = int(np.argmax(p))
+            rows.append(
+                {
+                    "file": str(path),
+                    "class": model.classes[best],
+                    "probability": float(p[best]),
+                    "high_risk": float(h),
+                    "probs": dict(zip(model.classes, map(float, p), strict=True)),
+                }
+            )
+    return rows
+
+
+def evaluate_folder(model_dir: Path, center_dir: Path, out_dir: Path) -> dict:
+    """Score the model on a labelled centre folder ``ROOT/<centre>`` (``images/<class>/...``).
+
+    Writes ``results.json``, ``summary.json``, confusion + ROC PNGs under ``figures/`` and
+    ``report.md`` into ``out_dir``; returns the metrics (seven keys, ``confusion``, ``n``).
+    """
+    from savlt_model.report import write_report
+
+    center_dir, out_dir = Path(center_dir), Path(out_dir)
+    model, info = _load(model_dir)
+    root, center = center_dir.parent, center_dir.name
+    samples = scan_center(root, center, model.classes)
+    dataset = ImageSet(samples, info["image_size"], info["mean"], info["std"], train=False)
+    scores = score_centers(model, {center: dataset}, BATCH)
+    synthetic = is_synthetic(root)
+    tag = f"{info['method']}_seed{info['seed']}"
+    save_figures(scores, model, out_dir / "figures", tag, synthetic)
+    metrics = scores[center].metrics
+    records = [make_record(str(info["method"]), center, int(info["seed"]), None, metrics)]
+    write_results(out_dir / "results.json", records)
+    title = f"Exported model {Path(model_dir).name} ({tag}) on {center_dir}"
+    write_summary(out_dir / "summary.json", records, {"title": title, "synthetic": synthetic})
+    write_report(out_dir)
+    return metrics

@@ -1,0 +1,187 @@
+"""``RUN_DIR/report.md``: one Markdown page that says what a run found.
+
+Built only from what the run wrote (results.json, summary.json, config.yaml, curves.json,
+jobs/*.json, figures/*.png), so it can be regenerated at any time with ``savlt report``.
+Image links are relative to the run directory, so the folder can be moved or zipped whole.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from savlt_model.atomic import write_text
+from savlt_model.config import resolve_path
+from savlt_model.errors import SavltError
+from savlt_model.metrics import METRIC_KEYS
+from savlt_model.plots import plot_round_curves
+from savlt_model.protocol import is_synthetic
+from savlt_model.results import SYNTHETIC_LABEL, read_results, summarize
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SavltError(f"cannot read {path}: {exc}") from exc
+
+
+def _meta(run_dir: Path) -> dict:
+    """Title and synthetic flag: from summary.json, else from the run's config."""
+    summary = run_dir / "summary.json"
+    meta = _read_json(summary).get("meta", {}) if summary.is_file() else {}
+    if "synthetic" not in meta:
+        config = run_dir / "config.yaml"
+        root = (
+            (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("data", {}).get("root")
+            if config.is_file()
+            else None
+        )
+        meta["synthetic"] = bool(root) and is_synthetic(resolve_path(root))
+    return meta
+
+
+def _cell(value: Any) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+
+
+def _mean_std(row: dict, key: str) -> str:
+    mean, std = row[f"{key}_mean"], row[f"{key}_std"]
+    return "n/a" if mean is None else f"{mean:.2f} ± {std:.2f}"
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _jobs(run_dir: Path) -> list[dict]:
+    return [_read_json(p) for p in sorted((run_dir / "jobs").glob("*.json"))]
+
+
+def _figure(path: Path, run_dir: Path, alt: str) -> str:
+    return f"![{alt}]({path.relative_to(run_dir).as_posix()})"
+
+
+def _round_section(run_dir: Path, jobs: list[dict], synthetic: bool) -> list[str]:
+    """Accuracy and loss per round (redrawn from the jobs), bytes per round and events."""
+    federated = [j for j in jobs if j.get("history")]
+    if not federated:
+        return ["## Rounds", "", "No federated rounds in this run.", ""]
+    figures = run_dir / "figures"
+    out = ["## Rounds", ""]
+    curves_file = run_dir / "curves.json"
+    curves = (
+        _read_json(curves_file)
+        if curves_file.is_file()
+        else [c for j in jobs for c in j.get("curves", [])]
+    )
+    if any(c.get("acc_5class") is not None for c in curves):
+        acc = plot_round_curves(
+            curves,
+            figures / "accuracy_per_round.png",
+            "Global model accuracy per round",
+            synthetic=synthetic,
+        )
+        out += [_figure(acc, run_dir, "5-class accuracy per round"), ""]
+    losses = [
+        {"method": j["method"], "center": "hospitals", "round": r["round"], "train_loss": loss}
+        for j in federated
+        for r in j["history"]
+        if (loss := r.get("train-loss")) is not None
+    ]
+    if losses:
+        loss_png = plot_round_curves(
+            losses,
+            figures / "loss_per_round.png",
+            "Mean hospital training loss per round",
+            metric="train_loss",
+            synthetic=synthetic,
+        )
+        out += [_figure(loss_png, run_dir, "training loss per round"), ""]
+    out += ["### Traffic per round (largest single hospital message)", ""]
+    out += _table(
+        ["method", "seed", "round", "hospitals", "train loss", "upload", "download"],
+        [
+            [
+                j["method"],
+                j["seed"],
+                r["round"],
+                r.get("hospitals", "-"),
+                "-" if r.get("train-loss") is None else f"{r['train-loss']:.4f}",
+                _bytes(r.get("upload-bytes", 0)),
+                _bytes(r.get("download-bytes", 0)),
+            ]
+            for j in federated
+            for r in j["history"]
+        ],
+    )
+    events = [(j, e) for j in federated for e in j.get("events", [])]
+    out += ["", "### Events (failed or rejected hospitals, skipped rounds)", ""]
+    if events:
+        out += _table(
+            ["method", "seed", "round", "hospital", "event", "reason"],
+            [
+                [j["method"], j["seed"], e["round"], e["node"], e["event"], e["reason"]]
+                for j, e in events
+            ],
+        )
+    else:
+        out.append("None: every hospital answered every round.")
+    return [*out, ""]
+
+
+def write_report(run_dir: Path) -> Path:
+    """Write ``RUN_DIR/report.md`` for a ``train``, ``simulate`` or ``evaluate`` directory."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise SavltError(f"run directory {run_dir} does not exist")
+    records = read_results(run_dir / "results.json")
+    meta = _meta(run_dir)
+    synthetic = bool(meta.get("synthetic"))
+    title = meta.get("title") or f"SAVLT run {run_dir.name}"
+    lines = [f"# {title}" + (f" — {SYNTHETIC_LABEL}" if synthetic else ""), ""]
+    if synthetic:
+        lines += [
+            f"> **{SYNTHETIC_LABEL}.** These numbers come from generated images and say "
+            "nothing about clinical accuracy.",
+            "",
+        ]
+    lines += ["## Results", "", "Mean ± std over seeds, in percent.", ""]
+    lines += _table(
+        ["method", "center", "K", "seeds", *METRIC_KEYS],
+        [
+            [
+                r["method"],
+                r["center"],
+                "-" if r["shots"] is None else r["shots"],
+                r["n_seeds"],
+                *(_mean_std(r, k) for k in METRIC_KEYS),
+            ]
+            for r in summarize(records)
+        ],
+    )
+    lines.append("")
+    lines += _round_section(run_dir, _jobs(run_dir), synthetic)
+    figures = run_dir / "figures"
+    for heading, pattern in (
+        ("Confusion matrices", "confusion_*.png"),
+        ("ROC curves (high-risk score)", "roc_*.png"),
+        ("Methods compared", "methods_*.png"),
+    ):
+        pngs = sorted(figures.glob(pattern))
+        if pngs:
+            lines += [f"## {heading}", ""]
+            lines += [f"{_figure(p, run_dir, p.stem)}\n" for p in pngs]
+    return write_text(run_dir / "report.md", "\n".join(lines).rstrip() + "\n")

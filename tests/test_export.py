@@ -1,0 +1,261 @@
+"""Export, inference and report: the trained model used the way peft and clinicians expect."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import pytest
+import torch
+from peft import PeftModel
+
+from savlt_model.adapters import apply_global_state, residual_targets, stable_name
+from savlt_model.backbone import load_backbone
+from savlt_model.checkpoint import load_adapter, save_adapter
+from savlt_model.cli import main
+from savlt_model.config import config_from_dict
+from savlt_model.data import ImageSet, scan_center
+from savlt_model.errors import SavltError
+from savlt_model.export import HEAD_JSON, export_model, load_exported
+from savlt_model.metrics import METRIC_KEYS
+from savlt_model.report import write_report
+from savlt_model.synth import generate
+from savlt_model.train import build_model, cached_backbone
+
+pytestmark = pytest.mark.slow
+
+ADAPTER = "central_seed42"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny finished `savlt train` run: (data root, run dir, exported model dir)."""
+    base = tmp_path_factory.mktemp("export")
+    root = base / "data"
+    generate(root, seed=3, scale=0.25, progress=False)
+    run_dir = base / "run"
+    overrides = [
+        f"data.root={root}",
+        "data.synthetic.enabled=false",
+        "data.external_centers=[huaxi]",
+        "train.iterations_per_shot=1",
+        "train.batch_size=8",
+    ]
+    args = ["train", "--config", "configs/smoke.yaml", "--out", str(run_dir)]
+    assert main(args + [a for o in overrides for a in ("--set", o)]) == 0
+    model_dir = export_model(run_dir, base / "model")
+    return root, run_dir, model_dir
+
+
+def _run_model(run_dir, state=None):
+    """The model exactly as the run scores it: config + adapter (+ FedEx residuals)."""
+    adapter, meta = load_adapter(run_dir / "adapters" / f"{ADAPTER}.safetensors")
+    model = build_model(config_from_dict(meta["config"]), meta["seed"])
+    apply_global_state(model, adapter if state is None else state)
+    return model.eval(), adapter, meta
+
+
+def _images(root, n: int = 4) -> torch.Tensor:
+    samples = scan_center(root, "huaxi", config_from_dict({}).task.classes)[:: 38 // n][:n]
+    bb = cached_backbone("savlt-tiny", None)
+    images = ImageSet(samples, bb.image_size, bb.mean, bb.std, train=False)
+    return torch.stack([images[i][0] for i in range(len(images))])
+
+
+def test_export_is_a_plain_peft_adapter(run):
+    root, run_dir, model_dir = run
+    trained, adapter, _ = _run_model(run_dir)
+    clip = PeftModel.from_pretrained(load_backbone("savlt-tiny").model, str(model_dir))
+    params = {stable_name(f"clip.{n}"): p for n, p in clip.named_parameters()}
+    lora = [k for k in adapter if ".lora_" in k]
+    assert lora and all(torch.equal(params[k], adapter[k]) for k in lora)
+    # peft alone + the head's visual projection give the trained image features
+    with torch.no_grad():
+        params["clip.visual.proj"].copy_(adapter["clip.visual.proj"])
+        x = _images(root)
+        assert torch.equal(clip.encode_image(x), trained.clip.encode_image(x))
+    info = json.loads((model_dir / HEAD_JSON).read_text())
+    assert info["classes"][0] == "cancer" and len(info["descriptions"]) == 5
+    assert info["positive"] == ["cancer", "high-grade_squamous_intraepithelial_lesion"]
+    assert info["image_size"] == 128 and info["fedex_fold"] is None
+
+
+def test_load_exported_reproduces_the_run_exactly(run):
+    root, run_dir, model_dir = run
+    trained, _, _ = _run_model(run_dir)
+    exported = load_exported(model_dir)
+    x = _images(root)
+    with torch.no_grad():
+        assert torch.equal(exported(x).logits, trained(x).logits)
+
+
+def test_fedex_residuals_are_folded_into_lora(run, tmp_path):
+    root, run_dir, _ = run
+    _, adapter, meta = _run_model(run_dir)
+    probe = build_model(config_from_dict(meta["config"]), 42)
+    gen = torch.Generator().manual_seed(0)
+    state = dict(adapter)
+    for key, (weight, _) in residual_targets(probe).items():  # dense, full-rank residuals
+        state[key] = 0.02 * torch.randn(weight.shape, generator=gen)
+    fake = tmp_path / "run"
+    fake.mkdir()
+    shutil.copy(run_dir / "config.yaml", fake / "config.yaml")
+    save_adapter(
+        fake / "adapters" / "fedavg_seed42.safetensors", state, {**meta, "method": "fedavg"}
+    )
+    model_dir = export_model(fake, tmp_path / "model")
+    fold = json.loads((model_dir / HEAD_JSON).read_text())["fedex_fold"]
+    assert fold["max_abs_error"] < 1e-6 and max(fold["ranks"].values()) > 4
+    trained, _, _ = _run_model(run_dir, state)
+    x = _images(root)
+    with torch.no_grad():
+        want, got = trained(x).logits, load_exported(model_dir)(x).logits
+    assert torch.allclose(got, want, atol=1e-4, rtol=0)
+    # the residuals matter: the plain adapter gives other logits
+    apply_global_state(probe.eval(), adapter)
+    with torch.no_grad():
+        assert not torch.allclose(probe(x).logits, want, atol=1e-2)
+
+
+def test_predict_prints_and_writes_csv(run, tmp_path, capsys):
+    root, _, model_dir = run
+    images = sorted((root / "huaxi" / "images" / "cancer").iterdir())[:2]
+    out_csv = tmp_path / "pred.csv"
+    argv = ["predict", "--model", str(model_dir), *map(str, images), "--csv", str(out_csv)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "high_risk" in printed and images[0].name in printed
+    rows = list(csv.DictReader(out_csv.open()))
+    assert [r["file"] for r in rows] == [str(p) for p in images]
+    for r in rows:
+        high = float(r["p_cancer"]) + float(r["p_high-grade_squamous_intraepithelial_lesion"])
+        assert abs(high - float(r["high_risk"])) < 1e-4
+
+
+def test_evaluate_matches_the_run_and_writes_report(run, tmp_path, capsys):
+    root, run_dir, model_dir = run
+    out = tmp_path / "eval"
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(model_dir),
+                "--data",
+                str(root / "huaxi"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert all(k in printed for k in METRIC_KEYS)
+    (got,) = json.loads((out / "results.json").read_text())
+    (want,) = [
+        r for r in json.loads((run_dir / "results.json").read_text()) if r["center"] == "huaxi"
+    ]
+    assert {k: got[k] for k in METRIC_KEYS} == {k: want[k] for k in METRIC_KEYS}
+    report = (out / "report.md").read_text()
+    assert "SYNTHETIC DATA" in report and "| huaxi |" in report
+    for name in (f"confusion_{ADAPTER}_huaxi.png", f"roc_{ADAPTER}.png"):
+        assert (out / "figures" / name).is_file() and f"(figures/{name})" in report
+
+
+def test_train_report_has_table_and_relative_image_links(run):
+    _, run_dir, _ = run
+    report = (run_dir / "report.md").read_text()
+    assert report.startswith("# Centralised SAVLT") and "SYNTHETIC DATA" in report
+    assert "| method | center | K | seeds | acc_5class |" in report
+    assert "No federated rounds" in report
+    links = [
+        line.split("](")[1].rstrip(")") for line in report.splitlines() if line.startswith("![")
+    ]
+    assert links and all((run_dir / link).is_file() for link in links)
+
+
+def test_simulate_report_has_rounds_bytes_and_events(run, tmp_path):
+    _, run_dir, _ = run
+    sim = tmp_path / "sim"
+    shutil.copytree(run_dir, sim)
+    history = [
+        {
+            "round": r,
+            "hospitals": 3,
+            "train-loss": 1.5 - r / 10,
+            "upload-bytes": 2048,
+            "download-bytes": 4096,
+        }
+        for r in (1, 2)
+    ]
+    curves = [
+        {"method": "fedavg", "center": "huaxi", "round": r, "acc_5class": 20.0 * r}
+        for r in (0, 1, 2)
+    ]
+    event = {
+        "round": 2,
+        "node": "7",
+        "event": "rejected",
+        "reason": "update norm 9 exceeds the bound 1",
+    }
+    job = {
+        "method": "fedavg",
+        "seed": 42,
+        "records": [],
+        "history": history,
+        "curves": curves,
+        "events": [event],
+    }
+    (sim / "jobs").mkdir()
+    (sim / "jobs" / "fedavg_seed42.json").write_text(json.dumps(job))
+    (sim / "curves.json").write_text(json.dumps(curves))
+    report = write_report(sim).read_text()
+    assert "(figures/accuracy_per_round.png)" in report and "(figures/loss_per_round.png)" in report
+    assert (sim / "figures" / "loss_per_round.png").is_file()
+    assert "| fedavg | 42 | 2 | 3 | 1.3000 | 2.0 KiB | 4.0 KiB |" in report
+    assert "| fedavg | 42 | 2 | 7 | rejected | update norm 9 exceeds the bound 1 |" in report
+
+
+def _one_line_error(capsys, argv: list[str], needle: str) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # log lines may come first
+    assert err.startswith("savlt: error:") and needle in err, err
+
+
+def test_bad_inputs_are_one_line_errors(run, tmp_path, capsys):
+    _, run_dir, model_dir = run
+    _one_line_error(
+        capsys,
+        ["export", "--run", str(tmp_path / "nope"), "--out", str(tmp_path / "m")],
+        "does not exist",
+    )
+    two = tmp_path / "two"
+    shutil.copytree(run_dir, two)
+    state, meta = load_adapter(two / "adapters" / f"{ADAPTER}.safetensors")
+    save_adapter(
+        two / "adapters" / "fedavg_seed42.safetensors", state, {**meta, "method": "fedavg"}
+    )
+    _one_line_error(
+        capsys,
+        ["export", "--run", str(two), "--out", str(tmp_path / "m")],
+        "central_seed42, fedavg_seed42",
+    )
+    _one_line_error(
+        capsys,
+        ["export", "--run", str(two), "--out", str(tmp_path / "m"), "--method", "fedprox"],
+        "no adapter matches",
+    )
+    _one_line_error(
+        capsys, ["predict", "--model", str(model_dir), str(tmp_path / "missing.png")], "missing.png"
+    )
+    _one_line_error(capsys, ["report", "--run", str(tmp_path / "nope")], "does not exist")
+    bad = tmp_path / "bad_model"
+    shutil.copytree(model_dir, bad)
+    info = json.loads((bad / HEAD_JSON).read_text())
+    (bad / HEAD_JSON).write_text(json.dumps({**info, "backbone_fingerprint": "0" * 16}))
+    with pytest.raises(SavltError, match="backbone fingerprint mismatch"):
+        load_exported(bad)
+    image = next((run[0] / "huaxi" / "images" / "cyst").iterdir())
+    _one_line_error(capsys, ["predict", "--model", str(bad), str(image)], "fingerprint mismatch")
+    _one_line_error(capsys, ["predict", "--model", str(run_dir), str(image)], "not a savlt export")
