@@ -31,6 +31,13 @@ def setup_logging(out_dir: Path | None, verbose: bool) -> None:
         fh.setLevel(logging.DEBUG)
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(fh)
+    # Flower prints to the console with its own handler; send its records to our log file
+    # too, but not a second time to the console.
+    flwr_log = logging.getLogger("flwr")
+    flwr_log.propagate = False
+    flwr_log.handlers[:] = [h for h in flwr_log.handlers if not isinstance(h, logging.FileHandler)]
+    if out_dir is not None:
+        flwr_log.addHandler(fh)
     for noisy in ("PIL", "matplotlib", "urllib3", "filelock", "fsspec", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -119,6 +119,7 @@ def run_federated(grid: Grid, job: FederatedJob) -> dict:
         num_hospitals=cfg.fl.hospitals,
         min_hospitals=cfg.fl.min_hospitals or cfg.fl.hospitals,
         client_eval=cfg.fl.client_eval,
+        fraction_train=cfg.fl.fraction_train,
     )
     if done < cfg.fl.rounds:
         strategy.start(

@@ -54,9 +54,10 @@ class SavltStrategy(FedAvg):
         num_hospitals: int,
         min_hospitals: int,
         client_eval: bool,
+        fraction_train: float = 1.0,
     ) -> None:
         super().__init__(
-            fraction_train=1.0,
+            fraction_train=fraction_train,
             fraction_evaluate=1.0 if client_eval else 0.0,
             min_train_nodes=min_hospitals,
             min_evaluate_nodes=min_hospitals if client_eval else 0,
