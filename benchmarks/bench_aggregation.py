@@ -11,18 +11,17 @@ the naive error depends on how far the clients drifted apart (the ``drift`` colu
 while A moved only by ``drift`` from the common init.
 
     .venv/bin/python benchmarks/bench_aggregation.py [--quick] [--threads N]
+
+Median of 3 calls (2 with --quick), float64 accumulation on the CPU as on the server.
 """
 
 from __future__ import annotations
 
-import argparse
-import statistics
-import time
-from collections.abc import Callable
 from functools import partial
 
 import numpy as np
 import torch
+from common import machine, median_ms, parser, report, setup, table
 
 from server.aggregation import ClientUpdate, aggregate
 
@@ -77,27 +76,13 @@ def _round(
     return glob, updates
 
 
-def _median_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny model, fewer repeats")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parser(__doc__).parse_args()
+    device = setup(args)
+    start = machine(device)
     models = {"savlt-tiny": MODELS["savlt-tiny"]} if args.quick else MODELS
-    repeats = 2 if args.quick else 5
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU float64 accumulate")
-    print(f"{'model':<11} {'clients':>7} {'mode':<20} {'median ms':>10} {'payload MB':>10}")
+    repeats = 2 if args.quick else 3
+    rows = []
     for name, dims in models.items():
         shapes = _shapes(*dims)
         scalings = {
@@ -108,19 +93,32 @@ def main() -> None:
             glob, updates = _round(shapes, clients, 1.0, seed=clients)
             for method, mode in MODES:
                 step = partial(aggregate, updates, glob, method, 1.0, mode, scalings)
-                ms = _median_ms(step, repeats)
-                print(f"{name:<11} {clients:>7} {method + '-' + mode:<20} {ms:>10.1f} {mb:>10.2f}")
-    print("\nnaive LoRA product error ||sum w BA - mean(B) mean(A)||_F / ||sum w BA||_F")
-    print(f"{'model':<11} {'clients':>7} {'round':>6} {'drift':>6} {'mean rel':>9} {'max rel':>8}")
+                ms = median_ms(step, device, 1, repeats)
+                rows.append((name, clients, f"{method}-{mode}", ms, mb))
+    errors = []
     name = "savlt-tiny" if args.quick else "ViT-B/16"
     shapes = _shapes(*MODELS[name])
     for clients in (3, 10):
         for first, drift in ((True, 0.05), (True, 0.2), (False, 0.1), (False, 0.3), (False, 1.0)):
             glob, updates = _round(shapes, clients, drift, 7, first)
-            _, report = aggregate(updates, glob, "fedavg", 0.0, "naive", {})
-            mean, worst = report["lora_naive_rel_error"], report["lora_max_rel_error"]
+            _, rep = aggregate(updates, glob, "fedavg", 0.0, "naive", {})
             label = "first" if first else "later"
-            print(f"{name:<11} {clients:>7} {label:>6} {drift:>6.2f} {mean:>9.4f} {worst:>8.4f}")
+            mean, worst = rep["lora_naive_rel_error"], rep["lora_max_rel_error"]
+            errors.append((name, clients, label, drift, mean, worst))
+    error_headers = ("model", "clients", "round", "drift", "mean rel", "max rel")
+    print("naive LoRA product error ||sum w BA - mean(B) mean(A)||_F / ||sum w BA||_F")
+    print(table(error_headers, errors))
+    print()
+    report(
+        "aggregation",
+        args,
+        device,
+        ("model", "clients", "mode", "median ms", "payload MiB"),
+        rows,
+        start,
+        repeats=repeats,
+        naive_error={"columns": list(error_headers), "rows": [list(r) for r in errors]},
+    )
 
 
 if __name__ == "__main__":

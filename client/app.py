@@ -9,6 +9,7 @@ tensors and the metric names declared in :mod:`savlt_model.wire`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import zlib
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch  # noqa: F401  (ArrayRecord.to_torch_state_dict needs torch importe
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from savlt_model.adapters import apply_global_state, trainable_state
+from savlt_model.adapters import trainable_state
 from savlt_model.config import Config
 from savlt_model.errors import SavltError
 from savlt_model.metrics import compute_metrics
@@ -32,10 +33,11 @@ from savlt_model.train import (
     train_steps,
 )
 from savlt_model.wire import ARRAYS, CONFIG, METRICS, RoundPlan
-from simulation.protocols import Hospital, build_protocol
+from simulation.protocols import Hospital, Protocol, build_protocol
 
 log = logging.getLogger(__name__)
 app = ClientApp()
+_PROTOCOLS: dict[tuple[str, int], Protocol] = {}
 
 
 def local_config(cfg: Config, node_config: dict) -> Config:
@@ -64,7 +66,11 @@ def hospital_data(cfg: Config, seed: int, node_config: dict) -> tuple[int, Hospi
         center = str(node_config["center"])
         part = prepare_center(cfg, Path(cfg.data.root), center, seed)
         return zlib.crc32(center.encode()) % 1000, Hospital(center, part.train, part.val)
-    protocol = build_protocol(cfg, seed)
+    key = (json.dumps(cfg.to_dict(), sort_keys=True), seed)
+    if key not in _PROTOCOLS:  # scanning and verifying every image once per process is enough
+        _PROTOCOLS.clear()
+        _PROTOCOLS[key] = build_protocol(cfg, seed)
+    protocol = _PROTOCOLS[key]
     pid, n = int(node_config["partition-id"]), int(node_config["num-partitions"])
     if n != len(protocol.hospitals):
         raise SavltError(
@@ -98,7 +104,7 @@ def _model_for(
     index, hospital = hospital_data(cfg, plan.seed, dict(context.node_config))
     model = cached_model(cfg, plan.seed)
     check_fingerprints(model, plan, hospital.name)
-    apply_global_state(model, msg.content[ARRAYS].to_torch_state_dict())
+    model.load_global_state(msg.content[ARRAYS].to_torch_state_dict())
     return plan, cfg, index, hospital, model
 
 

@@ -129,25 +129,30 @@ def residual_targets(model: nn.Module) -> dict[str, tuple[torch.Tensor, float]]:
     return out
 
 
-def apply_global_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load a server state: FedEx residuals onto the frozen weights, the rest as the payload.
+def snapshot_base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the frozen weights under every LoRA layer, taken before any forward.
 
-    The frozen weights a residual touched are remembered the first time, so a cached model
-    can take the next round's state without rebuilding it (residuals are totals, not deltas).
+    peft's MultiheadAttention merges the LoRA delta into the frozen weight and subtracts it
+    again on every forward, so those weights drift by float rounding; restoring them from
+    this snapshot keeps every round (and every process) starting from the same weights.
     """
+    return {k: w.detach().clone() for k, (w, _) in residual_targets(model).items()}
+
+
+def apply_global_state(
+    model: nn.Module, state: dict[str, torch.Tensor], base: dict[str, torch.Tensor]
+) -> None:
+    """Load a server state: restore the frozen weights from ``base``, add the FedEx residuals,
+    load the payload. Exact for a model reused across rounds (residuals are totals)."""
     targets = residual_targets(model)
-    pristine: dict[str, torch.Tensor] = model.__dict__.setdefault("_pristine_base", {})
     unknown = [k for k in state if k.startswith("residual.") and k not in targets]
     if unknown:
         raise SavltError(f"global state has residuals for layers this model lacks: {unknown[:3]}")
     with torch.no_grad():
-        for key, original in pristine.items():
-            targets[key][0].copy_(original)
-        for key, tensor in state.items():
-            if key.startswith("residual."):
-                weight = targets[key][0]
-                pristine.setdefault(key, weight.detach().clone())
-                weight.add_(tensor.to(weight.device, weight.dtype))
+        for key, (weight, _) in targets.items():
+            weight.copy_(base[key])
+            if key in state:
+                weight.add_(state[key].to(weight.device, weight.dtype))
     load_trainable_state(model, {k: v for k, v in state.items() if not k.startswith("residual.")})
 
 

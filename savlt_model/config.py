@@ -126,6 +126,21 @@ class FederatedConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Central DP on the hospitals' updates (Flower's DifferentialPrivacy*Clipping wrappers).
+
+    Client-level and per round: each hospital's whole update is clipped to
+    ``clipping_norm`` and Gaussian noise is added to the uniform average (see docs/deploy.md).
+    """
+
+    mode: Literal["none", "server-fixed", "server-adaptive"] = "none"
+    noise_multiplier: float = 1.0  # noise std = noise_multiplier * clipping_norm / hospitals
+    clipping_norm: float = 1.0  # server-adaptive: the initial norm
+    target_clipped_quantile: float = 0.5  # server-adaptive only
+    clip_norm_lr: float = 0.2  # server-adaptive only
+
+
+@dataclass
 class Config:
     seeds: list[int] = field(default_factory=lambda: [42])
     data: DataConfig = field(default_factory=DataConfig)
@@ -133,6 +148,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     fl: FederatedConfig = field(default_factory=FederatedConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -271,7 +287,37 @@ def validate(cfg: Config) -> Config:
     bad = [m for m in cfg.fl.methods if m not in known]
     if bad:
         raise SavltError(f"config key 'fl.methods': unknown {bad}; choose from {sorted(known)}")
+    if cfg.privacy.mode != "none":
+        check_privacy(cfg, cfg.fl.methods)
     return cfg
+
+
+def check_privacy(cfg: Config, methods: list[str]) -> None:
+    """DP noise is calibrated for a uniform average of clipped updates; refuse anything else."""
+    p, fl = cfg.privacy, cfg.fl
+    if p.clipping_norm <= 0 or p.noise_multiplier < 0:
+        raise SavltError(
+            "config keys 'privacy.clipping_norm' > 0 and 'privacy.noise_multiplier' >= 0"
+        )
+    if "text-anchored" in methods:
+        raise SavltError(
+            "config key 'privacy.mode': text-anchored weights depend on the hospitals' data, so "
+            "the DP noise would be miscalibrated; use fl.methods without text-anchored"
+        )
+    if fl.lora_aggregation != "naive":
+        raise SavltError(
+            "config key 'privacy.mode' needs fl.lora_aggregation: naive (fedex's dense residual "
+            "is a product of clients' factors, not a clipped average)"
+        )
+    if fl.fraction_train != 1.0:
+        raise SavltError(
+            "config key 'privacy.mode' needs fl.fraction_train: 1.0 (no sampling amplification)"
+        )
+    if fl.min_hospitals not in (0, fl.hospitals):
+        raise SavltError(
+            "config key 'privacy.mode' needs fl.min_hospitals: 0 (the noise assumes every "
+            "hospital's clipped update is in the average)"
+        )
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:

@@ -40,7 +40,6 @@ from torch import nn
 from savlt_model.adapters import (
     ADAPTER,
     OUT_PROJ,
-    apply_global_state,
     lora_pairs,
     out_proj_factor,
     residual_targets,
@@ -172,7 +171,7 @@ def export_model(
                 f"{adapter_file} was trained with {key} {meta.get(key)}, but the run's config "
                 f"now builds {getattr(model, key)} (backbone weights or prompts changed?)"
             )
-    apply_global_state(model, state)
+    model.load_global_state(state)
     lora_keys = {k for _, a, b in lora_pairs(list(state)) for k in (a, b)}
     head = {k: v for k, v in state.items() if k not in lora_keys and not k.startswith(_RESIDUAL)}
     backbone = cached_backbone(cfg.model.name, cfg.model.pretrained)

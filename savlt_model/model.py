@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from savlt_model.adapters import inject_lora
+from savlt_model.adapters import apply_global_state, inject_lora, snapshot_base_weights
 from savlt_model.backbone import Backbone, vision_tower
 from savlt_model.config import Config, resolve_path
 from savlt_model.roi import (
@@ -82,14 +82,20 @@ class SavltModel(nn.Module):
         self.prototypes = nn.Parameter(torch.empty_like(anchors))
         nn.init.orthogonal_(self.prototypes)
         self.register_buffer("logit_scale", clip.logit_scale.detach().exp().clone())
+        self.base_weights = snapshot_base_weights(self)  # plain dict: not in the state_dict
+
+    def load_global_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Take a server state (payload + FedEx residuals); exact for a model reused per round."""
+        apply_global_state(self, state, self.base_weights)
 
     def roi_keep(self, images: torch.Tensor) -> torch.Tensor:
         """(B, N) bool: patch tokens lying fully inside the tissue ROI box."""
         n = self.grid[0] * self.grid[1]
         if self.masker is None:
             return torch.ones(images.shape[0], n, dtype=torch.bool, device=images.device)
-        with torch.no_grad():
-            top = roi_top(self.masker(images), self.search_from)
+        # float32 outside autocast: the mask thresholds (histograms, Otsu) need full precision
+        with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
+            top = roi_top(self.masker(images.float()), self.search_from)
         return patch_keep_mask(top, self.grid[0]).to(images.device)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:

@@ -64,8 +64,8 @@ _CACHED_MODELS: dict[tuple[str, int], SavltModel] = {}
 def cached_model(cfg: Config, seed: int) -> SavltModel:
     """One model per process, reused across federated rounds (no rebuild cost per message).
 
-    Callers load a global state into it with :func:`apply_global_state`, which overwrites every
-    trainable tensor and every residual-touched frozen weight, so reuse is exact.
+    Callers load a global state with :meth:`SavltModel.load_global_state`, which overwrites
+    every trainable tensor and every frozen weight under LoRA, so reuse is exact.
     """
     key = (json.dumps(cfg.to_dict(), sort_keys=True), seed)
     if key not in _CACHED_MODELS:

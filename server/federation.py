@@ -15,7 +15,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp import Grid
 
-from savlt_model.adapters import apply_global_state, lora_scalings, trainable_state
+from savlt_model.adapters import lora_scalings, trainable_state
 from savlt_model.atomic import write_json
 from savlt_model.central import adapter_meta
 from savlt_model.checkpoint import save_adapter
@@ -26,7 +26,13 @@ from savlt_model.protocol import data_root, is_synthetic
 from savlt_model.results import make_record
 from savlt_model.train import build_model, cached_model, image_sets
 from savlt_model.wire import RoundPlan
-from server.strategy import RoundLog, SavltStrategy, load_checkpoint, save_checkpoint
+from server.strategy import (
+    RoundLog,
+    SavltStrategy,
+    load_checkpoint,
+    save_checkpoint,
+    with_privacy,
+)
 from simulation.protocols import build_protocol
 
 log = logging.getLogger(__name__)
@@ -93,7 +99,7 @@ def run_federated(grid: Grid, job: FederatedJob) -> dict:
         if server_round == 0 and done:  # already scored before the restart
             return None
         model = cached_model(cfg, seed)
-        apply_global_state(model, arrays.to_torch_state_dict())
+        model.load_global_state(arrays.to_torch_state_dict())
         scores = score_centers(model, tests, cfg.train.eval_batch_size)
         flat = {}
         for center, s in scores.items():
@@ -122,7 +128,7 @@ def run_federated(grid: Grid, job: FederatedJob) -> dict:
         fraction_train=cfg.fl.fraction_train,
     )
     if done < cfg.fl.rounds:
-        strategy.start(
+        with_privacy(strategy, cfg, method).start(
             grid=grid,
             initial_arrays=ArrayRecord(state),
             num_rounds=cfg.fl.rounds - done,
@@ -137,7 +143,7 @@ def run_federated(grid: Grid, job: FederatedJob) -> dict:
         )
     state, rounds_done, history = final
     model = cached_model(cfg, seed)
-    apply_global_state(model, state)
+    model.load_global_state(state)
     upload = max((r["upload-bytes"] for r in history.rows), default=0)
     summary = {
         "method": method,

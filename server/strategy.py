@@ -17,10 +17,16 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyServerSideAdaptiveClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAvg,
+    Strategy,
+)
 
 from savlt_model.backbone import fingerprint_tensors
 from savlt_model.checkpoint import load_adapter, save_adapter
+from savlt_model.config import Config, check_privacy
 from savlt_model.wire import ARRAYS, CONFIG, METRICS, RoundPlan
 from server.aggregation import ClientUpdate, aggregate, check_update
 
@@ -73,6 +79,7 @@ class SavltStrategy(FedAvg):
         self.min_hospitals = min_hospitals
         self.sent: dict[str, torch.Tensor] = {}
         self.state: dict[str, torch.Tensor] = {}  # the last aggregate, as checkpointed
+        self.uniform_weights = False  # central DP: its noise assumes a uniform average
         self.upload_bytes = 0
         self.download_bytes = 0
 
@@ -150,6 +157,8 @@ class SavltStrategy(FedAvg):
             range(len(updates)), key=lambda i: fingerprint_tensors(updates[i].state.items())
         )
         updates, losses = [updates[i] for i in order], [losses[i] for i in order]
+        if self.uniform_weights:
+            updates = [dataclasses.replace(u, num_examples=1) for u in updates]
         cfg = plan.config
         state, report = aggregate(
             updates,
@@ -198,6 +207,103 @@ class SavltStrategy(FedAvg):
             )
             save_checkpoint(self.checkpoint, self.state, round_, self.history)
         return metrics
+
+    def commit(self, arrays: ArrayRecord) -> None:
+        """Checkpoint ``arrays`` as this round's global state (a DP wrapper noised it)."""
+        self.state = arrays.to_torch_state_dict()
+        save_checkpoint(self.checkpoint, self.state, self.history.rows[-1]["round"], self.history)
+
+    def payload_mismatch(self, msg: Message) -> str | None:
+        """Why a reply's tensors do not line up with the global ones (DP clips them by position)."""
+        record = msg.content.array_records.get(ARRAYS)
+        if record is None:
+            return "malformed reply: no payload tensors"
+        got = [(k, tuple(a.shape)) for k, a in record.items()]
+        if got != [(k, tuple(t.shape)) for k, t in self.sent.items()]:
+            return "payload names, order or shapes differ from the global adapter's"
+        return None
+
+
+class _CheckedNoisedRound:
+    """For Flower's DP wrappers around :class:`SavltStrategy`, two things they do not do.
+
+    They clip each reply against the global arrays position by position before our checks
+    run, so replies that do not line up are refused first; and they add the noise after
+    :meth:`SavltStrategy.aggregate_train` checkpointed the round, so the noised aggregate,
+    the one hospitals receive, is checkpointed again (else the final adapter has no noise).
+    """
+
+    strategy: SavltStrategy
+    num_sampled_clients: int
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        inner = self.strategy
+        round_ = inner.offset + server_round
+        usable = []
+        for msg in replies:
+            node = str(msg.metadata.src_node_id)
+            reason = msg.error.reason if msg.has_error() else inner.payload_mismatch(msg)
+            if reason:
+                inner._event(round_, node, "failed" if msg.has_error() else "rejected", reason)
+            else:
+                usable.append(msg)
+        if len(usable) < self.num_sampled_clients:
+            log.error("round %d: central DP needs every hospital's update; round skipped", round_)
+            inner.history.events.append(
+                {"round": round_, "node": "-", "event": "skipped", "reason": "too few updates"}
+            )
+            return None, None
+        arrays, metrics = super().aggregate_train(server_round, usable)  # type: ignore[misc]
+        if arrays is not None:
+            inner.commit(arrays)
+        return arrays, metrics
+
+
+class _ServerFixedDP(_CheckedNoisedRound, DifferentialPrivacyServerSideFixedClipping):
+    pass
+
+
+class _ServerAdaptiveDP(_CheckedNoisedRound, DifferentialPrivacyServerSideAdaptiveClipping):
+    pass
+
+
+def privacy_statement(cfg: Config) -> str:
+    """What the configured central DP does and does not guarantee, in a few honest lines."""
+    p, n = cfg.privacy, cfg.fl.hospitals
+    clip = (
+        f"clipped to L2 norm {p.clipping_norm:g}"
+        if p.mode == "server-fixed"
+        else f"clipped to an adaptive L2 norm (start {p.clipping_norm:g}, tracking the "
+        f"{p.target_clipped_quantile:g} quantile of update norms, itself noised)"
+    )
+    return (
+        f"Central DP ({p.mode}): every round each of the {n} hospitals' whole updates is {clip} "
+        f"on the server, and Gaussian noise of std {p.noise_multiplier:g} x clip / {n} is added "
+        f"to their uniform average. Per round this is the Gaussian mechanism with noise "
+        f"multiplier {p.noise_multiplier:g} at hospital level (any change to one hospital's "
+        "data, so also to any one image). No epsilon is accounted: the loss composes over "
+        f"{cfg.fl.rounds} rounds. The server sees the clipped updates before noise (it is "
+        "trusted), and the metrics sent in clear (example and class counts, anchor agreement, "
+        "losses, val accuracy) are not covered."
+    )
+
+
+def with_privacy(strategy: SavltStrategy, cfg: Config, method: str) -> Strategy:
+    """Wrap ``strategy`` in the central DP that ``cfg.privacy`` selects (or return it as is)."""
+    p = cfg.privacy
+    if p.mode == "none":
+        return strategy
+    check_privacy(cfg, [method])
+    strategy.uniform_weights = True
+    n = cfg.fl.hospitals
+    print(privacy_statement(cfg))
+    if p.mode == "server-fixed":
+        return _ServerFixedDP(strategy, p.noise_multiplier, p.clipping_norm, n)
+    return _ServerAdaptiveDP(
+        strategy, p.noise_multiplier, n, p.clipping_norm, p.target_clipped_quantile, p.clip_norm_lr
+    )
 
 
 def save_checkpoint(

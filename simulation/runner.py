@@ -26,21 +26,11 @@ from savlt_model.metrics import METRIC_KEYS
 from savlt_model.plots import plot_method_bars, plot_round_curves
 from savlt_model.protocol import data_root, is_synthetic
 from savlt_model.results import make_record, summarize
+from savlt_model.wire import METHODS_FEDERATED
 from server.federation import FederatedJob, local_steps, run_federated
 from simulation.protocols import build_protocol
 
 log = logging.getLogger(__name__)
-
-
-def server_app_for(job: FederatedJob) -> ServerApp:
-    """A ServerApp bound to one job (``flwr run`` builds the same from its run config)."""
-    app = ServerApp()
-
-    @app.main()
-    def main(grid, context) -> None:
-        run_federated(grid, job)
-
-    return app
 
 
 def _mean_metrics(scores: list[CenterScore]) -> dict:
@@ -104,28 +94,70 @@ def run_baseline(cfg: Config, method: str, seed: int, out: Path) -> dict:
     return {"method": method, "seed": seed, "records": records, "curves": []}
 
 
-def run_job(cfg: Config, method: str, seed: int, out: Path, resume: bool) -> dict:
-    job = FederatedJob(cfg, method, seed, out, resume)
-    if resume and job.result_file.is_file():
-        log.info("%s: finished in an earlier run, reusing %s", job.tag, job.result_file)
-        return json.loads(job.result_file.read_text())
-    if method in ("central", "local"):
-        summary = run_baseline(cfg, method, seed, out)
-        write_json(job.result_file, summary)
-        return summary
+def server_app_for(
+    *jobs: FederatedJob, failures: list[BaseException] | None = None, progress: tqdm | None = None
+) -> ServerApp:
+    """A ServerApp that runs ``jobs`` one after another over the same SuperNodes.
+
+    A failing job stops the app; its exception is appended to ``failures`` (re-raised by the
+    caller outside Flower's thread) or, without that list, logged.
+    """
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid, context) -> None:
+        for job in jobs:
+            try:
+                run_federated(grid, job)
+            except Exception as exc:
+                log.error("%s failed: %s", job.tag, exc)
+                if failures is not None:
+                    failures.append(exc)
+                return
+            if progress is not None:
+                progress.update()
+
+    return server_app
+
+
+def simulate_federated(cfg: Config, jobs: list[FederatedJob], progress: tqdm | None = None) -> None:
+    """Run federated jobs of one configuration in ONE Flower simulation.
+
+    Ray and the ClientApp workers (imports, backbone, decoded images) start once, not per job.
+    """
+    if not jobs:
+        return
     from flwr.simulation import run_simulation
 
     from client.app import app as client_app
 
+    failures: list[BaseException] = []
     run_simulation(
-        server_app=server_app_for(job),
+        server_app=server_app_for(*jobs, failures=failures, progress=progress),
         client_app=client_app,
         num_supernodes=cfg.fl.hospitals,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
     )
+    if failures:
+        raise failures[0]
+
+
+def _result(job: FederatedJob) -> dict:
     if not job.result_file.is_file():
-        raise RuntimeError(f"{job.tag}: the simulation ended without a result; see {out}/savlt.log")
+        raise RuntimeError(f"{job.tag}: the simulation ended without a result; see the log")
     return json.loads(job.result_file.read_text())
+
+
+def run_job(cfg: Config, method: str, seed: int, out: Path, resume: bool) -> dict:
+    """One (method, seed) job; a finished one is reused when resuming."""
+    job = FederatedJob(cfg, method, seed, out, resume)
+    if resume and job.result_file.is_file():
+        log.info("%s: finished in an earlier run, reusing %s", job.tag, job.result_file)
+    elif method in ("central", "local"):
+        write_json(job.result_file, run_baseline(cfg, method, seed, out))
+    else:
+        simulate_federated(cfg, [job])
+    return _result(job)
 
 
 def leave_one_out_configs(cfg: Config) -> list[Config]:
@@ -154,19 +186,34 @@ def run_simulate(cfg: Config, out: Path, resume: bool = False) -> list[dict]:
     variants = [(cfg, out, "")] + [
         (c, out / f"heldout-{c.fl.held_out}", " (held out)") for c in leave_one_out_configs(cfg)
     ]
-    jobs = [
-        (variant, seed, method)
-        for variant in variants
-        for seed in cfg.seeds
-        for method in cfg.fl.methods
-    ]
     records: list[dict] = []
     curves: list[dict] = []
-    for (job_cfg, job_out, suffix), seed, method in tqdm(jobs, desc="simulate", unit="job"):
-        summary = run_job(job_cfg, method, seed, job_out, resume)
-        records += [dict(r, center=r["center"] + suffix) for r in summary["records"]]
-        if not suffix:
-            curves += summary["curves"]
+    bar = tqdm(
+        total=len(variants) * len(cfg.seeds) * len(cfg.fl.methods), desc="simulate", unit="job"
+    )
+    for job_cfg, job_out, suffix in variants:
+        jobs = [
+            FederatedJob(job_cfg, m, seed, job_out, resume)
+            for seed in cfg.seeds
+            for m in cfg.fl.methods
+        ]
+        for job in jobs:
+            if job.method in ("central", "local"):
+                run_job(job_cfg, job.method, job.seed, job_out, resume)
+                bar.update()
+        pending = [
+            j
+            for j in jobs
+            if j.method in METHODS_FEDERATED and not (resume and j.result_file.is_file())
+        ]
+        bar.update(sum(j.method in METHODS_FEDERATED for j in jobs) - len(pending))
+        simulate_federated(job_cfg, pending, bar)
+        for job in jobs:
+            summary = _result(job)
+            records += [dict(r, center=r["center"] + suffix) for r in summary["records"]]
+            if not suffix:
+                curves += summary["curves"]
+    bar.close()
     if curves:
         plot_round_curves(
             curves,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from savlt_model.adapters import apply_global_state, residual_targets, stable_name
+from savlt_model.adapters import residual_targets, stable_name
 from savlt_model.backbone import load_backbone
 from savlt_model.checkpoint import load_adapter, save_adapter
 from savlt_model.cli import main
@@ -52,7 +52,7 @@ def _run_model(run_dir, state=None):
     """The model exactly as the run scores it: config + adapter (+ FedEx residuals)."""
     adapter, meta = load_adapter(run_dir / "adapters" / f"{ADAPTER}.safetensors")
     model = build_model(config_from_dict(meta["config"]), meta["seed"])
-    apply_global_state(model, adapter if state is None else state)
+    model.load_global_state(adapter if state is None else state)
     return model.eval(), adapter, meta
 
 
@@ -113,7 +113,7 @@ def test_fedex_residuals_are_folded_into_lora(run, tmp_path):
         want, got = trained(x).logits, load_exported(model_dir)(x).logits
     assert torch.allclose(got, want, atol=1e-4, rtol=0)
     # the residuals matter: the plain adapter gives other logits
-    apply_global_state(probe.eval(), adapter)
+    probe.eval().load_global_state(adapter)
     with torch.no_grad():
         assert not torch.allclose(probe(x).logits, want, atol=1e-2)
 

@@ -1,0 +1,72 @@
+"""TEST ONLY: the hospital ClientApp with faults injected on the server's request.
+
+Simulated hospitals run in Ray worker processes, so a fault cannot be monkeypatched into
+them; it travels in the round's ConfigRecord instead. A test adds ``FAULTS_KEY`` to the
+round configuration (server side, in the test process), e.g. ``"1:1:crash,2:1:nan"``: a list
+of ``partition:round:kind[=argument]``. This app then misbehaves as a broken or hostile
+hospital would and otherwise runs the real :func:`client.app.train`.
+
+Kinds: ``crash`` (raises), ``nan`` (a tensor of NaN), ``keys`` (an unexpected tensor name),
+``shape`` (a tensor of the wrong shape), ``norm`` (+1000 on every tensor), ``prompts=PATH``
+(the hospital's own prompts file differs from the server's).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from flwr.app import ArrayRecord, Context, Message
+from flwr.clientapp import ClientApp
+
+from client.app import evaluate as real_evaluate
+from client.app import train as real_train
+from savlt_model.wire import ARRAYS, CONFIG
+
+FAULTS_KEY = "test-faults"
+app = ClientApp()
+
+
+def _fault_for(msg: Message, context: Context) -> tuple[str, str]:
+    """(kind, argument) for this hospital and round, or ("", "")."""
+    config = msg.content[CONFIG]
+    spec = str(config[FAULTS_KEY]) if FAULTS_KEY in config else ""
+    pid, round_ = int(context.node_config["partition-id"]), int(config["global-round"])
+    for item in filter(None, spec.split(",")):
+        p, r, kind = item.split(":", 2)
+        if int(p) == pid and int(r) == round_:
+            name, _, arg = kind.partition("=")
+            return name, arg
+    return "", ""
+
+
+def _tamper(reply: Message, kind: str) -> Message:
+    state = reply.content[ARRAYS].to_torch_state_dict()
+    first = sorted(state)[0]
+    if kind == "nan":
+        state[first] = torch.full_like(state[first], float("nan"))
+    elif kind == "keys":
+        state["smuggled.weight"] = torch.zeros(3)
+    elif kind == "shape":
+        state[first] = torch.zeros(*state[first].shape, 2)
+    elif kind == "norm":
+        state = {k: v + 1000.0 for k, v in state.items()}
+    reply.content[ARRAYS] = ArrayRecord(state)
+    return reply
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    kind, arg = _fault_for(msg, context)
+    if kind == "crash":
+        raise RuntimeError("injected crash: this hospital went down mid-round")
+    if kind == "prompts":
+        context = copy.copy(context)
+        context.node_config = {**context.node_config, "prompts": arg}
+    reply = real_train(msg, context)
+    return _tamper(reply, kind) if kind in ("nan", "keys", "shape", "norm") else reply
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    return real_evaluate(msg, context)

@@ -1,0 +1,70 @@
+"""A real deployment on 127.0.0.1: flower-superlink with TLS and SuperNode authentication,
+one flower-supernode per hospital, ``flwr run`` of this project (what ``savlt deploy-local``
+does), plus a SuperNode whose key was never registered. About 2-3 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from savlt_model.checkpoint import load_adapter
+from savlt_model.config import load_config
+from savlt_model.synth import generate
+from server.deploy import (
+    HospitalNode,
+    Processes,
+    free_port,
+    managed,
+    prepare,
+    run_job,
+    start_federation,
+    start_supernode,
+    supernode_list,
+    write_node_keys,
+)
+
+pytestmark = pytest.mark.deploy
+
+
+def test_tls_deployment_trains_and_refuses_an_unregistered_supernode(tmp_path):
+    root = tmp_path / "data"
+    generate(root, seed=3, scale=0.25, progress=False)
+    cfg = load_config(
+        "configs/smoke.yaml",
+        [
+            f"data.root={root}",
+            "data.synthetic.enabled=false",
+            "data.external_centers=[xiangya]",  # two hospitals: mixed and xiangya
+            "fl.rounds=1",
+            "fl.local_steps=1",
+            "train.batch_size=8",
+        ],
+    )
+    dep = prepare(cfg, tmp_path / "deploy")
+    assert dep.cfg.fl.hospitals == 2 and not dep.cfg.fl.server_eval and dep.cfg.fl.client_eval
+    with managed(Processes(dep.out / "logs", dep.env)) as procs:
+        start_federation(dep, procs)
+        key, pub = write_node_keys(dep.out / "keys", "intruder")  # never registered
+        start_supernode(dep, procs, HospitalNode("huaxi", key, pub, free_port()), name="intruder")
+        summary = run_job(dep, procs, "fedavg", timeout=240)
+        intruder_exit = procs.procs["intruder"].wait(timeout=60)
+        nodes = supernode_list(dep.env)
+        assert len(procs.tagged()) > 4  # SuperLink, SuperNodes and their SuperExecs
+    # teardown: nothing this deployment started, directly or not, is left running
+    assert not procs.tagged()
+
+    # the unregistered SuperNode was refused: it exited, the SuperLink says why, it is not listed
+    assert intruder_exit != 0
+    assert "No SuperNode found with the given public key" in procs.log_text("superlink")
+    assert len(nodes) == 2 and {n["status"] for n in nodes} == {"online"}
+
+    # the job trained with both hospitals and wrote the adapter and hospital-side scores
+    state, meta = load_adapter(dep.out / "adapters" / "fedavg_seed42.safetensors")
+    assert meta["rounds"] == 1 and state
+    assert all(bool(t.isfinite().all()) for t in state.values())
+    row = summary["history"][0]
+    assert row["hospitals"] == 2 and summary["events"] == []
+    assert 0.0 <= row["hospitals-val-acc_5class"] <= 100.0
+    assert math.isfinite(row["train-loss"])
