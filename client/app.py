@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch  # noqa: F401  (ArrayRecord.to_torch_state_dict needs torch imported here)
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from savlt_model.adapters import trainable_state
@@ -32,7 +32,15 @@ from savlt_model.train import (
     predict,
     train_steps,
 )
-from savlt_model.wire import ARRAYS, CONFIG, METRICS, RoundPlan
+from savlt_model.wire import (
+    ARRAYS,
+    CONFIG,
+    EVALUATE_METRIC_KEYS,
+    METRICS,
+    TRAIN_METRIC_KEYS,
+    RoundPlan,
+    metric_record,
+)
 from simulation.protocols import Hospital, Protocol, build_protocol
 
 log = logging.getLogger(__name__)
@@ -151,7 +159,10 @@ def train(msg: Message, context: Context) -> Message:
     }
     log.info("hospital %s round %d: loss %.4f", hospital.name, plan.round, stats.loss)
     content = RecordDict(
-        {ARRAYS: ArrayRecord(trainable_state(model)), METRICS: MetricRecord(metrics)}
+        {
+            ARRAYS: ArrayRecord(trainable_state(model)),
+            METRICS: metric_record(metrics, TRAIN_METRIC_KEYS),
+        }
     )
     return Message(content=content, reply_to=msg)
 
@@ -161,4 +172,5 @@ def evaluate(msg: Message, context: Context) -> Message:
     _, cfg, _, hospital, model = _model_for(msg, context)
     metrics = {"num-examples": len(hospital.val), **_val_metrics(model, cfg, hospital)}
     metrics.pop("val-n")
-    return Message(content=RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
+    content = RecordDict({METRICS: metric_record(metrics, EVALUATE_METRIC_KEYS)})
+    return Message(content=content, reply_to=msg)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from flwr.app import MetricRecord
+
 from savlt_model.config import Config, config_from_dict
 
 ARRAYS = "arrays"
@@ -33,6 +35,14 @@ TRAIN_METRIC_KEYS = frozenset(
 )
 # Metric names an evaluation reply may hold: the global model on the hospital's val set.
 EVALUATE_METRIC_KEYS = frozenset({"num-examples", "val-acc_5class", "val-acc_binary"})
+
+
+def metric_record(metrics: dict, declared: frozenset[str]) -> MetricRecord:
+    """The only way a hospital builds its reply metrics: undeclared names never leave it."""
+    undeclared = sorted(set(metrics) - declared)
+    if undeclared:
+        raise ValueError(f"metrics {undeclared} are not declared in savlt_model.wire")
+    return MetricRecord(metrics)
 
 
 @dataclass

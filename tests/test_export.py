@@ -20,7 +20,6 @@ from savlt_model.errors import SavltError
 from savlt_model.export import HEAD_JSON, export_model, load_exported
 from savlt_model.metrics import METRIC_KEYS
 from savlt_model.report import write_report
-from savlt_model.synth import generate
 from savlt_model.train import build_model, cached_backbone
 
 pytestmark = pytest.mark.slow
@@ -29,11 +28,10 @@ ADAPTER = "central_seed42"
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, fed_data_root):
     """A tiny finished `savlt train` run: (data root, run dir, exported model dir)."""
     base = tmp_path_factory.mktemp("export")
-    root = base / "data"
-    generate(root, seed=3, scale=0.25, progress=False)
+    root = fed_data_root
     run_dir = base / "run"
     overrides = [
         f"data.root={root}",

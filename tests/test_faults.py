@@ -15,8 +15,7 @@ import torch
 from flwr.simulation import run_simulation
 
 from savlt_model.checkpoint import load_adapter
-from savlt_model.config import PROJECT_ROOT, load_config
-from savlt_model.synth import generate
+from savlt_model.config import PROJECT_ROOT
 from server import strategy as strategy_module
 from server.federation import FederatedJob
 from simulation.runner import server_app_for
@@ -24,29 +23,6 @@ from tests.faulty_clientapp import FAULTS_KEY
 from tests.faulty_clientapp import app as faulty_app
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults") / "data"
-    generate(root, seed=3, scale=0.25, progress=False)
-    return root
-
-
-def _cfg(root, *extra: str):
-    return load_config(
-        "configs/smoke.yaml",
-        [
-            f"data.root={root}",
-            "data.synthetic.enabled=false",
-            "fl.protocol=centers",
-            "fl.rounds=2",
-            "fl.local_steps=1",
-            "train.batch_size=8",
-            "fl.server_eval=false",
-            *extra,
-        ],
-    )
 
 
 def _run(cfg, out, faults: str, monkeypatch) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -70,8 +46,8 @@ def _run(cfg, out, faults: str, monkeypatch) -> tuple[dict, dict[str, torch.Tens
     return json.loads(job.result_file.read_text()), state
 
 
-def test_hospital_down_mid_round_then_rejoins(data_root, tmp_path, monkeypatch):
-    cfg = _cfg(data_root, "fl.min_hospitals=2")
+def test_hospital_down_mid_round_then_rejoins(fed_config, tmp_path, monkeypatch):
+    cfg = fed_config("fl.min_hospitals=2")
     summary, state = _run(cfg, tmp_path, "1:1:crash", monkeypatch)
     assert [r["hospitals"] for r in summary["history"]] == [2, 3]  # rejoined in round 2
     (event,) = summary["events"]
@@ -80,9 +56,9 @@ def test_hospital_down_mid_round_then_rejoins(data_root, tmp_path, monkeypatch):
     assert all(bool(t.isfinite().all()) for t in state.values())
 
 
-def test_bad_updates_are_rejected_and_never_averaged(data_root, tmp_path, monkeypatch, caplog):
+def test_bad_updates_are_rejected_and_never_averaged(fed_config, tmp_path, monkeypatch, caplog):
     """Rejected updates leave the adapter of a run where those hospitals were down."""
-    cfg = _cfg(data_root, "fl.min_hospitals=1", "fl.max_update_norm=100")
+    cfg = fed_config("fl.min_hospitals=1", "fl.max_update_norm=100")
     bad = {(2, 1): "nan", (1, 1): "keys", (2, 2): "shape", (1, 2): "norm"}
     spec = ",".join(f"{p}:{r}:{k}" for (p, r), k in bad.items())
     summary, state = _run(cfg, tmp_path / "bad", spec, monkeypatch)
@@ -103,12 +79,12 @@ def test_bad_updates_are_rejected_and_never_averaged(data_root, tmp_path, monkey
         assert torch.allclose(state[key], without[key], rtol=1e-4, atol=1e-6), key
 
 
-def test_mismatched_prompts_are_refused_with_the_reason(data_root, tmp_path, monkeypatch):
+def test_mismatched_prompts_are_refused_with_the_reason(fed_config, tmp_path, monkeypatch):
     prompts = tmp_path / "other_prompts.yaml"
     original = (PROJECT_ROOT / "configs/prompts/cervical_oct.yaml").read_text()
     prompts.write_text(original.replace("irregular tumour nests", "irregular tumor nests"))
     assert prompts.read_text() != original
-    cfg = _cfg(data_root, "fl.rounds=1", "fl.min_hospitals=2")
+    cfg = fed_config("fl.rounds=1", "fl.min_hospitals=2")
     summary, _ = _run(cfg, tmp_path / "run", f"0:1:prompts={prompts}", monkeypatch)
     (event,) = summary["events"]
     assert event["event"] == "failed"

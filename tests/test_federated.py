@@ -9,8 +9,6 @@ import torch
 
 from savlt_model.adapters import trainable_state
 from savlt_model.checkpoint import load_adapter
-from savlt_model.config import load_config
-from savlt_model.synth import generate
 from savlt_model.train import build_model
 from savlt_model.wire import TRAIN_METRIC_KEYS
 from server import strategy as strategy_module
@@ -19,37 +17,14 @@ from simulation.runner import run_job
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fed") / "data"
-    generate(root, seed=3, scale=0.25, progress=False)
-    return root
-
-
-def _cfg(root, *extra: str):
-    return load_config(
-        "configs/smoke.yaml",
-        [
-            f"data.root={root}",
-            "data.synthetic.enabled=false",
-            "fl.protocol=centers",  # every hospital holds every class
-            "fl.rounds=2",
-            "fl.local_steps=1",
-            "train.batch_size=8",
-            "fl.server_eval=false",
-            *extra,
-        ],
-    )
-
-
 def _final(out, method: str) -> dict[str, torch.Tensor]:
     state, meta = load_adapter(out / "adapters" / f"{method}_seed42.safetensors")
     assert meta["rounds"] == 2
     return state
 
 
-def test_lambda_zero_text_anchored_equals_fedavg(data_root, tmp_path):
-    cfg = _cfg(data_root, "fl.anchor_lambda=0", "fl.anchor_loss_weight=0")
+def test_lambda_zero_text_anchored_equals_fedavg(fed_config, tmp_path):
+    cfg = fed_config("fl.anchor_lambda=0", "fl.anchor_loss_weight=0")
     run_job(cfg, "fedavg", 42, tmp_path / "a", resume=False)
     run_job(cfg, "text-anchored", 42, tmp_path / "b", resume=False)
     fedavg, anchored = _final(tmp_path / "a", "fedavg"), _final(tmp_path / "b", "text-anchored")
@@ -60,13 +35,13 @@ def test_lambda_zero_text_anchored_equals_fedavg(data_root, tmp_path):
     start = trainable_state(build_model(cfg, 42))
     assert any(not torch.equal(start[k], fedavg[k]) for k in start)
     # a positive lambda changes the aggregate
-    cfg5 = _cfg(data_root, "fl.anchor_lambda=50", "fl.anchor_loss_weight=0")
+    cfg5 = fed_config("fl.anchor_lambda=50", "fl.anchor_loss_weight=0")
     run_job(cfg5, "text-anchored", 42, tmp_path / "c", resume=False)
     other = _final(tmp_path / "c", "text-anchored")
     assert any(not torch.equal(other[k], fedavg[k]) for k in fedavg)
 
 
-def test_replies_hold_only_declared_tensors_and_numbers(data_root, tmp_path, monkeypatch):
+def test_replies_hold_only_declared_tensors_and_numbers(fed_config, tmp_path, monkeypatch):
     seen: list = []
     original = strategy_module.SavltStrategy.aggregate_train
 
@@ -76,7 +51,7 @@ def test_replies_hold_only_declared_tensors_and_numbers(data_root, tmp_path, mon
         return original(self, server_round, replies)
 
     monkeypatch.setattr(strategy_module.SavltStrategy, "aggregate_train", spy)
-    cfg = _cfg(data_root, "fl.rounds=1")
+    cfg = fed_config("fl.rounds=1")
     run_job(cfg, "text-anchored", 42, tmp_path, resume=False)
     payload = set(trainable_state(build_model(cfg, 42)))
     assert len(seen) == 3
@@ -93,8 +68,8 @@ def test_replies_hold_only_declared_tensors_and_numbers(data_root, tmp_path, mon
         assert len(metrics["class-counts"]) == len(cfg.task.classes)
 
 
-def test_resume_after_crash_ends_at_the_same_adapter(data_root, tmp_path, monkeypatch):
-    cfg = _cfg(data_root, "fl.lora_aggregation=fedex")
+def test_resume_after_crash_ends_at_the_same_adapter(fed_config, tmp_path, monkeypatch):
+    cfg = fed_config("fl.lora_aggregation=fedex")
     saved: dict = {}
     original = strategy_module.save_checkpoint
 

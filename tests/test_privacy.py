@@ -7,38 +7,16 @@ import torch
 
 from savlt_model.adapters import trainable_state
 from savlt_model.checkpoint import load_adapter
-from savlt_model.config import load_config
 from savlt_model.errors import SavltError
-from savlt_model.synth import generate
 from savlt_model.train import build_model
 from savlt_model.wire import TRAIN_METRIC_KEYS
 from server import strategy as strategy_module
 from simulation.runner import run_job
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dp") / "data"
-    generate(root, seed=3, scale=0.25, progress=False)
-    return root
-
-
-def _cfg(root, *extra: str):
-    return load_config(
-        "configs/smoke.yaml",
-        [
-            f"data.root={root}",
-            "data.synthetic.enabled=false",
-            "fl.protocol=centers",
-            "fl.methods=[fedavg]",
-            "fl.lora_aggregation=naive",
-            "fl.rounds=1",
-            "fl.local_steps=1",
-            "train.batch_size=8",
-            "fl.server_eval=false",
-            *extra,
-        ],
-    )
+def _cfg(fed_config, *extra: str):
+    """One round of FedAvg with naive LoRA averaging: what central DP is calibrated for."""
+    return fed_config("fl.methods=[fedavg]", "fl.lora_aggregation=naive", "fl.rounds=1", *extra)
 
 
 @pytest.mark.parametrize(
@@ -50,16 +28,16 @@ def _cfg(root, *extra: str):
         (["privacy.clipping_norm=0"], "privacy.clipping_norm"),
     ],
 )
-def test_dp_refuses_combinations_it_would_miscalibrate(tmp_path, extra, message):
+def test_dp_refuses_combinations_it_would_miscalibrate(fed_config, extra, message):
     with pytest.raises(SavltError, match=message):
-        _cfg(tmp_path, "privacy.mode=server-fixed", *extra)
+        _cfg(fed_config, "privacy.mode=server-fixed", *extra)
 
 
 @pytest.mark.slow
 def test_server_side_dp_noises_the_adapter_and_replies_stay_declared(
-    data_root, tmp_path, monkeypatch, capsys
+    fed_config, tmp_path, monkeypatch, capsys
 ):
-    plain_cfg = _cfg(data_root)
+    plain_cfg = _cfg(fed_config)
     run_job(plain_cfg, "fedavg", 42, tmp_path / "plain", resume=False)
 
     seen: list = []
@@ -72,7 +50,7 @@ def test_server_side_dp_noises_the_adapter_and_replies_stay_declared(
 
     monkeypatch.setattr(strategy_module.SavltStrategy, "aggregate_train", spy)
     dp_cfg = _cfg(
-        data_root,
+        fed_config,
         "privacy.mode=server-fixed",
         "privacy.noise_multiplier=1.0",
         "privacy.clipping_norm=0.5",

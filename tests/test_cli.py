@@ -1,0 +1,93 @@
+"""The `savlt` command line: every subcommand's wiring, and bad input as one line + exit 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from savlt_model.cli import main
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err  # one line, no traceback
+    return err[0]
+
+
+def test_synth_then_roi_train(tmp_path, capsys):
+    data = tmp_path / "data"
+    assert main(["synth", "--out", str(data), "--scale", "0.1", "--seed", "4"]) == 0
+    assert "not clinical" in capsys.readouterr().out
+    assert sorted(p.name for p in data.iterdir()) == ["huaxi", "mixed", "synth.json", "xiangya"]
+    assert main(["synth", "--out", str(data)]) == 2  # refuses to overwrite a dataset
+    assert str(data) in _error_line(capsys)
+    unet = tmp_path / "unet.safetensors"
+    args = [
+        "roi",
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(unet),
+        "--epochs",
+        "1",
+        "--size",
+        "64",
+    ]
+    assert main(args) == 0
+    assert unet.is_file() and "val_dice" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.lrr=0.1"], "config key 'train.lrr' is unknown"),
+        (["train.lr=fast"], "config key 'train.lr' must be float"),
+        (["fl.lora_aggregation=svd"], "must be one of ['naive', 'fedex']"),
+        (["task.positive=[tumour]"], "task.positive"),
+        (["data.root=/nonexistent/DATA", "data.synthetic.enabled=false"], "data.root"),
+        (
+            ["model.roi.source=unet", "model.roi.unet_checkpoint=/no/unet.safetensors"],
+            "does not exist",
+        ),
+        (["oops"], "expected key=value"),
+    ],
+)
+def test_bad_config_is_one_line_naming_the_key(tmp_path, capsys, overrides, message):
+    args = ["train", "--config", "configs/smoke.yaml", "--out", str(tmp_path / "run")]
+    assert main(args + [a for o in overrides for a in ("--set", o)]) == 2
+    assert message in _error_line(capsys)
+
+
+def test_missing_config_file(tmp_path, capsys):
+    assert main(["train", "--config", str(tmp_path / "nope.yaml"), "--out", str(tmp_path)]) == 2
+    assert "nope.yaml does not exist" in _error_line(capsys)
+
+
+@pytest.mark.slow
+def test_simulate_command_and_resume(fed_data_root, tmp_path, capsys):
+    out = tmp_path / "sim"
+    args = ["simulate", "--config", "configs/smoke.yaml", "--out", str(out)]
+    for o in (
+        f"data.root={fed_data_root}",
+        "data.synthetic.enabled=false",
+        "fl.rounds=1",
+        "fl.methods=[central,fedavg]",
+        "train.batch_size=8",
+        "train.iterations_per_shot=1",
+    ):
+        args += ["--set", o]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "fedavg" in printed and "central" in printed and "SYNTHETIC DATA" in printed
+    records = json.loads((out / "results.json").read_text())
+    assert {(r["method"], r["center"]) for r in records} == {
+        (m, c) for m in ("central", "fedavg") for c in ("mixed", "xiangya", "huaxi")
+    }
+    assert all(r["upload_bytes"] > 0 for r in records if r["method"] == "fedavg")
+    for name in ("report.md", "config.yaml", "savlt.log", "figures/accuracy_per_round.png"):
+        assert (out / name).is_file(), name
+    before = (out / "results.json").read_text()
+    assert main([*args, "--resume"]) == 0  # every job finished: reused, same results
+    assert (out / "results.json").read_text() == before
