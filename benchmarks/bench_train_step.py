@@ -23,25 +23,6 @@ from savlt_model.model import SavltModel
 MODELS = {"savlt-tiny": (32, 128), "ViT-B-16": (4, 64)}
 
 
-def _float32_masker(model: SavltModel, device: torch.device) -> None:
-    """Run the ROI mask in float32 under autocast.
-
-    Workaround: roi._otsu_threshold fails under bf16 autocast (scatter_add_ of a bf16
-    ``ones_like`` into a float32 histogram); the fix in roi.py would compute the mask in
-    float32 the same way, so the timing stands for the fixed code.
-    """
-    masker = model.masker
-    if masker is None:
-        return
-    forward = masker.forward
-
-    def fp32(images: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device.type, enabled=False):
-            return forward(images.float())
-
-    masker.forward = fp32
-
-
 def main() -> None:
     args = parser(__doc__).parse_args()
     device = setup(args)
@@ -55,8 +36,6 @@ def main() -> None:
         cfg = load_config(None, [f"model.name={name}"])
         torch.manual_seed(0)
         model = SavltModel(cfg, backbone).to(device).train()
-        if args.amp != "none":
-            _float32_masker(model, device)
         frozen = backbone.model.to(device).eval()
         optimizer = torch.optim.AdamW(payload_parameters(model).values(), lr=1e-4)
         batch = MODELS[name][1 if gpu else 0]
