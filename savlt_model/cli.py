@@ -38,7 +38,16 @@ def setup_logging(out_dir: Path | None, verbose: bool) -> None:
     flwr_log.handlers[:] = [h for h in flwr_log.handlers if not isinstance(h, logging.FileHandler)]
     if out_dir is not None:
         flwr_log.addHandler(fh)
-    for noisy in ("PIL", "matplotlib", "urllib3", "filelock", "fsspec", "httpx", "huggingface_hub"):
+    for noisy in (
+        "PIL",
+        "matplotlib",
+        "urllib3",
+        "filelock",
+        "fsspec",
+        "httpx",
+        "huggingface_hub",
+        "alembic",
+    ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
