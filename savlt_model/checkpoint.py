@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from savlt_model.atomic import atomic_write
@@ -27,8 +27,6 @@ def load_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     if not path.is_file():
         raise SavltError(f"adapter file {path} does not exist")
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as fh:
             meta = json.loads((fh.metadata() or {}).get("savlt", "{}"))
         return load_file(str(path)), meta

@@ -1,4 +1,4 @@
-"""Score a trained model on each test centre: metrics, records and figures."""
+"""Score a trained model on each test centre: metrics, confusion matrices and ROC curves."""
 
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from savlt_model.config import Config, resolve_path
 from savlt_model.data import Sample, few_shot, load_sites, scan_center, split_center
 from savlt_model.errors import SavltError
+from savlt_model.synth import generate
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,6 @@ def data_root(cfg: Config) -> Path:
     root = resolve_path(cfg.data.root)
     syn = cfg.data.synthetic
     if syn.enabled and not root.exists():
-        from savlt_model.synth import generate
-
         log.info("Generating synthetic multi-centre OCT data in %s (seed %d)", root, syn.seed)
         generate(root, seed=syn.seed, scale=syn.scale, classes=cfg.task.classes)
     if not root.is_dir():

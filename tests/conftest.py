@@ -38,3 +38,37 @@ def fed_config(fed_data_root) -> Callable[..., Config]:
         )
 
     return make
+
+
+@pytest.fixture
+def train_replies(monkeypatch) -> list:
+    """Every training reply the ServerApp receives (a spy on the real strategy, no mock)."""
+    from server import strategy as strategy_module
+
+    seen: list = []
+    original = strategy_module.SavltStrategy.aggregate_train
+
+    def spy(self, server_round, replies):
+        replies = list(replies)
+        seen.extend(replies)
+        return original(self, server_round, replies)
+
+    monkeypatch.setattr(strategy_module.SavltStrategy, "aggregate_train", spy)
+    return seen
+
+
+def check_declared_replies(replies: list, payload: set[str], n: int) -> None:
+    """What crossed the network: the payload tensors and declared metric names, numbers only."""
+    from savlt_model.wire import TRAIN_METRIC_KEYS
+
+    assert len(replies) == n
+    for msg in replies:
+        assert not msg.has_error()
+        assert set(msg.content.array_records) == {"arrays"}
+        assert set(msg.content.array_records["arrays"]) == payload
+        assert not msg.content.config_records  # nothing free-form travels back
+        metrics = msg.content.metric_records["metrics"]
+        assert set(metrics) <= TRAIN_METRIC_KEYS
+        for value in metrics.values():  # numbers only: no path, name or identifier
+            items = value if isinstance(value, list) else [value]
+            assert all(isinstance(v, (int, float)) for v in items)

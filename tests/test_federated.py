@@ -10,9 +10,9 @@ import torch
 from savlt_model.adapters import trainable_state
 from savlt_model.checkpoint import load_adapter
 from savlt_model.train import build_model
-from savlt_model.wire import TRAIN_METRIC_KEYS
 from server import strategy as strategy_module
 from simulation.runner import run_job
+from tests.conftest import check_declared_replies
 
 pytestmark = pytest.mark.slow
 
@@ -41,31 +41,13 @@ def test_lambda_zero_text_anchored_equals_fedavg(fed_config, tmp_path):
     assert any(not torch.equal(other[k], fedavg[k]) for k in fedavg)
 
 
-def test_replies_hold_only_declared_tensors_and_numbers(fed_config, tmp_path, monkeypatch):
-    seen: list = []
-    original = strategy_module.SavltStrategy.aggregate_train
-
-    def spy(self, server_round, replies):
-        replies = list(replies)
-        seen.extend(replies)
-        return original(self, server_round, replies)
-
-    monkeypatch.setattr(strategy_module.SavltStrategy, "aggregate_train", spy)
+def test_replies_hold_only_declared_tensors_and_numbers(fed_config, tmp_path, train_replies):
     cfg = fed_config("fl.rounds=1")
     run_job(cfg, "text-anchored", 42, tmp_path, resume=False)
-    payload = set(trainable_state(build_model(cfg, 42)))
-    assert len(seen) == 3
-    for msg in seen:
-        assert not msg.has_error()
-        assert set(msg.content.array_records) == {"arrays"}
-        assert set(msg.content.array_records["arrays"]) == payload
-        assert not msg.content.config_records  # nothing free-form travels back
-        metrics = msg.content.metric_records["metrics"]
-        assert set(metrics) <= TRAIN_METRIC_KEYS
-        for value in metrics.values():  # numbers only: no path, name or identifier
-            items = value if isinstance(value, list) else [value]
-            assert all(isinstance(v, (int, float)) for v in items)
-        assert len(metrics["class-counts"]) == len(cfg.task.classes)
+    check_declared_replies(train_replies, set(trainable_state(build_model(cfg, 42))), n=3)
+    for msg in train_replies:
+        counts = msg.content.metric_records["metrics"]["class-counts"]
+        assert len(counts) == len(cfg.task.classes)
 
 
 def test_resume_after_crash_ends_at_the_same_adapter(fed_config, tmp_path, monkeypatch):

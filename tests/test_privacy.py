@@ -9,9 +9,8 @@ from savlt_model.adapters import trainable_state
 from savlt_model.checkpoint import load_adapter
 from savlt_model.errors import SavltError
 from savlt_model.train import build_model
-from savlt_model.wire import TRAIN_METRIC_KEYS
-from server import strategy as strategy_module
 from simulation.runner import run_job
+from tests.conftest import check_declared_replies
 
 
 def _cfg(fed_config, *extra: str):
@@ -35,20 +34,12 @@ def test_dp_refuses_combinations_it_would_miscalibrate(fed_config, extra, messag
 
 @pytest.mark.slow
 def test_server_side_dp_noises_the_adapter_and_replies_stay_declared(
-    fed_config, tmp_path, monkeypatch, capsys
+    fed_config, tmp_path, capsys, train_replies
 ):
     plain_cfg = _cfg(fed_config)
     run_job(plain_cfg, "fedavg", 42, tmp_path / "plain", resume=False)
+    train_replies.clear()
 
-    seen: list = []
-    original = strategy_module.SavltStrategy.aggregate_train
-
-    def spy(self, server_round, replies):
-        replies = list(replies)
-        seen.extend(replies)
-        return original(self, server_round, replies)
-
-    monkeypatch.setattr(strategy_module.SavltStrategy, "aggregate_train", spy)
     dp_cfg = _cfg(
         fed_config,
         "privacy.mode=server-fixed",
@@ -66,15 +57,4 @@ def test_server_side_dp_noises_the_adapter_and_replies_stay_declared(
         assert bool(noised[key].isfinite().all()), key
         assert not torch.equal(plain[key], noised[key]), key
 
-    # what crossed the network: only the declared tensors and metric names, numbers only
-    payload = set(trainable_state(build_model(dp_cfg, 42)))
-    assert len(seen) == 3
-    for msg in seen:
-        assert set(msg.content.array_records) == {"arrays"}
-        assert set(msg.content.array_records["arrays"]) == payload
-        assert not msg.content.config_records
-        metrics = msg.content.metric_records["metrics"]
-        assert set(metrics) <= TRAIN_METRIC_KEYS
-        for value in metrics.values():
-            items = value if isinstance(value, list) else [value]
-            assert all(isinstance(v, (int, float)) for v in items)
+    check_declared_replies(train_replies, set(trainable_state(build_model(dp_cfg, 42))), n=3)
