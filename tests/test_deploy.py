@@ -6,6 +6,7 @@ does), plus a SuperNode whose key was never registered. About 2-3 minutes on 2 c
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 
@@ -18,10 +19,13 @@ from server.deploy import (
     free_port,
     managed,
     prepare,
+    register,
     run_job,
     start_federation,
+    start_superlink,
     start_supernode,
     supernode_list,
+    wait_for_superlink,
     write_node_keys,
 )
 
@@ -68,3 +72,44 @@ def test_tls_deployment_trains_and_refuses_an_unregistered_supernode(tmp_path):
     assert row["hospitals"] == 2 and summary["events"] == []
     assert 0.0 <= row["hospitals-val-acc_5class"] <= 100.0
     assert math.isfinite(row["train-loss"])
+
+
+def _reconnections(procs, name: str, count: int, seconds: float) -> int:
+    """Wait until the SuperNode's log reports ``count`` successful (re)connections."""
+    deadline = time.monotonic() + seconds
+    while True:
+        seen = procs.log_text(name).count("Connection successful")
+        if seen >= count or time.monotonic() > deadline:
+            return seen
+        time.sleep(2.0)
+
+
+def test_supernode_reconnects_without_manual_action(tmp_path):
+    """A SuperNode started while the SuperLink is down, then a SuperLink restart (same
+    database): each time the node reconnects by itself, within Flower's retry back-off."""
+    cfg = load_config(
+        "configs/smoke.yaml",
+        [f"data.root={tmp_path / 'data'}", "data.external_centers=[xiangya]"],
+    )
+    dep = prepare(cfg, tmp_path / "deploy")
+    node = dep.hospitals[0]
+    name = f"hospital-{node.center}"
+    with managed(Processes(dep.out / "logs", dep.env)) as procs:
+        start_superlink(dep, procs)
+        wait_for_superlink(dep, procs)
+        register(dep, node)
+        procs.stop("superlink")
+        start_supernode(dep, procs, node)  # the SuperLink is down: the node must wait
+        time.sleep(5.0)
+        start_superlink(dep, procs)
+        wait_for_superlink(dep, procs)
+        first = _reconnections(procs, name, 1, 90.0)
+        procs.stop("superlink")  # restart the SuperLink under the running node
+        start_superlink(dep, procs)
+        wait_for_superlink(dep, procs)
+        second = _reconnections(procs, name, 2, 90.0)
+        nodes = supernode_list(dep.env)
+        assert procs.procs[name].poll() is None  # the node never gave up
+    assert (first, second) == (1, 2)
+    assert [n["status"] for n in nodes] == ["online"]
+    assert not procs.tagged()
