@@ -8,14 +8,20 @@ authentication and teardown by ``tests/test_deploy.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 from flwr.simulation import run_simulation
 
+from client.app import check_fingerprints
+from savlt_model.backbone import load_backbone
 from savlt_model.checkpoint import load_adapter
-from savlt_model.config import PROJECT_ROOT
+from savlt_model.config import PROJECT_ROOT, load_config
+from savlt_model.errors import SavltError
+from savlt_model.model import SavltModel
+from savlt_model.wire import RoundPlan
 from server import strategy as strategy_module
 from server.federation import FederatedJob
 from simulation.runner import server_app_for
@@ -91,3 +97,22 @@ def test_mismatched_prompts_are_refused_with_the_reason(fed_config, tmp_path, mo
     assert "text anchors differ from the server's" in event["reason"]
     assert "prompt descriptions differ" in event["reason"]
     assert summary["history"][0]["hospitals"] == 2
+
+
+def test_backbone_and_class_list_mismatches_are_named():
+    """The same check the prompts test exercises through Flower, for the other two causes."""
+    cfg = load_config(None, ["model.lora.last_n_blocks=1"])
+    server = SavltModel(cfg, load_backbone("savlt-tiny"))
+    plan = RoundPlan(
+        cfg, "fedavg", 42, 1, 1, 1, server.backbone_fingerprint, server.anchor_fingerprint
+    )
+    check_fingerprints(server, plan, "same")  # identical set-up: accepted
+    other_weights = SavltModel(cfg, load_backbone("savlt-tiny", init_seed=7))
+    with pytest.raises(SavltError, match="frozen backbone differs"):
+        check_fingerprints(other_weights, plan, "h1")
+    four = dataclasses.replace(
+        cfg, task=dataclasses.replace(cfg.task, classes=cfg.task.classes[:4])
+    )
+    fewer_classes = SavltModel(four, load_backbone("savlt-tiny"))
+    with pytest.raises(SavltError, match="class list"):
+        check_fingerprints(fewer_classes, plan, "h2")
