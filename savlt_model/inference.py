@@ -12,9 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from savlt_model.data import ImageSet, load_image, scan_center
+from savlt_model.data import ImageSet, Sample, scan_center
 from savlt_model.errors import SavltError
 from savlt_model.evaluation import save_figures, score_centers
 from savlt_model.export import HEAD_JSON, load_exported
@@ -22,7 +21,7 @@ from savlt_model.metrics import binary_scores
 from savlt_model.model import SavltModel
 from savlt_model.protocol import is_synthetic
 from savlt_model.results import make_record, write_results, write_summary
-from savlt_model.train import pick_device
+from savlt_model.train import pick_device, predict
 
 BATCH = 32
 
@@ -32,10 +31,13 @@ def _load(model_dir: Path) -> tuple[SavltModel, dict]:
     return model, json.loads((Path(model_dir) / HEAD_JSON).read_text(encoding="utf-8"))
 
 
-@torch.no_grad()
 def predict_images(model_dir: Path, paths: Sequence[Path]) -> list[dict]:
     """Per image: ``file``, ``class``, ``probability`` (of that class), ``high_risk`` (summed
-    probability of the positive classes) and ``probs`` (class -> probability)."""
+    probability of the positive classes) and ``probs`` (class -> probability).
+
+    Images go through the same decoding and normalisation as in training (an ImageSet of
+    unlabelled samples) and the same evaluation loop (:func:`savlt_model.train.predict`).
+    """
     paths = [Path(p) for p in paths]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
@@ -43,27 +45,22 @@ def predict_images(model_dir: Path, paths: Sequence[Path]) -> list[dict]:
     if not paths:
         raise SavltError("no images given")
     model, info = _load(model_dir)
-    device = next(model.parameters()).device
-    mean = torch.tensor(info["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(info["std"]).view(1, 3, 1, 1)
+    samples = [Sample(p, 0, p.name) for p in paths]  # the label is unused here
+    dataset = ImageSet(samples, info["image_size"], info["mean"], info["std"], train=False)
+    probs, _, _ = predict(model, dataset, BATCH)
+    high = binary_scores(probs, model.positive)
     rows: list[dict] = []
-    for start in range(0, len(paths), BATCH):
-        chunk = paths[start : start + BATCH]
-        images = torch.stack([load_image(p, info["image_size"]) for p in chunk])
-        batch = (images.float() / 255.0 - mean) / std
-        probs = torch.softmax(model(batch.to(device)).logits.float(), dim=-1).cpu().numpy()
-        high = binary_scores(probs, model.positive)
-        for path, p, h in zip(chunk, probs, high, strict=True):
-            best = int(np.argmax(p))
-            rows.append(
-                {
-                    "file": str(path),
-                    "class": model.classes[best],
-                    "probability": float(p[best]),
-                    "high_risk": float(h),
-                    "probs": dict(zip(model.classes, map(float, p), strict=True)),
-                }
-            )
+    for path, p, h in zip(paths, probs, high, strict=True):
+        best = int(np.argmax(p))
+        rows.append(
+            {
+                "file": str(path),
+                "class": model.classes[best],
+                "probability": float(p[best]),
+                "high_risk": float(h),
+                "probs": dict(zip(model.classes, map(float, p), strict=True)),
+            }
+        )
     return rows
 
 

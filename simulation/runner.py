@@ -23,7 +23,7 @@ from savlt_model.central import fit_and_score
 from savlt_model.config import Config
 from savlt_model.evaluation import CenterScore
 from savlt_model.metrics import METRIC_KEYS
-from savlt_model.plots import plot_method_bars, plot_round_curves
+from savlt_model.plots import plot_method_bars
 from savlt_model.protocol import data_root, is_synthetic
 from savlt_model.results import make_record, summarize
 from savlt_model.wire import METHODS_FEDERATED
@@ -177,7 +177,8 @@ def leave_one_out_configs(cfg: Config) -> list[Config]:
 
 
 def run_simulate(cfg: Config, out: Path, resume: bool = False) -> list[dict]:
-    """Run every configured method and seed; write results.json, curves and bar plots.
+    """Run every configured method and seed; write curves.json and the method bar plots
+    (the per-round curves are drawn by the report, from curves.json).
 
     Leave-one-centre-out jobs (``fl.leave_one_out``) write under ``out/heldout-<centre>`` and
     their records are reported with the centre named ``<centre> (held out)``.
@@ -214,13 +215,6 @@ def run_simulate(cfg: Config, out: Path, resume: bool = False) -> list[dict]:
             if not suffix:
                 curves += summary["curves"]
     bar.close()
-    if curves:
-        plot_round_curves(
-            curves,
-            out / "figures" / "accuracy_per_round.png",
-            "Global model accuracy per round",
-            synthetic=synthetic,
-        )
     plot_method_bars(
         summarize(records),
         out / "figures" / "methods_acc_5class.png",
