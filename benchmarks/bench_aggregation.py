@@ -40,7 +40,7 @@ def _shapes(blocks: int, width: int, embed: int) -> dict[str, tuple[int, ...]]:
         "clip.visual.proj": (width, embed),
     }
     for i in range(blocks):
-        for name, out in (("attn", 3 * width), ("attn.out_proj", width)):
+        for name, out in (("attn.qkv", 3 * width), ("attn.out_proj", width)):
             prefix = f"clip.visual.transformer.resblocks.{i}.{name}"
             shapes[f"{prefix}.lora_A.weight"] = (R, width)
             shapes[f"{prefix}.lora_B.weight"] = (out, R)

@@ -11,8 +11,12 @@ written out here (not train.train_steps) so that bf16 autocast can be timed on i
 
 from __future__ import annotations
 
+import statistics
+import time
+from collections.abc import Callable
+
 import torch
-from common import autocast, machine, median_ms, parser, report, setup
+from common import autocast, machine, median_ms, parser, report, setup, sync, table
 
 from savlt_model.adapters import payload_parameters
 from savlt_model.backbone import load_backbone
@@ -21,6 +25,41 @@ from savlt_model.model import SavltModel
 
 # model: (CPU batch, GPU batch)
 MODELS = {"savlt-tiny": (32, 128), "ViT-B-16": (4, 64)}
+PHASES = ("ROI mask", "forward + loss", "backward", "optimizer")
+
+
+def phase_ms(
+    model: SavltModel,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    amp: str,
+    repeats: int,
+) -> list[float]:
+    """Median ms of each part of the step, synchronised between parts: where the time goes.
+
+    "forward + loss" includes the ROI mask, which is also timed on its own.
+    """
+    device = images.device
+    times: list[list[float]] = [[] for _ in PHASES]
+
+    def timed(i: int, fn: Callable[[], object]) -> object:
+        sync(device)
+        t = time.perf_counter()
+        out = fn()
+        sync(device)
+        times[i].append((time.perf_counter() - t) * 1e3)
+        return out
+
+    for _ in range(repeats):
+        with torch.no_grad():
+            timed(0, lambda: model.roi_keep(images))
+        with autocast(device, amp):
+            loss = timed(1, lambda: model.loss(model(images), labels))
+        optimizer.zero_grad(set_to_none=True)
+        timed(2, loss.backward)
+        timed(3, optimizer.step)
+    return [statistics.median(t) for t in times]
 
 
 def main() -> None:
@@ -30,7 +69,7 @@ def main() -> None:
     gpu = device.type == "cuda"
     warmup, repeats = (1, 2) if args.quick else ((3, 10) if gpu else (1, 3))
     names = ["savlt-tiny"] if args.quick and not gpu else list(MODELS)
-    rows = []
+    rows, phases = [], []
     for name in names:
         backbone = load_backbone(name)
         cfg = load_config(None, [f"model.name={name}"])
@@ -68,9 +107,22 @@ def main() -> None:
         else:
             target = "not measured here" if name == "ViT-B-16" else "-"
         rows.append((name, size, batch, batch / step_ms * 1e3, batch / fwd_ms * 1e3, ratio, target))
+        parts = phase_ms(model, optimizer, images, labels, args.amp, repeats)
+        phases.append((name, fwd_ms, *parts, parts[2] / parts[1]))
         del model, frozen, backbone, optimizer
     headers = ("model", "px", "batch", "train img/s", "frozen fwd img/s", "ratio", "target")
-    report("train_step", args, device, headers, rows, start, repeats=repeats)
+    phase_headers = ("model", "frozen fwd ms", *(f"{p} ms" for p in PHASES), "bwd / fwd")
+    print(table(phase_headers, phases))
+    report(
+        "train_step",
+        args,
+        device,
+        headers,
+        rows,
+        start,
+        repeats=repeats,
+        phases={"columns": list(phase_headers), "rows": [list(r) for r in phases]},
+    )
 
 
 if __name__ == "__main__":

@@ -8,3 +8,4 @@ PY=${PY:-.venv/bin/python}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 timeout 150 "$PY" benchmarks/bench_roi_pool.py --device cuda --amp bf16
 timeout 150 "$PY" benchmarks/bench_train_step.py --device cuda --amp bf16
+timeout 150 "$PY" benchmarks/bench_lora_attention.py --device cuda --amp bf16

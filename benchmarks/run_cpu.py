@@ -23,6 +23,7 @@ HERE = Path(__file__).resolve().parent
 SCRIPTS = {
     "roi_pool": ["--threads", "1"],
     "train_step": ["--threads", "1"],
+    "lora_attention": ["--threads", "1"],
     "data": ["--threads", "1"],
     "aggregation": ["--threads", "1"],
     "payload": ["--threads", "1"],

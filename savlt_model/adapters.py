@@ -8,8 +8,6 @@ the server can average them key by key and :func:`load_trainable_state` can put 
 
 from __future__ import annotations
 
-import copy
-import functools
 import re
 
 import torch
@@ -17,12 +15,12 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from savlt_model.attention import lora_targets
 from savlt_model.backbone import VisionTower
 from savlt_model.config import LoraConfig as LoraSettings
 from savlt_model.errors import SavltError
 
 ADAPTER = "default"
-OUT_PROJ = ".base_layer.out_proj"  # peft nests a MultiheadAttention's out_proj LoRA here
 
 
 def _alternation(names: list[str]) -> str:
@@ -32,14 +30,15 @@ def _alternation(names: list[str]) -> str:
 def inject_lora(clip: nn.Module, tower: VisionTower, cfg: LoraSettings) -> PeftModel:
     """Wrap ``clip`` with LoRA on the attention of the last N vision blocks (and optionally text).
 
-    peft's MultiheadAttention support adapts q, k, v (the fused in-projection) and the output
-    projection of open_clip's ``nn.MultiheadAttention``; timm ViTs expose qkv/proj Linears.
+    LoRA adapts every Linear projection of those attention modules: q, k, v (fused) and the
+    output projection. open_clip's ``nn.MultiheadAttention`` is first split into Linears
+    (:mod:`savlt_model.attention`), so every adapted layer is an ordinary peft LoRA Linear.
     """
-    n_blocks = len(tower.attn_module_names)
+    n_blocks = len(tower.attention_modules)
     last_n = n_blocks if cfg.last_n_blocks is None else cfg.last_n_blocks
     if not 1 <= last_n <= n_blocks:
         raise SavltError(f"model.lora.last_n_blocks must be in 1..{n_blocks}, got {last_n}")
-    vision = [n for block in tower.attn_module_names[n_blocks - last_n :] for n in block]
+    vision = lora_targets(clip, tower.attention_modules[n_blocks - last_n :])
     vision_re = _alternation(vision)
     if not cfg.text:
         lora = LoraConfig(
@@ -52,7 +51,8 @@ def inject_lora(clip: nn.Module, tower: VisionTower, cfg: LoraSettings) -> PeftM
     else:
         if not hasattr(clip, "transformer"):
             raise SavltError("model.lora.text needs open_clip's native text tower; set it to false")
-        text = [f"transformer.resblocks.{i}.attn" for i in range(len(clip.transformer.resblocks))]
+        blocks = range(len(clip.transformer.resblocks))
+        text = lora_targets(clip, [f"transformer.resblocks.{i}.attn" for i in blocks])
         # Text modules take the default rank; the vision pattern overrides it for vision modules.
         lora = LoraConfig(
             r=cfg.text_r,
@@ -122,19 +122,19 @@ def residual_targets(model: nn.Module) -> dict[str, tuple[torch.Tensor, float]]:
     out: dict[str, tuple[torch.Tensor, float]] = {}
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
-            base = module.get_base_layer()
-            weight = base.in_proj_weight if isinstance(base, nn.MultiheadAttention) else base.weight
             prefix = stable_name(f"{name}.").rstrip(".")
-            out[f"residual.{prefix}"] = (weight, float(module.scaling[ADAPTER]))
+            out[f"residual.{prefix}"] = (
+                module.get_base_layer().weight,
+                float(module.scaling[ADAPTER]),
+            )
     return out
 
 
 def snapshot_base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Copies of the frozen weights under every LoRA layer, taken before any forward.
+    """Copies of the frozen weights under every LoRA layer, taken before any residual.
 
-    peft's MultiheadAttention merges the LoRA delta into the frozen weight and subtracts it
-    again on every forward, so those weights drift by float rounding; restoring them from
-    this snapshot keeps every round (and every process) starting from the same weights.
+    FedEx residuals are running totals: every round restores these weights and adds the
+    new total, so a model reused across rounds (and every process) stays exact.
     """
     return {k: w.detach().clone() for k, (w, _) in residual_targets(model).items()}
 
@@ -157,37 +157,5 @@ def apply_global_state(
 
 
 def lora_scalings(model: nn.Module) -> dict[str, float]:
-    """Effective LoRA scaling per payload prefix: the server forms s B A with it, exactly.
-
-    That is alpha / r, times :func:`out_proj_factor` for a MultiheadAttention out_proj.
-    """
-    return {
-        k[len("residual.") :]: s * (out_proj_factor() if k.endswith(OUT_PROJ) else 1.0)
-        for k, (_, s) in residual_targets(model).items()
-    }
-
-
-@functools.cache
-def out_proj_factor() -> float:
-    """How many times the installed peft applies a MultiheadAttention out_proj LoRA delta.
-
-    peft 0.21 merges it twice in every forward (huggingface/peft PR #3774), so the effective
-    weight is ``W + R + 2 s B A`` there. Measured, not assumed, so that exact aggregation and
-    export stay exact once peft applies it once.
-    """
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(0)
-        holder = nn.Module()
-        holder.attn = nn.MultiheadAttention(4, 1)
-        base = copy.deepcopy(holder.attn)
-        attn = get_peft_model(
-            holder, LoraConfig(r=1, target_modules=["attn"])
-        ).base_model.model.attn
-        out_proj = attn.base_layer.out_proj
-        out_proj.lora_B[ADAPTER].weight.fill_(1.0)
-        x = torch.randn(2, 1, 4)
-        ref = base(x, x, x, need_weights=False)[0]
-        got = attn(x, x, x, need_weights=False)[0]
-        base.out_proj.weight += out_proj.get_delta_weight(ADAPTER)
-        once = base(x, x, x, need_weights=False)[0]
-    return float(round(float((got - ref).sum() / (once - ref).sum())))
+    """LoRA scaling (alpha / r) per payload prefix: the server forms s B A with it, exactly."""
+    return {k[len("residual.") :]: s for k, (_, s) in residual_targets(model).items()}

@@ -40,7 +40,7 @@ class VisionTower:
     norm: nn.Module  # final LayerNorm over all tokens
     project: Callable[[torch.Tensor], torch.Tensor]  # pooled width -> embedding dim
     projection_params: dict[str, nn.Parameter]  # the trainable visual projection, by CLIP name
-    attn_module_names: list[list[str]]  # LoRA targets of each block, relative to the CLIP model
+    attention_modules: list[str]  # each block's self-attention, relative to the CLIP model
     num_prefix_tokens: int
     grid: tuple[int, int]
     width: int
@@ -162,7 +162,7 @@ def vision_tower(model: nn.Module) -> VisionTower:
             norm=visual.ln_post,
             project=project,
             projection_params={"visual.proj": proj} if proj is not None else {},
-            attn_module_names=[[f"visual.transformer.resblocks.{i}.attn"] for i in range(n)],
+            attention_modules=[f"visual.transformer.resblocks.{i}.attn" for i in range(n)],
             num_prefix_tokens=1,
             grid=tuple(visual.grid_size),
             width=visual.transformer.width,
@@ -185,10 +185,7 @@ def vision_tower(model: nn.Module) -> VisionTower:
             norm=trunk.norm,
             project=visual.head,
             projection_params=head_params,
-            attn_module_names=[
-                [f"visual.trunk.blocks.{i}.attn.qkv", f"visual.trunk.blocks.{i}.attn.proj"]
-                for i in range(n)
-            ],
+            attention_modules=[f"visual.trunk.blocks.{i}.attn" for i in range(n)],
             num_prefix_tokens=trunk.num_prefix_tokens,
             grid=(int(grid[0]), int(grid[1])),
             width=trunk.num_features,

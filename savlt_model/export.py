@@ -11,17 +11,19 @@
   classes, align weight, logit scale, backbone id and weights, fingerprints, preprocessing).
 - ``savlt_unet.safetensors``: a copy of the tissue U-Net, only when ``model.roi.source=unet``.
 
-FedEx-LoRA adapters also carry dense residuals that the run adds to the frozen weights.
-They are folded into the LoRA factors: per layer the effective update ``s B A + R`` is
-re-factorised by SVD at its numerical rank (at most min(out, in), so it always fits), with
-``rank_pattern`` / ``alpha_pattern`` giving those layers their new rank. The fold is exact up
-to float32 rounding (the largest absolute error is recorded in ``savlt_head.json``), so a
-pure-peft load needs nothing else; only the predictions' last bits can differ from the run's.
+The run adapts Linear projections (open_clip's ``nn.MultiheadAttention`` split by
+:mod:`savlt_model.attention`); the export targets the plain open_clip modules instead, so
+each layer's effective update ``s B A`` (+ a FedEx-LoRA residual ``R``) is rewritten as
+peft factors of that layout, re-factorised by SVD at its numerical rank where a residual
+is folded in. It is exact up to float rounding (the largest absolute error is recorded in
+``savlt_head.json``), so a pure-peft load needs nothing else; only the predictions' last
+bits can differ from the run's.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import re
@@ -32,19 +34,12 @@ from typing import Any
 
 import torch
 import yaml
-from peft import PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from savlt_model.adapters import (
-    ADAPTER,
-    OUT_PROJ,
-    lora_pairs,
-    out_proj_factor,
-    residual_targets,
-    stable_name,
-)
+from savlt_model.adapters import ADAPTER, lora_pairs, residual_targets, stable_name
 from savlt_model.atomic import atomic_write, write_json
 from savlt_model.backbone import load_backbone, vision_tower
 from savlt_model.checkpoint import load_adapter
@@ -95,62 +90,97 @@ def _run_config(run_dir: Path) -> Config:
     return config_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")))
 
 
-def _is_out_proj(prefix: str) -> bool:
-    return prefix.endswith(OUT_PROJ)
+def _peft_layer(base: nn.Module, prefix: str) -> tuple[str, str, float]:
+    """A run's LoRA layer -> (peft target module, payload prefix, times peft applies it) on
+    the plain backbone.
+
+    The run adapts Linears; where the plain open_clip model has an ``nn.MultiheadAttention``
+    (which the run split into qkv / out_proj Linears), peft adapts it as one target whose
+    LoRA covers the in-projection and ``base_layer.out_proj``.
+    """
+    name = prefix.removeprefix("clip.")
+    parent, _, leaf = name.rpartition(".")
+    if not isinstance(base.get_submodule(parent), nn.MultiheadAttention):
+        return name, prefix, 1.0
+    if leaf == "qkv":
+        return parent, f"clip.{parent}", 1.0
+    return parent, f"clip.{parent}.base_layer.out_proj", _out_proj_factor()
 
 
-def _module_name(prefix: str) -> str:
-    """Payload LoRA prefix -> the peft target module that owns its rank (MHA owns out_proj)."""
-    return prefix.removesuffix(OUT_PROJ).removeprefix("clip.")
-
-
-def _fold_residuals(
+def _plain_peft(
     model: SavltModel, state: dict[str, torch.Tensor], base: nn.Module
 ) -> tuple[PeftModel, dict[str, Any]]:
-    """A fresh peft model whose LoRA factors alone give each layer the run's effective weight.
+    """peft on a fresh copy of the plain backbone whose LoRA alone gives every adapted layer
+    the run's effective weight ``W + R + s B A``.
 
-    The run computes ``W + R + f s B A`` (f: :func:`~savlt_model.adapters.out_proj_factor`
-    for out_proj, else 1), so the folded delta is ``s B A + R / f``, applied by peft with
-    the same f.
+    The delta ``s B A + R`` of each layer is written as peft factors with scaling 1: ``(s B,
+    A)`` as they are without a FedEx residual, re-factorised by SVD at its numerical rank
+    (at most min(out, in), so it always fits) with one. A module's rank is the largest of its
+    layers' (zero-padded). Exact up to float rounding; the largest error is recorded.
     """
     scalings = {k[len(_RESIDUAL) :]: s for k, (_, s) in residual_targets(model).items()}
-    deltas: dict[str, torch.Tensor] = {}  # what the folded LoRA delta must equal, per layer
-    for prefix, a_key, b_key in lora_pairs(list(state)):
-        delta = scalings[prefix] * state[b_key].double() @ state[a_key].double()
-        residual = state.get(_RESIDUAL + prefix, torch.zeros(())).double()
-        deltas[prefix] = delta + residual / (out_proj_factor() if _is_out_proj(prefix) else 1.0)
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]] = {}
     ranks: dict[str, int] = {}
-    for prefix, delta in deltas.items():
-        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-        tol = s.max() * max(delta.shape) * torch.finfo(torch.float32).eps
-        k = max(1, int((s > tol).sum()))
-        root = s[:k].sqrt()
-        factors[prefix] = (u[:, :k] * root, root[:, None] * vh[:k])
-        name = _module_name(prefix)
-        ranks[name] = max(ranks.get(name, 0), k)
+    for prefix, a_key, b_key in lora_pairs(list(state)):
+        module, target, times = _peft_layer(base, prefix)
+        b, a = scalings[prefix] * state[b_key].double(), state[a_key].double()
+        delta = b @ a
+        if _RESIDUAL + prefix in state:
+            delta = delta + state[_RESIDUAL + prefix].double()
+            u, sv, vh = torch.linalg.svd(delta, full_matrices=False)
+            tol = sv.max() * max(delta.shape) * torch.finfo(torch.float32).eps
+            k = max(1, int((sv > tol).sum()))
+            b, a = u[:, :k] * sv[:k].sqrt(), sv[:k].sqrt()[:, None] * vh[:k]
+        layers[target] = (b, a, times, delta)  # peft applies b a `times` times
+        ranks[module] = max(ranks.get(module, 0), a.shape[0])
 
+    exact = {f"^{re.escape(n)}$": r for n, r in ranks.items()}
     peft_cfg = copy.deepcopy(model.clip.peft_config[ADAPTER])
-    exact = {re.escape(n): r for n, r in ranks.items()}  # first match wins: exact names first
-    peft_cfg.rank_pattern = {**exact, **peft_cfg.rank_pattern}
-    peft_cfg.alpha_pattern = {**{k: float(r) for k, r in exact.items()}, **peft_cfg.alpha_pattern}
-    folded = get_peft_model(copy.deepcopy(base), peft_cfg)
+    peft_cfg.target_modules = "|".join(re.escape(n) for n in ranks)  # full-name match
+    peft_cfg.rank_pattern = exact
+    peft_cfg.alpha_pattern = {k: float(r) for k, r in exact.items()}  # scaling alpha / r = 1
+    plain = get_peft_model(copy.deepcopy(base), peft_cfg)
     holder = nn.Module()  # names as in SavltModel ("clip.<...>"), so payload keys line up
-    holder.clip = folded
-    new_scalings = {k[len(_RESIDUAL) :]: s for k, (_, s) in residual_targets(holder).items()}
+    holder.clip = plain
     params = {stable_name(n): p for n, p in holder.named_parameters()}
     max_err = 0.0
     with torch.no_grad():
-        for prefix, (b, a) in factors.items():
-            a_param, b_param = params[f"{prefix}.lora_A.weight"], params[f"{prefix}.lora_B.weight"]
+        for target, (b, a, times, delta) in layers.items():
+            a_param, b_param = params[f"{target}.lora_A.weight"], params[f"{target}.lora_B.weight"]
             a_param.zero_()
             b_param.zero_()
-            k = a.shape[0]
-            a_param[:k] = a.float()
-            b_param[:, :k] = (b / new_scalings[prefix]).float()
-            got = new_scalings[prefix] * b_param.double() @ a_param.double()
-            max_err = max(max_err, float((got - deltas[prefix]).abs().max()))
-    return folded, {"ranks": ranks, "max_abs_error": max_err}
+            a_param[: a.shape[0]] = a.float()
+            b_param[:, : a.shape[0]] = (b / times).float()
+            got = times * b_param.double() @ a_param.double()
+            max_err = max(max_err, float((got - delta).abs().max()))
+    folded = any(k.startswith(_RESIDUAL) for k in state)
+    info = {"ranks": ranks, "max_abs_error": max_err, "fedex_residuals_folded": folded}
+    return plain, info
+
+
+@functools.cache
+def _out_proj_factor() -> float:
+    """How many times the installed peft applies a MultiheadAttention out_proj LoRA delta.
+
+    peft 0.21 merges it twice in every forward (huggingface/peft PR #3774). Measured, not
+    assumed, so that the export stays exact once peft applies it once.
+    """
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(0)
+        holder = nn.Module()
+        holder.attn = nn.MultiheadAttention(4, 1)
+        plain = copy.deepcopy(holder.attn)
+        attn = get_peft_model(
+            holder, LoraConfig(r=1, target_modules=["attn"])
+        ).base_model.model.attn
+        out_proj = attn.base_layer.out_proj
+        out_proj.lora_B[ADAPTER].weight.fill_(1.0)
+        x = torch.randn(2, 1, 4)
+        ref = plain(x, x, x, need_weights=False)[0]
+        got = attn(x, x, x, need_weights=False)[0]
+        plain.out_proj.weight += out_proj.get_delta_weight(ADAPTER)
+        once = plain(x, x, x, need_weights=False)[0]
+    return float(round(float((got - ref).sum() / (once - ref).sum())))
 
 
 def export_model(
@@ -175,11 +205,8 @@ def export_model(
     lora_keys = {k for _, a, b in lora_pairs(list(state)) for k in (a, b)}
     head = {k: v for k, v in state.items() if k not in lora_keys and not k.startswith(_RESIDUAL)}
     backbone = cached_backbone(cfg.model.name, cfg.model.pretrained)
-    fold = None
-    clip = model.clip
-    if any(k.startswith(_RESIDUAL) for k in state):
-        clip, fold = _fold_residuals(model, state, backbone.model)
-        log.info("FedEx residuals folded into LoRA: ranks %s, max error %.3g", *fold.values())
+    clip, layout = _plain_peft(model, state, backbone.model)
+    log.info("LoRA written for plain %s: max error %.3g", cfg.model.name, layout["max_abs_error"])
 
     out.mkdir(parents=True, exist_ok=True)
     clip.save_pretrained(str(out))
@@ -206,7 +233,7 @@ def export_model(
         "mean": list(backbone.mean),
         "std": list(backbone.std),
         "unet": unet_file,
-        "fedex_fold": fold,
+        "lora": layout,
         "config": cfg.to_dict(),
     }
     tensors = {k: v.detach().cpu().contiguous() for k, v in head.items()}

@@ -45,11 +45,14 @@ def test_only_adapters_prototypes_pooling_and_projection_train(tiny):
             "text.ctx",
         }, name
     assert kinds == {"text-lora", "vision-lora"}
-    # vision LoRA only in the last 2 of 6 blocks, on q/k/v (in_proj) and out_proj
+    # vision LoRA only in the last 2 of 6 blocks, on the q/k/v and output projection Linears
     vision = sorted({n.split(".attn")[0] for n in trainable if "visual.transformer" in n})
     assert [v.rsplit(".", 1)[1] for v in vision] == ["4", "5"]
+    layers = {n.split(".attn.")[1].split(".")[0] for n in trainable if "visual.transformer" in n}
+    assert layers == {"qkv", "out_proj"}
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     assert any("visual.transformer.resblocks.0.attn.in_proj_weight" in n for n in frozen)
+    assert any("visual.transformer.resblocks.5.attn.qkv.base_layer.weight" in n for n in frozen)
     assert any(n.endswith("token_embedding.weight") for n in frozen)
 
 
@@ -203,8 +206,8 @@ def test_cached_model_takes_successive_global_states_exactly(tiny):
 def test_server_scalings_match_what_the_model_applies(tiny):
     """A residual of -s·B·A per layer (s from lora_scalings) must cancel the LoRA exactly.
 
-    This is what makes the FedEx aggregation exact; it also catches peft applying a delta
-    more than once (peft 0.21 does so for MultiheadAttention out_proj).
+    This is what makes the FedEx aggregation exact; it also catches a delta applied more
+    than once (peft 0.21 does so for a MultiheadAttention out_proj, hence LinearAttention).
     """
     from savlt_model.adapters import lora_pairs, lora_scalings
 
