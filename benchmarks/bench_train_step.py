@@ -6,13 +6,17 @@ frozen-inference speed training keeps (target on GPU: >= 0.45x for ViT-B/16). Th
 written out here (not train.train_steps) so that bf16 autocast can be timed on its own.
 
     .venv/bin/python benchmarks/bench_train_step.py [--quick] [--threads N]
-    .venv/bin/python benchmarks/bench_train_step.py --device cuda --amp bf16
+    .venv/bin/python benchmarks/bench_train_step.py --device cuda --amp bf16 [--compile]
+
+``--compile`` also times the step through ``torch.compile`` (first call reported apart) and
+writes ``train_step_compile*.json``.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -62,14 +66,52 @@ def phase_ms(
     return [statistics.median(t) for t in times]
 
 
+def compiled_step(
+    model: SavltModel,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    amp: str,
+) -> tuple[Callable[[], None], float]:
+    """The train step through ``torch.compile(model)``, and the seconds its first call took."""
+    fast = torch.compile(model)
+
+    def step() -> None:
+        with autocast(images.device, amp):
+            loss = model.loss(fast(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    sync(images.device)
+    start = time.perf_counter()
+    step()
+    sync(images.device)
+    return step, time.perf_counter() - start
+
+
+def host_syncs(step: Callable[[], None]) -> int:
+    """How many times one step makes the host wait for the GPU (CUDA's sync debug mode)."""
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing" in str(w.message) for w in caught)
+
+
 def main() -> None:
-    args = parser(__doc__).parse_args()
+    p = parser(__doc__)
+    p.add_argument("--compile", action="store_true", help="also time a torch.compile'd step")
+    args = p.parse_args()
     device = setup(args)
     start = machine(device)
     gpu = device.type == "cuda"
     warmup, repeats = (1, 2) if args.quick else ((3, 10) if gpu else (1, 3))
     names = ["savlt-tiny"] if args.quick and not gpu else list(MODELS)
-    rows, phases = [], []
+    rows, phases, compiled, syncs = [], [], [], {}
     for name in names:
         backbone = load_backbone(name)
         cfg = load_config(None, [f"model.name={name}"])
@@ -100,6 +142,8 @@ def main() -> None:
                 frozen.encode_image(images)
 
         step_ms = median_ms(train_step, device, warmup, repeats)
+        if gpu:
+            syncs[name] = host_syncs(train_step)
         fwd_ms = median_ms(forward, device, warmup, repeats)
         ratio = fwd_ms / step_ms
         if name == "ViT-B-16" and gpu:
@@ -109,19 +153,30 @@ def main() -> None:
         rows.append((name, size, batch, batch / step_ms * 1e3, batch / fwd_ms * 1e3, ratio, target))
         parts = phase_ms(model, optimizer, images, labels, args.amp, repeats)
         phases.append((name, fwd_ms, *parts, parts[2] / parts[1]))
+        if args.compile:
+            step, compile_s = compiled_step(model, optimizer, images, labels, args.amp)
+            fast_ms = median_ms(step, device, warmup, repeats)
+            compiled.append((name, step_ms, fast_ms, step_ms / fast_ms, compile_s))
         del model, frozen, backbone, optimizer
     headers = ("model", "px", "batch", "train img/s", "frozen fwd img/s", "ratio", "target")
     phase_headers = ("model", "frozen fwd ms", *(f"{p} ms" for p in PHASES), "bwd / fwd")
     print(table(phase_headers, phases))
+    compile_headers = ("model", "eager step ms", "compiled step ms", "speed-up", "compile s")
+    if compiled:
+        print(table(compile_headers, compiled))
+    if syncs:
+        print(f"host synchronisations in one train step: {syncs}")
     report(
-        "train_step",
+        "train_step_compile" if args.compile else "train_step",
         args,
         device,
         headers,
         rows,
         start,
         repeats=repeats,
+        host_syncs_per_step=syncs,
         phases={"columns": list(phase_headers), "rows": [list(r) for r in phases]},
+        compiled={"columns": list(compile_headers), "rows": [list(r) for r in compiled]},
     )
 
 
