@@ -93,7 +93,7 @@ def main() -> None:
             glob, updates = _round(shapes, clients, 1.0, seed=clients)
             for method, mode in MODES:
                 step = partial(aggregate, updates, glob, method, 1.0, mode, scalings)
-                ms = median_ms(step, device, 1, repeats)
+                ms = median_ms({"aggregate": step}, device, 1, repeats)["aggregate"]
                 rows.append((name, clients, f"{method}-{mode}", ms, mb))
     errors = []
     name = "savlt-tiny" if args.quick else "ViT-B/16"

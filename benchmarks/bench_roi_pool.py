@@ -51,13 +51,12 @@ def main() -> None:
             tokens = torch.randn(batch, grid * grid, width, device=device, requires_grad=True)
             keep = patch_keep_mask(torch.rand(batch, device=device) * 0.6, grid)
             step = partial(_step, device=device, amp=args.amp)
-            fast = median_ms(partial(step, pool, tokens, keep), device, warmup, repeats)
-            slow = median_ms(
-                partial(step, partial(roi_pool_reference, pool), tokens, keep),
-                device,
-                warmup,
-                repeats,
-            )
+            steps = {
+                "batched": partial(step, pool, tokens, keep),
+                "reference": partial(step, partial(roi_pool_reference, pool), tokens, keep),
+            }
+            ms = median_ms(steps, device, warmup, repeats)
+            fast, slow = ms["batched"], ms["reference"]
             target = (20.0 if gpu else 3.0) if batch == 128 else None
             met = "-" if target is None else ("met" if slow / fast >= target else "not met")
             rows.append((name, grid * grid, width, batch, fast, slow, slow / fast, met))

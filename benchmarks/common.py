@@ -59,18 +59,26 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_ms(step: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
-    """Median wall time of ``step`` in ms; medians resist other jobs on a shared machine."""
-    for _ in range(warmup):
-        step()
-    times = []
+def median_ms(
+    steps: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int
+) -> dict[str, float]:
+    """Median wall time of each step in ms, timed round-robin (a, b, a, b, ...).
+
+    Interleaving gives every step the same share of whatever else the machine is doing, so
+    their ratios hold even when the absolute times drift; medians resist the rest.
+    """
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+        for name, step in steps.items():
+            sync(device)
+            start = time.perf_counter()
+            step()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
 def _cpu_model() -> str:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks (items 1 and 2 of benchmarks/README.md) with CUDA, bf16 autocast and TF32 on.
 # Run from the repository root on a machine with one CUDA GPU; about 4-5 minutes
-# (ViT-B-16 random weights, nothing downloaded). Writes benchmarks/results/*-cuda.json.
+# (ViT-B-16 random weights, nothing downloaded). Writes benchmarks/results/*-cuda-bf16.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}

@@ -113,10 +113,10 @@ def _plain_peft(
     """peft on a fresh copy of the plain backbone whose LoRA alone gives every adapted layer
     the run's effective weight ``W + R + s B A``.
 
-    The delta ``s B A + R`` of each layer is written as peft factors with scaling 1: ``(s B,
-    A)`` as they are without a FedEx residual, re-factorised by SVD at its numerical rank
-    (at most min(out, in), so it always fits) with one. A module's rank is the largest of its
-    layers' (zero-padded). Exact up to float rounding; the largest error is recorded.
+    Each layer's delta is written as peft factors with scaling 1: ``(s B, A)`` as they are,
+    or, where a FedEx residual is folded in, ``s B A + R`` re-factorised by SVD at its
+    numerical rank (at most min(out, in), so it always fits). A module's rank is the largest
+    of its layers' (zero-padded). Exact up to float rounding; the largest error is recorded.
     """
     scalings = {k[len(_RESIDUAL) :]: s for k, (_, s) in residual_targets(model).items()}
     layers: dict[str, tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]] = {}
