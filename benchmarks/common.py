@@ -33,6 +33,7 @@ def parser(doc: str | None) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--amp", choices=("none", "bf16"), default="none", help="autocast dtype")
+    p.add_argument("--results", type=Path, default=RESULTS, help="where the JSON goes")
     return p
 
 
@@ -141,7 +142,7 @@ def report(
     )
     suffix = "".join(f"-{t}" for t in tags)
     return write_json(
-        RESULTS / f"{name}{suffix}.json",
+        args.results / f"{name}{suffix}.json",
         {
             "name": name,
             "command": " ".join([Path(sys.executable).name, *sys.argv]),

@@ -35,6 +35,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fast variant of every script")
     p.add_argument("--only", default="", help="comma-separated subset of " + ",".join(SCRIPTS))
+    p.add_argument("--results", type=Path, default=HERE / "results", help="where the JSON goes")
     args = p.parse_args()
     names = [n for n in args.only.split(",") if n] or list(SCRIPTS)
     unknown = sorted(set(names) - set(SCRIPTS))
@@ -44,14 +45,14 @@ def main() -> None:
     failed, took = [], {}
     for name in names:
         cmd = [sys.executable, str(HERE / f"bench_{name}.py"), *SCRIPTS[name]]
-        cmd += ["--quick"] if args.quick else []
+        cmd += ["--results", str(args.results)] + (["--quick"] if args.quick else [])
         print(f"\n=== {name}: {' '.join(cmd[1:])}  (load {os.getloadavg()[0]:.2f})", flush=True)
         start = time.perf_counter()
         if subprocess.run(cmd, env=env).returncode:
             failed.append(name)
         took[name] = time.perf_counter() - start
     print("\n" + ", ".join(f"{n} {s:.0f}s" for n, s in took.items()))
-    print(f"results in {HERE / 'results'}")
+    print(f"results in {args.results}")
     if failed:
         sys.exit(f"failed: {', '.join(failed)}")
 
