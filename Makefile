@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 
 test: install
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/pytest -q
 
 simulate: install

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from common import machine, median_ms, parser, report, setup, table
 
+from savlt_model.config import FederatedConfig
 from server.aggregation import ClientUpdate, aggregate
 
 R = 8
@@ -101,7 +102,8 @@ def main() -> None:
     for clients in (3, 10):
         for first, drift in ((True, 0.05), (True, 0.2), (False, 0.1), (False, 0.3), (False, 1.0)):
             glob, updates = _round(shapes, clients, drift, 7, first)
-            _, rep = aggregate(updates, glob, "fedavg", 0.0, "naive", {})
+            naive = FederatedConfig(lora_aggregation="naive")
+            _, rep = aggregate(updates, glob, "fedavg", naive, {})
             label = "first" if first else "later"
             mean, worst = rep["lora_naive_rel_error"], rep["lora_max_rel_error"]
             errors.append((name, clients, label, drift, mean, worst))

@@ -20,8 +20,8 @@ import torch
 from common import autocast, machine, median_ms, parser, report, setup
 from peft import LoraConfig, get_peft_model
 
-from savlt_model.attention import lora_targets
-from savlt_model.backbone import load_backbone, vision_tower
+from savlt_model.model.attention import lora_targets
+from savlt_model.model.backbone import load_backbone, vision_tower
 
 # model: (CPU batch, GPU batch)
 MODELS = {"savlt-tiny": (32, 128), "ViT-B-16": (4, 64)}

@@ -15,10 +15,10 @@ import gc
 import torch
 from common import machine, parser, report, setup
 
-from savlt_model.adapters import residual_targets, trainable_state
-from savlt_model.backbone import load_backbone
 from savlt_model.config import load_config
-from savlt_model.model import SavltModel
+from savlt_model.model.adapters import residual_targets, trainable_state
+from savlt_model.model.backbone import load_backbone
+from savlt_model.model.savlt import SavltModel
 
 RANKS = (4, 8, 16)
 

@@ -16,7 +16,7 @@ from functools import partial
 import torch
 from common import autocast, machine, median_ms, parser, report, setup
 
-from savlt_model.roi import RoiAttentionPool, patch_keep_mask, roi_pool_reference
+from savlt_model.model.roi import RoiAttentionPool, patch_keep_mask, roi_pool_reference
 
 SHAPES = {"savlt-tiny": (8, 192), "ViT-B/16": (14, 768)}  # name: (patch grid, token width)
 BATCHES = (32, 128)

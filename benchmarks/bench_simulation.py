@@ -4,8 +4,8 @@ Why: ``make simulate`` is slow on a laptop; this says whether round time grows l
 the number of hospitals and which part (Ray start-up, cold actors, model build per message,
 training, server evaluation) to cut first.
 
-Scaling: the ``paper`` protocol has only 3 sub-sites, so the hospitals here are the
-``centers`` protocol over N centre folders hard-linked from one synthetic data set (every
+Scaling: the ``paper`` partition has only 3 sub-sites, so the hospitals here are the
+``centers`` partition over N centre folders hard-linked from one synthetic data set (every
 copy is a full centre with its own split), with a fixed ``fl.local_steps`` so each hospital
 does the same work whatever N, and server evaluation off. The ServerApp runs in this
 process (Flower's simulation thread), so round boundaries are timed by wrapping the
@@ -34,12 +34,14 @@ from common import machine, parser, report, setup, table
 
 import server.federation as federation
 from client.app import _val_metrics, hospital_data
-from savlt_model.adapters import trainable_state
 from savlt_model.config import Config, load_config
-from savlt_model.synth import generate
-from savlt_model.train import anchor_agreement, build_model, image_sets, train_steps
+from savlt_model.evaluation import anchor_agreement
+from savlt_model.model.adapters import trainable_state
+from savlt_model.model.build import build_model, image_sets
+from savlt_model.train import train_steps
 from server.strategy import SavltStrategy
 from simulation.runner import run_job
+from simulation.synth import generate
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
 SOURCES = ("mixed", "huaxi", "xiangya")
@@ -80,7 +82,7 @@ def _config(base: Path, root: Path, centres: list[str], rounds: int, eval_: bool
             "data.synthetic.enabled=false",
             f"data.train_center={centres[0]}",
             f"data.external_centers=[{','.join(centres[1:])}]",
-            "fl.protocol=centers",
+            "fl.partition=centers",
             f"fl.hospitals={len(centres)}",
             "fl.methods=[fedavg]",
             f"fl.rounds={rounds}",
@@ -147,7 +149,7 @@ import time
 t = time.perf_counter()
 import client.app
 t1 = time.perf_counter()
-from savlt_model.train import cached_backbone
+from savlt_model.model.build import cached_backbone
 cached_backbone("savlt-tiny", None)
 print(t1 - t, time.perf_counter() - t1)
 """
@@ -161,7 +163,7 @@ def _actor_cold_start() -> tuple[float, float]:
 
 
 def _breakdown(source: Path, work: Path) -> dict[str, Any]:
-    """The smoke config (paper protocol, server eval on) as ``make simulate`` would run it."""
+    """The smoke config (paper partition, server eval on) as ``make simulate`` would run it."""
     root = work / "smoke-data"
     shutil.copytree(source, root, copy_function=os.link)
     cfg = load_config(SMOKE, [f"data.root={root}", "fl.methods=[fedavg]"])
@@ -233,7 +235,7 @@ def main() -> None:
         "round 1 s",
         "warm round s",
         "s/hospital",
-        "client protocol s",
+        "client partition s",
         "client call s (warm)",
     )
     print(f"\nround time vs hospitals ({rounds} rounds, 4 local steps, no server eval)")

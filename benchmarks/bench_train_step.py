@@ -22,10 +22,10 @@ from collections.abc import Callable
 import torch
 from common import autocast, machine, median_ms, parser, report, setup, sync, table
 
-from savlt_model.adapters import payload_parameters
-from savlt_model.backbone import load_backbone
 from savlt_model.config import load_config
-from savlt_model.model import SavltModel
+from savlt_model.model.adapters import payload_parameters
+from savlt_model.model.backbone import load_backbone
+from savlt_model.model.savlt import SavltModel
 
 # row label: (backbone, LoRA blocks (None: all, the default), CPU batch, GPU batch). Fewer
 # LoRA blocks stop backward early: what a hospital on a weak machine can trade.

@@ -2,8 +2,10 @@
 
 The hospital's data comes from ``node_config`` in deployment (``data-root``, ``center``,
 optionally a local ``pretrained`` weights file and ``prompts`` file) and, in simulation,
-from the protocol's partition-id-to-hospital mapping. A reply carries exactly the payload
-tensors and the metric names declared in :mod:`savlt_model.wire`.
+from the partition-id-to-hospital mapping of :mod:`savlt_model.data.partition`. A reply
+carries exactly the payload tensors and the metric names declared in
+:mod:`savlt_model.messages`. The loss terms of the round's method come with the
+server's plan: no per-method code here.
 """
 
 from __future__ import annotations
@@ -19,20 +21,12 @@ import torch  # noqa: F401  (ArrayRecord.to_torch_state_dict needs torch importe
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from savlt_model.adapters import trainable_state
 from savlt_model.config import Config
+from savlt_model.data.partition import Hospital, Partition, build_partition
+from savlt_model.data.protocol import prepare_center
 from savlt_model.errors import SavltError
-from savlt_model.metrics import compute_metrics
-from savlt_model.model import SavltModel
-from savlt_model.protocol import prepare_center
-from savlt_model.train import (
-    anchor_agreement,
-    cached_model,
-    image_sets,
-    predict,
-    train_steps,
-)
-from savlt_model.wire import (
+from savlt_model.evaluation import anchor_agreement, predict
+from savlt_model.messages import (
     ARRAYS,
     CONFIG,
     EVALUATE_METRIC_KEYS,
@@ -41,11 +35,15 @@ from savlt_model.wire import (
     RoundPlan,
     metric_record,
 )
-from simulation.protocols import Hospital, Protocol, build_protocol
+from savlt_model.metrics import compute_metrics
+from savlt_model.model.adapters import trainable_state
+from savlt_model.model.build import cached_model, image_sets
+from savlt_model.model.savlt import SavltModel
+from savlt_model.train import train_steps
 
 log = logging.getLogger(__name__)
 app = ClientApp()
-_PROTOCOLS: dict[tuple[str, int], Protocol] = {}
+_PARTITIONS: dict[tuple[str, int], Partition] = {}
 
 
 def local_config(cfg: Config, node_config: dict) -> Config:
@@ -75,17 +73,17 @@ def hospital_data(cfg: Config, seed: int, node_config: dict) -> tuple[int, Hospi
         part = prepare_center(cfg, Path(cfg.data.root), center, seed)
         return zlib.crc32(center.encode()) % 1000, Hospital(center, part.train, part.val)
     key = (json.dumps(cfg.to_dict(), sort_keys=True), seed)
-    if key not in _PROTOCOLS:  # scanning and verifying every image once per process is enough
-        _PROTOCOLS.clear()
-        _PROTOCOLS[key] = build_protocol(cfg, seed)
-    protocol = _PROTOCOLS[key]
+    if key not in _PARTITIONS:  # scanning and verifying every image once per process is enough
+        _PARTITIONS.clear()
+        _PARTITIONS[key] = build_partition(cfg, seed)
+    partition = _PARTITIONS[key]
     pid, n = int(node_config["partition-id"]), int(node_config["num-partitions"])
-    if n != len(protocol.hospitals):
+    if n != len(partition.hospitals):
         raise SavltError(
-            f"simulation runs {n} nodes but the {cfg.fl.protocol} protocol has "
-            f"{len(protocol.hospitals)} hospitals; set num-supernodes to fl.hospitals"
+            f"simulation runs {n} nodes but the {cfg.fl.partition} partition has "
+            f"{len(partition.hospitals)} hospitals; set num-supernodes to fl.hospitals"
         )
-    return pid, protocol.hospitals[pid]
+    return pid, partition.hospitals[pid]
 
 
 def check_fingerprints(model: SavltModel, plan: RoundPlan, hospital: str) -> None:
@@ -133,7 +131,6 @@ def _val_metrics(model: SavltModel, cfg: Config, hospital: Hospital) -> dict[str
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     plan, cfg, index, hospital, model = _model_for(msg, context)
-    method = plan.method
     seed = int(np.random.SeedSequence([plan.seed, plan.round, index]).generate_state(1)[0])
     stats = train_steps(
         model,
@@ -143,8 +140,8 @@ def train(msg: Message, context: Context) -> Message:
         seed,
         start_step=plan.start_step,
         total_steps=plan.total_steps,
-        prox_mu=cfg.fl.prox_mu if method == "fedprox" else 0.0,
-        anchor_weight=cfg.fl.anchor_loss_weight if method == "text-anchored" else 0.0,
+        prox_mu=plan.loss_terms.prox_mu,
+        anchor_weight=plan.loss_terms.anchor_weight,
     )
     counts, agreement = anchor_agreement(
         model, image_sets(cfg, {"t": hospital.train}, False)["t"], cfg.train.eval_batch_size

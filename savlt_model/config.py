@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from savlt_model.errors import SavltError
+from savlt_model.methods import DEFAULT_METHODS, METHODS
 
 CERVICAL_CLASSES = [
     "cancer",
@@ -27,6 +28,8 @@ CERVICAL_CLASSES = [
 ]
 CERVICAL_POSITIVE = ["cancer", "high-grade_squamous_intraepithelial_lesion"]
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# Keys of older configs: a clear pointer instead of "unknown key".
+RENAMED = {"fl.protocol": "fl.partition"}
 
 
 @dataclass
@@ -104,12 +107,10 @@ class TrainConfig:
 
 @dataclass
 class FederatedConfig:
-    protocol: Literal["paper", "centers"] = "paper"
-    leave_one_out: bool = False  # centers protocol: also train without each centre, test on it
+    partition: Literal["paper", "centers"] = "paper"  # how the data is split into hospitals
+    leave_one_out: bool = False  # centers partition: also train without each centre, test on it
     held_out: str | None = None  # set per job by leave_one_out: the centre no hospital holds
-    methods: list[str] = field(
-        default_factory=lambda: ["central", "local", "fedavg", "fedprox", "text-anchored"]
-    )
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     hospitals: int = 3
     rounds: int = 5
     local_steps: int = 0  # 0: spread the centralised iteration budget evenly over rounds
@@ -221,6 +222,8 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     for key in raw:
         if key not in names:
             where = f"{prefix}.{key}" if prefix else key
+            if where in RENAMED:
+                raise SavltError(f"config key '{where}' was renamed to '{RENAMED[where]}'")
             raise SavltError(f"config key '{where}' is unknown; allowed here: {', '.join(names)}")
     kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in raw.items()}
     return cls(**kwargs)
@@ -281,12 +284,13 @@ def validate(cfg: Config) -> Config:
         raise SavltError(
             f"config key 'fl.held_out' must be one of {centers}, got {cfg.fl.held_out!r}"
         )
-    if (cfg.fl.leave_one_out or cfg.fl.held_out) and cfg.fl.protocol != "centers":
-        raise SavltError("config keys 'fl.leave_one_out' / 'fl.held_out' need fl.protocol: centers")
-    known = {"central", "local", "fedavg", "fedprox", "text-anchored"}
-    bad = [m for m in cfg.fl.methods if m not in known]
+    if (cfg.fl.leave_one_out or cfg.fl.held_out) and cfg.fl.partition != "centers":
+        raise SavltError(
+            "config keys 'fl.leave_one_out' / 'fl.held_out' need fl.partition: centers"
+        )
+    bad = [m for m in cfg.fl.methods if m not in METHODS]
     if bad:
-        raise SavltError(f"config key 'fl.methods': unknown {bad}; choose from {sorted(known)}")
+        raise SavltError(f"config key 'fl.methods': unknown {bad}; choose from {sorted(METHODS)}")
     if cfg.privacy.mode != "none":
         check_privacy(cfg, cfg.fl.methods)
     return cfg
@@ -299,10 +303,12 @@ def check_privacy(cfg: Config, methods: list[str]) -> None:
         raise SavltError(
             "config keys 'privacy.clipping_norm' > 0 and 'privacy.noise_multiplier' >= 0"
         )
-    if "text-anchored" in methods:
+    data_weighted = [m for m in methods if m in METHODS and METHODS[m].data_dependent_weights]
+    if data_weighted:
         raise SavltError(
-            "config key 'privacy.mode': text-anchored weights depend on the hospitals' data, so "
-            "the DP noise would be miscalibrated; use fl.methods without text-anchored"
+            f"config key 'privacy.mode': {', '.join(data_weighted)} weights depend on the "
+            "hospitals' data, so the DP noise would be miscalibrated; use fl.methods without "
+            "them"
         )
     if fl.lora_aggregation != "naive":
         raise SavltError(

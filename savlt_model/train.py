@@ -1,4 +1,4 @@
-"""The one training loop and the one evaluation loop.
+"""The one training loop.
 
 Centralised training, local-only baselines and every federated client call the same
 :func:`train_steps`; the federated round only decides which slice of the cosine schedule a
@@ -7,77 +7,17 @@ call covers and which regulariser (FedProx, text anchoring) is on.
 
 from __future__ import annotations
 
-import functools
-import json
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from savlt_model.adapters import payload_parameters
-from savlt_model.backbone import Backbone, load_backbone
 from savlt_model.config import Config
-from savlt_model.data import ImageSet, Sample, make_loader
-from savlt_model.model import SavltModel
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    device = (
-        torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if name == "auto"
-        else torch.device(name)
-    )
-    if device.type == "cuda":  # TF32 matmuls: free speed for a frozen fp32 backbone
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    return device
-
-
-def autocast(device: torch.device, enabled: bool) -> torch.autocast:
-    """bf16 autocast on CUDA only (CPU bf16 is slower than fp32 on most CPUs)."""
-    return torch.autocast(
-        device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda"
-    )
-
-
-@functools.lru_cache(maxsize=2)
-def cached_backbone(name: str, pretrained: str | None) -> Backbone:
-    """Load (and fingerprint) a backbone once per process; models deep-copy it."""
-    return load_backbone(name, pretrained)
-
-
-def build_model(cfg: Config, seed: int) -> SavltModel:
-    """A fresh SAVLT model whose trainable initialisation depends only on ``seed``."""
-    backbone = cached_backbone(cfg.model.name, cfg.model.pretrained)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = SavltModel(cfg, backbone)
-    return model.to(pick_device(cfg.train.device))
-
-
-_CACHED_MODELS: dict[tuple[str, int], SavltModel] = {}
-
-
-def cached_model(cfg: Config, seed: int) -> SavltModel:
-    """One model per process, reused across federated rounds (no rebuild cost per message).
-
-    Callers load a global state with :meth:`SavltModel.load_global_state`, which overwrites
-    every trainable tensor and every frozen weight under LoRA, so reuse is exact.
-    """
-    key = (json.dumps(cfg.to_dict(), sort_keys=True), seed)
-    if key not in _CACHED_MODELS:
-        _CACHED_MODELS.clear()  # one configuration at a time: bounded memory
-        _CACHED_MODELS[key] = build_model(cfg, seed)
-    return _CACHED_MODELS[key]
-
-
-def image_sets(cfg: Config, samples: dict[str, list[Sample]], train: bool) -> dict[str, ImageSet]:
-    """ImageSets sized and normalised for the configured backbone."""
-    bb = cached_backbone(cfg.model.name, cfg.model.pretrained)
-    return {k: ImageSet(v, bb.image_size, bb.mean, bb.std, train=train) for k, v in samples.items()}
+from savlt_model.data.images import ImageSet, make_loader
+from savlt_model.model.adapters import payload_parameters
+from savlt_model.model.build import autocast
+from savlt_model.model.savlt import SavltModel
 
 
 def cosine_lr(step: int, total: int, lr: float, min_lr: float) -> float:
@@ -158,36 +98,3 @@ def train_steps(
     bar.close()
     model.eval()
     return TrainStats(loss=float(running) / max(done, 1), steps=done, examples=done * batch)
-
-
-@torch.no_grad()
-def predict(
-    model: SavltModel, dataset: ImageSet, batch_size: int, amp: bool = True
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Softmax probabilities (N, C), labels (N,) and image features (N, d) for a dataset."""
-    model.eval()
-    device = next(model.parameters()).device
-    loader = make_loader(dataset, batch_size, shuffle=False, seed=0)
-    probs, labels, feats = [], [], []
-    for images, y in loader:
-        with autocast(device, amp):
-            out = model(images.to(device, non_blocking=True))
-        probs.append(F.softmax(out.logits.float(), dim=-1).cpu())
-        feats.append(out.features.float().cpu())
-        labels.append(y)
-    return torch.cat(probs).numpy(), torch.cat(labels).numpy(), torch.cat(feats).numpy()
-
-
-@torch.no_grad()
-def anchor_agreement(
-    model: SavltModel, dataset: ImageSet, batch_size: int
-) -> tuple[list[int], list[float]]:
-    """Per-class counts n_c and mean cos(f(x), T_c) over the class-c images (0 when absent)."""
-    _, labels, feats = predict(model, dataset, batch_size)
-    anchors = model.anchors.float().cpu().numpy()
-    counts, agreement = [], []
-    for c in range(len(model.classes)):
-        mask = labels == c
-        counts.append(int(mask.sum()))
-        agreement.append(float((feats[mask] @ anchors[c]).mean()) if mask.any() else 0.0)
-    return counts, agreement

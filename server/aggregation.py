@@ -4,9 +4,8 @@ Pure tensors and numpy, no Flower, so the maths is testable and benchmarkable on
 the Flower strategy only unpacks messages, calls :func:`check_update` and :func:`aggregate`,
 and logs the report (SAVLT_METHOD.md §4).
 
-- ``fedavg`` / ``fedprox``: every tensor weighted by n_k (FedProx differs only on the client).
-- ``text-anchored``: shared tensors weighted by n_k * exp(lambda * mean_c a_kc), prototype
-  row c by n_kc>0 * n_k * exp(lambda * a_kc); lambda = 0 is bitwise FedAvg (same code path).
+- the client weights come from the method's entry in :mod:`savlt_model.methods`
+  (FedAvg's n_k, text-anchored's anchor agreement, ...); this module checks and applies them.
 - LoRA ``naive`` averages A and B separately (mean(B) mean(A) != mean(B A): the error is
   measured and reported); ``fedex`` (FedEx-LoRA) also sends the dense difference as
   ``residual.<prefix>``, which clients add to their frozen weights, so the merged effective
@@ -21,10 +20,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from savlt_model.adapters import lora_pairs
+from savlt_model.config import FederatedConfig
 from savlt_model.errors import SavltError
+from savlt_model.methods import HospitalStats, get_method
+from savlt_model.model.adapters import lora_pairs
 
-METHODS = ("fedavg", "fedprox", "text-anchored")
 LORA_MODES = ("naive", "fedex")
 RESIDUAL = "residual."
 PROTOTYPES = "prototypes"
@@ -90,32 +90,10 @@ def check_update(
     return None
 
 
-def _normalise(raw: np.ndarray) -> np.ndarray:
-    """Scale along axis 0 to sum 1 (float64)."""
-    return raw / raw.sum(axis=0, keepdims=True)
-
-
-def _softweights(n: np.ndarray, logits: np.ndarray, present: np.ndarray) -> np.ndarray:
-    """n * exp(logits - max) over ``present`` rows, normalised along axis 0.
-
-    FedAvg passes zero logits: exp(0) == 1.0 exactly, so with lambda = 0 text-anchored and
-    FedAvg run identical float operations and agree bitwise.
-    """
-    shifted = np.where(present, logits, -np.inf)
-    shifted = shifted - shifted.max(axis=0, keepdims=True)
-    return _normalise(np.where(present, n * np.exp(shifted), 0.0))
-
-
-def client_weights(
-    updates: list[ClientUpdate], method: str, anchor_lambda: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """(shared weights (K,), prototype weights (K, C)); the vector and each column sum to 1."""
-    if method not in METHODS:
-        raise SavltError(f"unknown aggregation method {method!r}; choose one of {METHODS}")
+def hospital_stats(updates: list[ClientUpdate]) -> HospitalStats:
+    """The numbers a weighting rule may use, checked for consistency across hospitals."""
     if not updates:
         raise SavltError("no client updates to aggregate")
-    if not math.isfinite(anchor_lambda):
-        raise SavltError(f"anchor_lambda must be finite, got {anchor_lambda}")
     n_classes = {len(u.class_counts) for u in updates} | {len(u.agreement) for u in updates}
     if len(n_classes) != 1:
         raise SavltError(f"clients disagree on the number of classes: {sorted(n_classes)}")
@@ -123,22 +101,32 @@ def client_weights(
     if (n <= 0).any():
         raise SavltError(f"every client needs num_examples > 0, got {n.astype(int).tolist()}")
     counts = np.array([u.class_counts for u in updates], dtype=np.float64).reshape(len(updates), -1)
-    present = counts > 0
-    if method == "text-anchored":
-        if not present.any(axis=1).all():
-            raise SavltError("text-anchored weighting needs every client to report a class count")
-        raw = np.array([u.agreement for u in updates], dtype=np.float64).reshape(counts.shape)
-        agreement = np.where(present, raw, 0.0)  # NaN for absent classes must not leak
-        shared_logits = anchor_lambda * (agreement.sum(axis=1) / present.sum(axis=1))
-        proto_logits = anchor_lambda * agreement
-    else:
-        shared_logits = np.zeros(len(updates))
-        proto_logits = np.zeros(counts.shape)
-        present = np.ones(counts.shape, dtype=bool)  # FedAvg: every client counts for every row
-    shared = _softweights(n, shared_logits, np.ones(len(updates), dtype=bool))
-    nobody = ~present.any(axis=0)  # no client has class c: fall back to the shared weights
-    proto = _softweights(n[:, None], proto_logits, present | nobody)
-    return shared, np.where(nobody, shared[:, None], proto)
+    agreement = np.array([u.agreement for u in updates], dtype=np.float64).reshape(counts.shape)
+    return HospitalStats(n, counts, agreement)
+
+
+def client_weights(
+    updates: list[ClientUpdate], method: str, fl: FederatedConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """(shared weights (K,), prototype weights (K, C)) by the method's registered rule.
+
+    Whatever the rule, the weights must be finite and non-negative, and the vector and each
+    column must sum to 1, or the aggregate would silently be no average at all.
+    """
+    entry = get_method(method)
+    if entry.weighting is None:
+        raise SavltError(f"method {method!r} is not federated; it has no aggregation weights")
+    if not math.isfinite(fl.anchor_lambda):
+        raise SavltError(f"anchor_lambda must be finite, got {fl.anchor_lambda}")
+    stats = hospital_stats(updates)
+    shared, proto = entry.weighting(stats, fl)
+    k, c = stats.class_counts.shape
+    for name, w, shape in (("shared", shared, (k,)), ("prototype", proto, (k, c))):
+        if w.shape != shape or not np.isfinite(w).all() or (w < 0).any():
+            raise SavltError(f"method {method!r} gave bad {name} weights {w.tolist()}")
+        if not np.allclose(w.sum(axis=0), 1.0):
+            raise SavltError(f"method {method!r}: {name} weights do not sum to 1")
+    return shared, proto
 
 
 def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -166,8 +154,7 @@ def aggregate(
     updates: list[ClientUpdate],
     global_state: dict[str, torch.Tensor],
     method: str,
-    anchor_lambda: float,
-    lora_mode: str,
+    fl: FederatedConfig,
     scalings: dict[str, float],
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """New global state (float32, CPU) and a report for the round's log line.
@@ -177,9 +164,10 @@ def aggregate(
     ||sum_k w_k B_k A_k - B̄ Ā||_F / ||sum_k w_k B_k A_k||_F (the scaling cancels), i.e. how
     wrong naive averaging is this round, whichever mode was used.
     """
+    lora_mode = fl.lora_aggregation
     if lora_mode not in LORA_MODES:
         raise SavltError(f"unknown lora_mode {lora_mode!r}; choose one of {LORA_MODES}")
-    shared_np, proto_np = client_weights(updates, method, anchor_lambda)
+    shared_np, proto_np = client_weights(updates, method, fl)
     keys = _payload_keys(global_state)
     for u in updates:
         if sorted(u.state) != keys:

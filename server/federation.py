@@ -1,8 +1,9 @@
 """One federated training job (method x seed) as the ServerApp runs it.
 
 Builds the server's reference model (fingerprints, initial payload, LoRA scalings), resumes
-from the last completed round when asked, drives :class:`SavltStrategy`, scores the final
-global adapter and writes everything under the run directory.
+from the last completed round when asked, and drives :class:`SavltStrategy`, which
+checkpoints every round under the run directory. The method's registry entry supplies the
+hospitals' loss terms for every round's plan.
 """
 
 from __future__ import annotations
@@ -12,20 +13,18 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp import Grid
 
-from savlt_model.adapters import lora_scalings, trainable_state
-from savlt_model.atomic import write_json
-from savlt_model.central import adapter_meta
-from savlt_model.checkpoint import save_adapter
 from savlt_model.config import Config
+from savlt_model.data.partition import build_partition
 from savlt_model.errors import SavltError
-from savlt_model.evaluation import save_figures, score_centers
-from savlt_model.protocol import data_root, is_synthetic
-from savlt_model.results import make_record
-from savlt_model.train import build_model, cached_model, image_sets
-from savlt_model.wire import RoundPlan
+from savlt_model.evaluation import score_centers
+from savlt_model.messages import RoundPlan
+from savlt_model.methods import get_method
+from savlt_model.model.adapters import lora_scalings, trainable_state
+from savlt_model.model.build import build_model, cached_model, image_sets
 from server.strategy import (
     RoundLog,
     SavltStrategy,
@@ -33,7 +32,6 @@ from server.strategy import (
     save_checkpoint,
     with_privacy,
 )
-from simulation.protocols import build_protocol
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +53,10 @@ class FederatedJob:
         return self.out_dir / "checkpoints" / f"{self.tag}.safetensors"
 
     @property
+    def adapter_file(self) -> Path:
+        return self.out_dir / "adapters" / f"{self.tag}.safetensors"
+
+    @property
     def result_file(self) -> Path:
         return self.out_dir / "jobs" / f"{self.tag}.json"
 
@@ -67,8 +69,9 @@ def local_steps(cfg: Config) -> int:
 
 
 def run_federated(grid: Grid, job: FederatedJob) -> dict:
-    """Train, checkpoint every round, score the final global model; returns the job summary."""
+    """Train and checkpoint every round; returns the job summary (:func:`job_summary`)."""
     cfg, method, seed = job.cfg, job.method, job.seed
+    terms = get_method(method).loss_terms(cfg.fl)
     reference = build_model(cfg, seed)
     steps = local_steps(cfg)
 
@@ -82,6 +85,7 @@ def run_federated(grid: Grid, job: FederatedJob) -> dict:
             steps * cfg.fl.rounds,
             reference.backbone_fingerprint,
             reference.anchor_fingerprint,
+            terms,
         )
 
     loaded = load_checkpoint(job.checkpoint) if job.resume else None
@@ -91,7 +95,7 @@ def run_federated(grid: Grid, job: FederatedJob) -> dict:
     else:
         state, done, history = trainable_state(reference), 0, RoundLog()
     tests = (
-        image_sets(cfg, build_protocol(cfg, seed).tests, train=False) if cfg.fl.server_eval else {}
+        image_sets(cfg, build_partition(cfg, seed).tests, train=False) if cfg.fl.server_eval else {}
     )
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -135,6 +139,16 @@ def run_federated(grid: Grid, job: FederatedJob) -> dict:
             timeout=cfg.fl.round_timeout,
             evaluate_fn=evaluate_global if tests else None,
         )
+    return job_summary(job)[1]
+
+
+def job_summary(job: FederatedJob) -> tuple[dict[str, torch.Tensor], dict]:
+    """(final global state, summary) of a job from its last checkpoint.
+
+    The summary holds the per-round history, the server's per-round scores (``curves``),
+    refused or failed hospitals (``events``) and the bytes moved; scoring the final model
+    is the caller's (:mod:`simulation.finish`, or the ``flwr run`` ServerApp's log).
+    """
     final = load_checkpoint(job.checkpoint)
     if final is None:
         raise SavltError(
@@ -142,41 +156,14 @@ def run_federated(grid: Grid, job: FederatedJob) -> dict:
             "See the log for the hospitals' errors"
         )
     state, rounds_done, history = final
-    model = cached_model(cfg, seed)
-    model.load_global_state(state)
-    upload = max((r["upload-bytes"] for r in history.rows), default=0)
     summary = {
-        "method": method,
-        "seed": seed,
+        "method": job.method,
+        "seed": job.seed,
         "rounds": rounds_done,
-        "upload_bytes": upload,
+        "upload_bytes": max((r["upload-bytes"] for r in history.rows), default=0),
         "download_bytes": max((r["download-bytes"] for r in history.rows), default=0),
         "history": history.rows,
         "curves": history.evals,
         "events": history.events,
-        "records": [],
     }
-    if tests:
-        scores = score_centers(model, tests, cfg.train.eval_batch_size)
-        synthetic = is_synthetic(data_root(cfg))
-        summary["records"] = [
-            make_record(
-                method,
-                c,
-                seed,
-                cfg.data.shots,
-                s.metrics,
-                protocol=cfg.fl.protocol,
-                rounds=rounds_done,
-                upload_bytes=upload,
-            )
-            for c, s in scores.items()
-        ]
-        save_figures(scores, model, job.out_dir / "figures", job.tag, synthetic)
-    save_adapter(
-        job.out_dir / "adapters" / f"{job.tag}.safetensors",
-        state,
-        adapter_meta(model, cfg, method=method, seed=seed, rounds=rounds_done),
-    )
-    write_json(job.result_file, summary)
-    return summary
+    return state, summary

@@ -1,7 +1,7 @@
 """The SAVLT Flower strategy: FedAvg's sampling, with SAVLT's validation and aggregation.
 
-One class serves FedAvg, FedProx (the proximal term runs on the client) and text-anchored
-aggregation; the method only changes the client weights (:mod:`server.aggregation`).
+One class serves every registered federated method (:mod:`savlt_model.methods`):
+a method only changes the client weights and the loss terms sent in each round's plan.
 Every update is checked before it can be averaged, and every completed round is
 checkpointed atomically so that a restarted server resumes from it.
 """
@@ -24,10 +24,10 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from savlt_model.backbone import fingerprint_tensors
 from savlt_model.checkpoint import load_adapter, save_adapter
 from savlt_model.config import Config, check_privacy
-from savlt_model.wire import ARRAYS, CONFIG, METRICS, RoundPlan
+from savlt_model.messages import ARRAYS, CONFIG, METRICS, RoundPlan
+from savlt_model.model.backbone import fingerprint_tensors
 from server.aggregation import ClientUpdate, aggregate, check_update
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def array_bytes(record: ArrayRecord) -> int:
 
 
 class SavltStrategy(FedAvg):
-    """FedAvg/FedProx/text-anchored aggregation of the SAVLT payload."""
+    """Aggregation of the SAVLT payload by the round plan's registered method."""
 
     def __init__(
         self,
@@ -164,8 +164,7 @@ class SavltStrategy(FedAvg):
             updates,
             self.sent,
             plan.method,
-            cfg.fl.anchor_lambda,
-            cfg.fl.lora_aggregation,
+            cfg.fl,
             self.scalings,
         )
         total = sum(u.num_examples for u in updates)

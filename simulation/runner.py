@@ -1,8 +1,9 @@
 """``savlt simulate``: every method of a protocol over every seed, in one run.
 
-Centralised (pooled data) and local-only baselines train in this process; FedAvg, FedProx and
-text-anchored aggregation run the real Flower ServerApp and ClientApp through
-``flwr.simulation.run_simulation``. Every (method, seed) job writes ``jobs/<tag>.json`` when
+Centralised (pooled data) and local-only baselines train in this process; every federated
+method of the registry runs the real Flower ServerApp and ClientApp through
+``flwr.simulation.run_simulation``, and its final global model is then finished like the
+baselines' (:mod:`simulation.finish`). Every (method, seed) job writes ``jobs/<tag>.json`` when
 it finishes, so ``--resume`` skips finished jobs and continues an interrupted federated job
 from its last checkpointed round.
 """
@@ -14,90 +15,29 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
 from flwr.serverapp import ServerApp
 from tqdm.auto import tqdm
 
 from savlt_model.atomic import write_json
-from savlt_model.central import fit_and_score
 from savlt_model.config import Config
-from savlt_model.evaluation import CenterScore
-from savlt_model.metrics import METRIC_KEYS
-from savlt_model.plots import plot_method_bars
-from savlt_model.protocol import data_root, is_synthetic
-from savlt_model.results import make_record, summarize
-from savlt_model.wire import METHODS_FEDERATED
-from server.federation import FederatedJob, local_steps, run_federated
-from simulation.protocols import build_protocol
+from savlt_model.data.partition import build_partition
+from savlt_model.data.protocol import data_root, is_synthetic
+from savlt_model.methods import get_method
+from savlt_model.model.build import cached_model, image_sets
+from server.federation import FederatedJob, job_summary, run_federated
+from simulation.baselines import run_baseline
+from simulation.finish import Finish, finish_model
+from simulation.plots import plot_method_bars
+from simulation.results import summarize
+from simulation.synth import ensure_data
 
 log = logging.getLogger(__name__)
-
-
-def _mean_metrics(scores: list[CenterScore]) -> dict:
-    """Local-only: the average hospital (metrics averaged, confusion matrices summed)."""
-    out: dict = {}
-    for key in METRIC_KEYS:
-        values = [s.metrics[key] for s in scores if s.metrics[key] is not None]
-        out[key] = float(np.mean(values)) if values else None
-    out["confusion"] = np.sum([s.metrics["confusion"] for s in scores], axis=0).tolist()
-    out["n"] = scores[0].metrics["n"]
-    return out
-
-
-def run_baseline(cfg: Config, method: str, seed: int, out: Path) -> dict:
-    protocol = build_protocol(cfg, seed)
-    if method == "central":
-        scores, loss = fit_and_score(
-            cfg,
-            f"central_seed{seed}",
-            seed,
-            protocol.pooled_train,
-            protocol.tests,
-            cfg.total_iterations,
-            out,
-        )
-        records = [
-            make_record(
-                "central",
-                c,
-                seed,
-                cfg.data.shots,
-                s.metrics,
-                protocol=cfg.fl.protocol,
-                train_loss=loss,
-            )
-            for c, s in scores.items()
-        ]
-        return {"method": method, "seed": seed, "records": records, "curves": []}
-    # Each hospital alone, with the same per-hospital compute as in the federation.
-    steps = local_steps(cfg) * cfg.fl.rounds
-    per_center: dict[str, list[CenterScore]] = {}
-    for i, hospital in enumerate(protocol.hospitals):
-        scores, _ = fit_and_score(
-            cfg, f"local_seed{seed}_h{i}", seed, hospital.train, protocol.tests, steps, out
-        )
-        for c, s in scores.items():
-            per_center.setdefault(c, []).append(s)
-    records = [
-        make_record(
-            "local",
-            c,
-            seed,
-            cfg.data.shots,
-            _mean_metrics(s),
-            protocol=cfg.fl.protocol,
-            hospitals=[h.name for h in protocol.hospitals],
-            per_hospital_acc_5class=[x.metrics["acc_5class"] for x in s],
-        )
-        for c, s in per_center.items()
-    ]
-    return {"method": method, "seed": seed, "records": records, "curves": []}
 
 
 def server_app_for(
     *jobs: FederatedJob, failures: list[BaseException] | None = None, progress: tqdm | None = None
 ) -> ServerApp:
-    """A ServerApp that runs ``jobs`` one after another over the same SuperNodes.
+    """A ServerApp that runs and finishes ``jobs`` one after another over the same SuperNodes.
 
     A failing job stops the app; its exception is appended to ``failures`` (re-raised by the
     caller outside Flower's thread) or, without that list, logged.
@@ -109,6 +49,7 @@ def server_app_for(
         for job in jobs:
             try:
                 run_federated(grid, job)
+                finish_federated(job)
             except Exception as exc:
                 log.error("%s failed: %s", job.tag, exc)
                 if failures is not None:
@@ -148,12 +89,39 @@ def _result(job: FederatedJob) -> dict:
     return json.loads(job.result_file.read_text())
 
 
+def finish_federated(job: FederatedJob) -> dict:
+    """Finish the job's final global model (scores on the partition's test sets when
+    ``fl.server_eval``, figures, adapter with its FedEx residuals) and write its result."""
+    cfg = job.cfg
+    state, summary = job_summary(job)
+    model = cached_model(cfg, job.seed)
+    model.load_global_state(state)
+    tests = build_partition(cfg, job.seed).tests if cfg.fl.server_eval else {}
+    run = Finish(
+        job.out_dir, job.tag, job.method, job.seed, cfg.data.shots, is_synthetic(data_root(cfg))
+    )
+    _, summary["records"] = finish_model(
+        model,
+        image_sets(cfg, tests, train=False),
+        cfg.train.eval_batch_size,
+        run,
+        adapter_cfg=cfg,
+        adapter_state=state,
+        adapter_extra={"rounds": summary["rounds"]},
+        partition=cfg.fl.partition,
+        rounds=summary["rounds"],
+        upload_bytes=summary["upload_bytes"],
+    )
+    write_json(job.result_file, summary)
+    return summary
+
+
 def run_job(cfg: Config, method: str, seed: int, out: Path, resume: bool) -> dict:
     """One (method, seed) job; a finished one is reused when resuming."""
     job = FederatedJob(cfg, method, seed, out, resume)
     if resume and job.result_file.is_file():
         log.info("%s: finished in an earlier run, reusing %s", job.tag, job.result_file)
-    elif method in ("central", "local"):
+    elif not get_method(method).federated:
         write_json(job.result_file, run_baseline(cfg, method, seed, out))
     else:
         simulate_federated(cfg, [job])
@@ -183,7 +151,7 @@ def run_simulate(cfg: Config, out: Path, resume: bool = False) -> list[dict]:
     Leave-one-centre-out jobs (``fl.leave_one_out``) write under ``out/heldout-<centre>`` and
     their records are reported with the centre named ``<centre> (held out)``.
     """
-    synthetic = is_synthetic(data_root(cfg))
+    synthetic = is_synthetic(ensure_data(cfg))
     variants = [(cfg, out, "")] + [
         (c, out / f"heldout-{c.fl.held_out}", " (held out)") for c in leave_one_out_configs(cfg)
     ]
@@ -199,15 +167,12 @@ def run_simulate(cfg: Config, out: Path, resume: bool = False) -> list[dict]:
             for m in cfg.fl.methods
         ]
         for job in jobs:
-            if job.method in ("central", "local"):
+            if not get_method(job.method).federated:
                 run_job(job_cfg, job.method, job.seed, job_out, resume)
                 bar.update()
-        pending = [
-            j
-            for j in jobs
-            if j.method in METHODS_FEDERATED and not (resume and j.result_file.is_file())
-        ]
-        bar.update(sum(j.method in METHODS_FEDERATED for j in jobs) - len(pending))
+        federated = [j for j in jobs if get_method(j.method).federated]
+        pending = [j for j in federated if not (resume and j.result_file.is_file())]
+        bar.update(len(federated) - len(pending))
         simulate_federated(job_cfg, pending, bar)
         for job in jobs:
             summary = _result(job)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from savlt_model.config import Config, load_config
-from savlt_model.synth import generate
+from simulation.synth import generate
 
 
 @pytest.fixture(scope="session")
@@ -28,7 +28,7 @@ def fed_config(fed_data_root) -> Callable[..., Config]:
             [
                 f"data.root={fed_data_root}",
                 "data.synthetic.enabled=false",
-                "fl.protocol=centers",  # every hospital holds every class
+                "fl.partition=centers",  # every hospital holds every class
                 "fl.rounds=2",
                 "fl.local_steps=1",
                 "train.batch_size=8",
@@ -59,7 +59,7 @@ def train_replies(monkeypatch) -> list:
 
 def check_declared_replies(replies: list, payload: set[str], n: int) -> None:
     """What crossed the network: the payload tensors and declared metric names, numbers only."""
-    from savlt_model.wire import TRAIN_METRIC_KEYS
+    from savlt_model.messages import TRAIN_METRIC_KEYS
 
     assert len(replies) == n
     for msg in replies:

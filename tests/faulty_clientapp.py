@@ -21,7 +21,7 @@ from flwr.clientapp import ClientApp
 
 from client.app import evaluate as real_evaluate
 from client.app import train as real_train
-from savlt_model.wire import ARRAYS, CONFIG
+from savlt_model.messages import ARRAYS, CONFIG
 
 FAULTS_KEY = "test-faults"
 app = ClientApp()

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from savlt_model.config import FederatedConfig
 from savlt_model.errors import SavltError
 from server.aggregation import ClientUpdate, aggregate, check_update, client_weights
 
@@ -56,6 +57,10 @@ def _global(seed: int = 99, residual: bool = False) -> dict[str, torch.Tensor]:
     return state
 
 
+def _fl(anchor_lambda: float, lora: str = "naive") -> FederatedConfig:
+    return FederatedConfig(anchor_lambda=anchor_lambda, lora_aggregation=lora)  # type: ignore[arg-type]
+
+
 def _fedavg(updates: list[ClientUpdate], key: str) -> torch.Tensor:
     n = torch.tensor([float(u.num_examples) for u in updates], dtype=torch.float64)
     stacked = torch.stack([u.state[key].double() for u in updates])
@@ -66,11 +71,11 @@ def test_weights_sum_to_one() -> None:
     counts = [[5, 0, 3, 1], [0, 0, 2, 7], [1, 0, 4, 0]]  # nobody has class 1
     updates = _updates(counts=counts)
     for method in ("fedavg", "fedprox", "text-anchored"):
-        shared, proto = client_weights(updates, method, 2.0)
+        shared, proto = client_weights(updates, method, _fl(2.0))
         assert shared.shape == (3,) and proto.shape == (3, C)
         np.testing.assert_allclose(shared.sum(), 1.0, rtol=1e-12)
         np.testing.assert_allclose(proto.sum(axis=0), np.ones(C), rtol=1e-12)
-    shared, proto = client_weights(updates, "text-anchored", 2.0)
+    shared, proto = client_weights(updates, "text-anchored", _fl(2.0))
     np.testing.assert_array_equal(proto[:, 1], shared)  # no client has class 1: shared fallback
 
 
@@ -78,8 +83,8 @@ def test_lambda_zero_is_fedavg_bitwise() -> None:
     updates = _updates(k=4)
     glob = _global()
     for mode in ("naive", "fedex"):
-        fed, _ = aggregate(updates, glob, "fedavg", 0.0, mode, SCALINGS)
-        anchored, _ = aggregate(updates, glob, "text-anchored", 0.0, mode, SCALINGS)
+        fed, _ = aggregate(updates, glob, "fedavg", _fl(0.0, mode), SCALINGS)
+        anchored, _ = aggregate(updates, glob, "text-anchored", _fl(0.0, mode), SCALINGS)
         assert fed.keys() == anchored.keys()
         for key in fed:
             assert torch.equal(fed[key], anchored[key]), key
@@ -91,11 +96,11 @@ def test_higher_agreement_gets_more_weight() -> None:
     updates = _updates(k=2, agreement=[[0.2] * C, [0.6] * C])
     for u in updates:
         u.num_examples = 50
-    shared, proto = client_weights(updates, "text-anchored", 5.0)
+    shared, proto = client_weights(updates, "text-anchored", _fl(5.0))
     assert shared[1] > shared[0]
     np.testing.assert_allclose(shared[1] / shared[0], np.exp(5.0 * 0.4), rtol=1e-12)
     assert (proto[1] > proto[0]).all()
-    shared, _ = client_weights(updates, "fedavg", 5.0)  # lambda is ignored by FedAvg
+    shared, _ = client_weights(updates, "fedavg", _fl(5.0))  # lambda is ignored by FedAvg
     np.testing.assert_array_equal(shared, [0.5, 0.5])
 
 
@@ -103,9 +108,9 @@ def test_client_without_class_does_not_drag_prototype() -> None:
     counts = [[5, 5, 5, 5], [5, 0, 5, 5], [5, 5, 5, 5]]
     agreement = [[0.3] * C, [0.9, float("nan"), 0.9, 0.9], [0.5] * C]  # NaN where n_kc == 0
     updates = _updates(counts=counts, agreement=agreement)
-    _, proto = client_weights(updates, "text-anchored", 3.0)
+    _, proto = client_weights(updates, "text-anchored", _fl(3.0))
     assert proto[1, 1] == 0.0
-    new, _ = aggregate(updates, _global(), "text-anchored", 3.0, "naive", {})
+    new, _ = aggregate(updates, _global(), "text-anchored", _fl(3.0, "naive"), {})
     others = [updates[0], updates[2]]
     w = np.array(
         [u.num_examples * np.exp(3.0 * a) for u, a in zip(others, (0.3, 0.5), strict=True)]
@@ -121,8 +126,8 @@ def test_client_without_class_does_not_drag_prototype() -> None:
 def test_fedex_is_exact(method: str, old_residual: bool) -> None:
     updates = _updates(k=5, seed=3)
     glob = _global(residual=old_residual)
-    new, report = aggregate(updates, glob, method, 1.5, "fedex", SCALINGS)
-    shared, _ = client_weights(updates, method, 1.5)
+    new, report = aggregate(updates, glob, method, _fl(1.5, "fedex"), SCALINGS)
+    shared, _ = client_weights(updates, method, _fl(1.5))
     assert report["weights"] == shared.tolist()
     for prefix, shape in LAYERS.items():
         s = SCALINGS[prefix]
@@ -145,19 +150,19 @@ def test_fedex_is_exact(method: str, old_residual: bool) -> None:
 
 
 def test_naive_error_reported() -> None:
-    new, report = aggregate(_updates(seed=1), _global(), "fedavg", 0.0, "naive", {})
+    new, report = aggregate(_updates(seed=1), _global(), "fedavg", _fl(0.0, "naive"), {})
     assert not any(k.startswith("residual.") for k in new)
     assert report["lora_naive_rel_error"] > 0.3  # random factors: the product is badly wrong
     assert report["lora_max_rel_error"] >= report["lora_naive_rel_error"]
     glob = _global(residual=True)
-    kept, _ = aggregate(_updates(seed=1), glob, "fedavg", 0.0, "naive", {})
+    kept, _ = aggregate(_updates(seed=1), glob, "fedavg", _fl(0.0, "naive"), {})
     for prefix in LAYERS:  # naive mode leaves an earlier exact round's residual as it was
         assert torch.equal(kept[f"residual.{prefix}"], glob[f"residual.{prefix}"])
 
     same = _updates(seed=1)
     for u in same[1:]:
         u.state = {k: v.clone() for k, v in same[0].state.items()}
-    _, report = aggregate(same, _global(), "text-anchored", 1.0, "fedex", SCALINGS)
+    _, report = aggregate(same, _global(), "text-anchored", _fl(1.0, "fedex"), SCALINGS)
     assert report["lora_naive_rel_error"] == pytest.approx(0.0, abs=1e-6)
     assert report["lora_max_rel_error"] == pytest.approx(0.0, abs=1e-6)
 
@@ -165,13 +170,13 @@ def test_naive_error_reported() -> None:
 def test_aggregate_refuses_bad_arguments() -> None:
     updates, glob = _updates(), _global()
     with pytest.raises(SavltError, match="method"):
-        aggregate(updates, glob, "fedmedian", 0.0, "naive", {})
+        aggregate(updates, glob, "fedmedian", _fl(0.0, "naive"), {})
     with pytest.raises(SavltError, match="lora_mode"):
-        aggregate(updates, glob, "fedavg", 0.0, "flora", {})
+        aggregate(updates, glob, "fedavg", _fl(0.0, "flora"), {})
     with pytest.raises(SavltError, match="no client updates"):
-        aggregate([], glob, "fedavg", 0.0, "naive", {})
+        aggregate([], glob, "fedavg", _fl(0.0, "naive"), {})
     with pytest.raises(SavltError, match="scaling"):
-        aggregate(updates, glob, "fedavg", 0.0, "fedex", {"clip.blk0.attn": 1.0})
+        aggregate(updates, glob, "fedavg", _fl(0.0, "fedex"), {"clip.blk0.attn": 1.0})
 
 
 def _poked(shape: tuple[int, ...], value: float) -> torch.Tensor:

@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from savlt_model.adapters import payload_parameters
-from savlt_model.attention import LinearAttention, lora_targets
-from savlt_model.backbone import load_backbone
 from savlt_model.config import load_config
 from savlt_model.errors import SavltError
-from savlt_model.model import SavltModel
+from savlt_model.model.adapters import payload_parameters
+from savlt_model.model.attention import LinearAttention, lora_targets
+from savlt_model.model.backbone import load_backbone
+from savlt_model.model.savlt import SavltModel
 
 
 @pytest.fixture(scope="module")

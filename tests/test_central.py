@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from savlt_model.cli import main
 from savlt_model.metrics import METRIC_KEYS
+from tools.cli import main
 
 pytestmark = pytest.mark.slow
 

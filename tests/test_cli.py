@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from savlt_model.cli import main
+from tools.cli import main
 
 
 def _error_line(capsys) -> str:

@@ -11,17 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from savlt_model import data
-from savlt_model.data import (
-    ImageSet,
-    Sample,
-    few_shot,
-    load_image,
-    load_sites,
-    make_loader,
-    scan_center,
-    split_center,
-)
+from savlt_model.data import images, splits
+from savlt_model.data.folders import Sample, load_sites, scan_center
+from savlt_model.data.images import ImageSet, load_image, make_loader
+from savlt_model.data.splits import few_shot, split_center
 from savlt_model.errors import SavltError
 
 CLASSES = ["cyst", "cancer", "ectropion"]  # not alphabetical: labels follow this order
@@ -114,7 +107,7 @@ def test_corrupt_file_stops(root: Path) -> None:
 
 def test_corrupt_file_skipped_and_counted(root: Path, caplog: pytest.LogCaptureFixture) -> None:
     corrupt(root)
-    with caplog.at_level(logging.WARNING, logger="savlt_model.data"):
+    with caplog.at_level(logging.WARNING, logger="savlt_model.data.folders"):
         samples = scan_center(root, "mixed", CLASSES, on_bad_file="skip")
     assert len(samples) == 60
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -182,9 +175,9 @@ def test_split_read_only_warns(
     def read_only(path: Path, obj: object) -> Path:
         raise PermissionError(30, "Read-only file system")
 
-    monkeypatch.setattr(data, "write_json", read_only)
+    monkeypatch.setattr(splits, "write_json", read_only)
     samples = scan_center(root, "mixed", CLASSES)
-    with caplog.at_level(logging.WARNING, logger="savlt_model.data"):
+    with caplog.at_level(logging.WARNING, logger="savlt_model.data.splits"):
         split = split_center(root, "mixed", samples)
     assert sum(len(v) for v in split.values()) == 60
     assert "could not save split" in caplog.text
@@ -226,7 +219,7 @@ def test_few_shot_small_class_takes_all(root: Path, caplog: pytest.LogCaptureFix
     samples = [
         s for s in scan_center(root, "mixed", CLASSES) if s.label != 1 or s.key < "cancer/img03"
     ]
-    with caplog.at_level(logging.WARNING, logger="savlt_model.data"):
+    with caplog.at_level(logging.WARNING, logger="savlt_model.data.splits"):
         chosen = few_shot(samples, 5, seed=1, num_classes=3)
     assert sum(s.label == 1 for s in chosen) == 3
     assert "class 1 has 3 image(s), fewer than 5 shots" in caplog.text
@@ -309,8 +302,8 @@ def test_imageset_eval_normalises_and_decodes_once(
     Image.new("L", (40, 30), 0).save(black)
     samples = [Sample(white, 1, "x/w.png"), Sample(black, 0, "x/b.png")]
     calls: list[Path] = []
-    real = data.load_image
-    monkeypatch.setattr(data, "load_image", lambda p, s: calls.append(p) or real(p, s))
+    real = images.load_image
+    monkeypatch.setattr(images, "load_image", lambda p, s: calls.append(p) or real(p, s))
     ds = ImageSet(samples, 16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.25, 0.5), train=False)
     again = ImageSet(samples, 16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.25, 0.5), train=True)
     for _ in range(3):

@@ -12,8 +12,8 @@ import pytest
 
 from savlt_model.checkpoint import load_adapter
 from savlt_model.config import load_config
-from savlt_model.synth import generate
-from server.deploy import (
+from simulation.synth import generate
+from tools.deploy import (
     HospitalNode,
     Processes,
     free_port,

@@ -11,17 +11,18 @@ import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
-from savlt_model.adapters import residual_targets, stable_name
-from savlt_model.backbone import load_backbone
 from savlt_model.checkpoint import load_adapter, save_adapter
-from savlt_model.cli import main
 from savlt_model.config import config_from_dict
-from savlt_model.data import ImageSet, scan_center
+from savlt_model.data.folders import scan_center
+from savlt_model.data.images import ImageSet
 from savlt_model.errors import SavltError
-from savlt_model.export import HEAD_JSON, export_model, load_exported
 from savlt_model.metrics import METRIC_KEYS
-from savlt_model.report import write_report
-from savlt_model.train import build_model, cached_backbone
+from savlt_model.model.adapters import residual_targets, stable_name
+from savlt_model.model.backbone import load_backbone
+from savlt_model.model.build import build_model, cached_backbone
+from simulation.report import write_report
+from tools.cli import main
+from tools.export import HEAD_JSON, export_model, load_exported
 
 pytestmark = pytest.mark.slow
 

@@ -16,12 +16,13 @@ import torch
 from flwr.simulation import run_simulation
 
 from client.app import check_fingerprints
-from savlt_model.backbone import load_backbone
 from savlt_model.checkpoint import load_adapter
 from savlt_model.config import PROJECT_ROOT, load_config
 from savlt_model.errors import SavltError
-from savlt_model.model import SavltModel
-from savlt_model.wire import RoundPlan
+from savlt_model.messages import RoundPlan
+from savlt_model.methods import LossTerms
+from savlt_model.model.backbone import load_backbone
+from savlt_model.model.savlt import SavltModel
 from server import strategy as strategy_module
 from server.federation import FederatedJob
 from simulation.runner import server_app_for
@@ -103,9 +104,8 @@ def test_backbone_and_class_list_mismatches_are_named():
     """The same check the prompts test exercises through Flower, for the other two causes."""
     cfg = load_config(None, ["model.lora.last_n_blocks=1"])
     server = SavltModel(cfg, load_backbone("savlt-tiny"))
-    plan = RoundPlan(
-        cfg, "fedavg", 42, 1, 1, 1, server.backbone_fingerprint, server.anchor_fingerprint
-    )
+    fp = (server.backbone_fingerprint, server.anchor_fingerprint)
+    plan = RoundPlan(cfg, "fedavg", 42, 1, 1, 1, *fp, LossTerms())
     check_fingerprints(server, plan, "same")  # identical set-up: accepted
     other_weights = SavltModel(cfg, load_backbone("savlt-tiny", init_seed=7))
     with pytest.raises(SavltError, match="frozen backbone differs"):

@@ -7,9 +7,9 @@ import shutil
 import pytest
 import torch
 
-from savlt_model.adapters import trainable_state
 from savlt_model.checkpoint import load_adapter
-from savlt_model.train import build_model
+from savlt_model.model.adapters import trainable_state
+from savlt_model.model.build import build_model
 from server import strategy as strategy_module
 from simulation.runner import run_job
 from tests.conftest import check_declared_replies

@@ -8,11 +8,11 @@ import open_clip
 import pytest
 import torch
 
-from savlt_model.adapters import load_trainable_state, payload_parameters, trainable_state
-from savlt_model.backbone import load_backbone
 from savlt_model.config import load_config
 from savlt_model.errors import SavltError
-from savlt_model.model import SavltModel
+from savlt_model.model.adapters import load_trainable_state, payload_parameters, trainable_state
+from savlt_model.model.backbone import load_backbone
+from savlt_model.model.savlt import SavltModel
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +180,7 @@ def test_loss_uses_both_branches(tiny):
 
 def test_cached_model_takes_successive_global_states_exactly(tiny):
     """Reusing one model across rounds equals rebuilding it, FedEx residuals included."""
-    from savlt_model.adapters import residual_targets
+    from savlt_model.model.adapters import residual_targets
 
     cfg = _cfg("model.lora.dropout=0.0")
     reused = SavltModel(cfg, tiny).eval()
@@ -209,7 +209,7 @@ def test_server_scalings_match_what_the_model_applies(tiny):
     This is what makes the FedEx aggregation exact; it also catches a delta applied more
     than once (peft 0.21 does so for a MultiheadAttention out_proj, hence LinearAttention).
     """
-    from savlt_model.adapters import lora_pairs, lora_scalings
+    from savlt_model.model.adapters import lora_pairs, lora_scalings
 
     cfg = _cfg("model.lora.dropout=0.0")
     model = SavltModel(cfg, tiny).eval()

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from savlt_model import synth
-from savlt_model.backbone import load_backbone
 from savlt_model.config import CERVICAL_CLASSES
-from savlt_model.pretrain import PROFILE_RANGES, make_corpus, multi_positive_clip_loss, pretrain
+from savlt_model.model.backbone import load_backbone
+from simulation import synth
+from tools.pretrain import PROFILE_RANGES, make_corpus, multi_positive_clip_loss, pretrain
 
 
 def test_corpus_is_deterministic_per_seed_and_varies_its_scanners() -> None:

@@ -11,14 +11,14 @@ import pytest
 
 from savlt_model.errors import SavltError
 from savlt_model.metrics import METRIC_KEYS, compute_metrics
-from savlt_model.plots import (
+from simulation.plots import (
     plot_confusion,
     plot_method_bars,
     plot_roc,
     plot_round_curves,
     short_name,
 )
-from savlt_model.results import (
+from simulation.results import (
     SYNTHETIC_LABEL,
     format_table,
     make_record,

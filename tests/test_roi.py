@@ -13,7 +13,7 @@ from PIL import Image
 
 from savlt_model.config import RoiConfig
 from savlt_model.errors import SavltError
-from savlt_model.roi import (
+from savlt_model.model.roi import (
     RoiAttentionPool,
     SurfaceDetector,
     UNetMasker,
@@ -23,7 +23,8 @@ from savlt_model.roi import (
     roi_pool_reference,
     roi_top,
 )
-from savlt_model.roi_unet import CLIP_MEAN, CLIP_STD, UNet, load_unet, train_unet
+from savlt_model.model.unet import CLIP_MEAN, CLIP_STD, UNet, load_unet
+from tools.unet_train import train_unet
 
 
 def _normalise(rgb: torch.Tensor) -> torch.Tensor:

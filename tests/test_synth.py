@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from savlt_model import synth
 from savlt_model.config import CERVICAL_CLASSES
 from savlt_model.errors import SavltError
+from simulation import synth
 
 SCALE = 0.1
 CENTRES = ("mixed", "huaxi", "xiangya")

@@ -15,10 +15,10 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from savlt_model.attention import lora_targets
-from savlt_model.backbone import VisionTower
 from savlt_model.config import LoraConfig as LoraSettings
 from savlt_model.errors import SavltError
+from savlt_model.model.attention import lora_targets
+from savlt_model.model.backbone import VisionTower
 
 ADAPTER = "default"
 

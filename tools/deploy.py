@@ -37,7 +37,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from savlt_model.atomic import write_text
 from savlt_model.config import PROJECT_ROOT, Config, dump_config
 from savlt_model.errors import SavltError
-from savlt_model.protocol import data_root
+from simulation.synth import ensure_data
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +289,7 @@ def deploy_config(cfg: Config) -> Config:
     """
     fl = dataclasses.replace(
         cfg.fl,
-        protocol="centers",
+        partition="centers",
         server_eval=False,
         client_eval=True,
         held_out=None,
@@ -325,7 +325,7 @@ def prepare(cfg: Config, out: Path) -> Deployment:
     """Job config, certificates, hospital keys, ports and the flwr CLI config under ``out``."""
     out = out.resolve()
     cfg = deploy_config(cfg)
-    root = data_root(cfg).resolve()  # generates synthetic data if the config asks for it
+    root = ensure_data(cfg).resolve()  # generates synthetic data if the config asks for it
     synthetic = dataclasses.replace(cfg.data.synthetic, enabled=False)
     cfg = dataclasses.replace(
         cfg, data=dataclasses.replace(cfg.data, root=str(root), synthetic=synthetic)

@@ -15,11 +15,11 @@ import yaml
 
 from savlt_model.atomic import write_text
 from savlt_model.config import resolve_path
+from savlt_model.data.protocol import is_synthetic
 from savlt_model.errors import SavltError
 from savlt_model.metrics import METRIC_KEYS
-from savlt_model.plots import plot_round_curves
-from savlt_model.protocol import is_synthetic
-from savlt_model.results import SYNTHETIC_LABEL, read_results, summarize
+from simulation.plots import plot_round_curves
+from simulation.results import SYNTHETIC_LABEL, read_results, summarize
 
 
 def _read_json(path: Path) -> Any:

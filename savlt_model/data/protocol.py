@@ -1,22 +1,20 @@
-"""The original study's data protocol, shared by the centralised and federated runs.
+"""The original study's data protocol (the only "protocol" here), shared by every run.
 
 Train on a K-shot subset of the mixed centre's train split (val reduced to min(K, 16) per
-class); test on the mixed test split and on every external centre in full. Federated
-protocols split these same sets further, so every method is scored on the same test data.
+class); test on the mixed test split and on every external centre in full. Hospital
+partitions (:mod:`savlt_model.data.partition`) split these same sets further, so every method
+is scored on the same test data.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from savlt_model.config import Config, resolve_path
-from savlt_model.data import Sample, few_shot, load_sites, scan_center, split_center
+from savlt_model.data.folders import Sample, load_sites, scan_center
+from savlt_model.data.splits import few_shot, split_center
 from savlt_model.errors import SavltError
-from savlt_model.synth import generate
-
-log = logging.getLogger(__name__)
 
 VAL_SHOTS_MAX = 16
 
@@ -33,16 +31,13 @@ class CenterData:
 
 
 def data_root(cfg: Config) -> Path:
-    """The DATA folder; generates the synthetic one first when the config asks for it."""
+    """The DATA folder, which must exist (``simulation.synth.ensure_data`` generates one)."""
     root = resolve_path(cfg.data.root)
-    syn = cfg.data.synthetic
-    if syn.enabled and not root.exists():
-        log.info("Generating synthetic multi-centre OCT data in %s (seed %d)", root, syn.seed)
-        generate(root, seed=syn.seed, scale=syn.scale, classes=cfg.task.classes)
     if not root.is_dir():
         raise SavltError(
-            f"data.root: {root} does not exist; point it at a DATA folder or set "
-            "data.synthetic.enabled=true (or run `savlt synth --out DIR`)"
+            f"data.root: {root} does not exist; point it at a DATA folder, or generate one "
+            "with `savlt synth --out DIR` (savlt train/simulate do it when "
+            "data.synthetic.enabled is true)"
         )
     return root
 

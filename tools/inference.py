@@ -1,7 +1,7 @@
 """Use an exported model (``savlt export``) on images: per-image predictions, or a scored centre.
 
-Everything is rebuilt from MODEL_DIR alone (:func:`savlt_model.export.load_exported`), and
-images are decoded with :func:`savlt_model.data.load_image`, so grayscale, 16-bit, RGBA and
+Everything is rebuilt from MODEL_DIR alone (:func:`tools.export.load_exported`), and
+images are decoded with :func:`savlt_model.data.images.load_image`, so grayscale, 16-bit, RGBA and
 JPEG scans work exactly as in training.
 """
 
@@ -13,15 +13,18 @@ from pathlib import Path
 
 import numpy as np
 
-from savlt_model.data import ImageSet, Sample, scan_center
+from savlt_model.data.folders import Sample, scan_center
+from savlt_model.data.images import ImageSet
+from savlt_model.data.protocol import is_synthetic
 from savlt_model.errors import SavltError
-from savlt_model.evaluation import save_figures, score_centers
-from savlt_model.export import HEAD_JSON, load_exported
+from savlt_model.evaluation import predict
 from savlt_model.metrics import binary_scores
-from savlt_model.model import SavltModel
-from savlt_model.protocol import is_synthetic
-from savlt_model.results import make_record, write_results, write_summary
-from savlt_model.train import pick_device, predict
+from savlt_model.model.build import pick_device
+from savlt_model.model.savlt import SavltModel
+from simulation.finish import Finish, finish_model
+from simulation.report import write_report
+from simulation.results import write_results, write_summary
+from tools.export import HEAD_JSON, load_exported
 
 BATCH = 32
 
@@ -36,7 +39,7 @@ def predict_images(model_dir: Path, paths: Sequence[Path]) -> list[dict]:
     probability of the positive classes) and ``probs`` (class -> probability).
 
     Images go through the same decoding and normalisation as in training (an ImageSet of
-    unlabelled samples) and the same evaluation loop (:func:`savlt_model.train.predict`).
+    unlabelled samples) and the same evaluation loop (:func:`savlt_model.evaluation.predict`).
     """
     paths = [Path(p) for p in paths]
     missing = [str(p) for p in paths if not p.is_file()]
@@ -70,21 +73,18 @@ def evaluate_folder(model_dir: Path, center_dir: Path, out_dir: Path) -> dict:
     Writes ``results.json``, ``summary.json``, confusion + ROC PNGs under ``figures/`` and
     ``report.md`` into ``out_dir``; returns the metrics (seven keys, ``confusion``, ``n``).
     """
-    from savlt_model.report import write_report
-
     center_dir, out_dir = Path(center_dir), Path(out_dir)
     model, info = _load(model_dir)
     root, center = center_dir.parent, center_dir.name
     samples = scan_center(root, center, model.classes)
     dataset = ImageSet(samples, info["image_size"], info["mean"], info["std"], train=False)
-    scores = score_centers(model, {center: dataset}, BATCH)
     synthetic = is_synthetic(root)
-    tag = f"{info['method']}_seed{info['seed']}"
-    save_figures(scores, model, out_dir / "figures", tag, synthetic)
-    metrics = scores[center].metrics
-    records = [make_record(str(info["method"]), center, int(info["seed"]), None, metrics)]
+    method, seed = str(info["method"]), int(info["seed"])
+    tag = f"{method}_seed{seed}"
+    run = Finish(out_dir, tag, method, seed, None, synthetic)
+    scores, records = finish_model(model, {center: dataset}, BATCH, run, adapter_cfg=None)
     write_results(out_dir / "results.json", records)
     title = f"Exported model {Path(model_dir).name} ({tag}) on {center_dir}"
     write_summary(out_dir / "summary.json", records, {"title": title, "synthetic": synthetic})
     write_report(out_dir)
-    return metrics
+    return scores[center].metrics

@@ -34,11 +34,16 @@ from torchvision.transforms import InterpolationMode, v2
 from tqdm.auto import tqdm
 
 from savlt_model.atomic import atomic_write, write_json
-from savlt_model.backbone import DEFAULT_MODEL, fingerprint_tensors, load_backbone, vision_tower
 from savlt_model.config import CERVICAL_CLASSES, resolve_path
-from savlt_model.roi import SurfaceDetector, patch_keep_mask, roi_top
-from savlt_model.synth import ScannerProfile, render
-from savlt_model.text import load_descriptions
+from savlt_model.model.backbone import (
+    DEFAULT_MODEL,
+    fingerprint_tensors,
+    load_backbone,
+    vision_tower,
+)
+from savlt_model.model.roi import SurfaceDetector, patch_keep_mask, roi_top
+from savlt_model.model.text import load_descriptions
+from simulation.synth import ScannerProfile, render
 
 PROMPTS = "configs/prompts/cervical_oct.yaml"
 CORPUS_KEY = zlib.crc32(b"savlt-pretrain-corpus")  # a seed stream synth.generate never draws

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 from savlt_model.config import load_config
+from savlt_model.data.partition import build_partition
+from savlt_model.data.protocol import paper_protocol
 from savlt_model.errors import SavltError
-from savlt_model.protocol import paper_protocol
-from savlt_model.synth import generate
-from simulation.protocols import build_protocol
 from simulation.runner import leave_one_out_configs
+from simulation.synth import generate
 
 
 @pytest.fixture(scope="module")
@@ -25,40 +25,40 @@ def _cfg(root, *extra):
 
 def test_paper_protocol_splits_the_k_shot_set_by_site(root):
     cfg = _cfg(root)
-    protocol = build_protocol(cfg, 42)
+    partition = build_partition(cfg, 42)
     center, tests = paper_protocol(cfg, 42, with_sites=True)
-    assert len(protocol.hospitals) == 3
-    keys = [s.key for h in protocol.hospitals for s in h.train]
+    assert len(partition.hospitals) == 3
+    keys = [s.key for h in partition.hospitals for s in h.train]
     assert sorted(keys) == sorted(s.key for s in center.train)  # a partition: no overlap
     assert len(set(keys)) == len(keys)
-    for hospital in protocol.hospitals:  # each hospital holds exactly its own sites' images
+    for hospital in partition.hospitals:  # each hospital holds exactly its own sites' images
         assert {center.sites[s.key] for s in hospital.train} == set(hospital.name.split("+"))
     # the same test data as the centralised run
-    assert {c: [s.key for s in v] for c, v in protocol.tests.items()} == {
+    assert {c: [s.key for s in v] for c, v in partition.tests.items()} == {
         c: [s.key for s in v] for c, v in tests.items()
     }
 
 
 def test_paper_protocol_refuses_more_hospitals_than_sites(root):
     with pytest.raises(SavltError, match="sub-site"):
-        build_protocol(_cfg(root, "fl.hospitals=4"), 42)
+        build_partition(_cfg(root, "fl.hospitals=4"), 42)
 
 
 def test_centers_protocol_and_leave_one_out(root):
-    cfg = _cfg(root, "fl.protocol=centers", "fl.leave_one_out=true")
-    protocol = build_protocol(cfg, 5)
-    assert [h.name for h in protocol.hospitals] == ["mixed", "xiangya", "huaxi"]
-    assert set(protocol.tests) == {"mixed", "xiangya", "huaxi"}
-    for h in protocol.hospitals:  # a hospital never trains on its test images
-        assert not {s.key for s in h.train} & {s.key for s in protocol.tests[h.name]}
+    cfg = _cfg(root, "fl.partition=centers", "fl.leave_one_out=true")
+    partition = build_partition(cfg, 5)
+    assert [h.name for h in partition.hospitals] == ["mixed", "xiangya", "huaxi"]
+    assert set(partition.tests) == {"mixed", "xiangya", "huaxi"}
+    for h in partition.hospitals:  # a hospital never trains on its test images
+        assert not {s.key for s in h.train} & {s.key for s in partition.tests[h.name]}
     variants = leave_one_out_configs(cfg)
     assert [v.fl.held_out for v in variants] == ["mixed", "xiangya", "huaxi"]
-    held = build_protocol(variants[2], 5)
+    held = build_partition(variants[2], 5)
     assert [h.name for h in held.hospitals] == ["mixed", "xiangya"]
     assert list(held.tests) == ["huaxi"]
-    assert [s.key for s in held.tests["huaxi"]] == [s.key for s in protocol.tests["huaxi"]]
+    assert [s.key for s in held.tests["huaxi"]] == [s.key for s in partition.tests["huaxi"]]
 
 
 def test_held_out_needs_the_centers_protocol(root):
-    with pytest.raises(SavltError, match=r"fl\.protocol: centers"):
+    with pytest.raises(SavltError, match=r"fl\.partition: centers"):
         _cfg(root, "fl.held_out=huaxi")

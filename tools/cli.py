@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from savlt_model.errors import SavltError
+from savlt_model.methods import describe, federated_methods
 
 log = logging.getLogger("savlt")
 
@@ -65,7 +66,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_synth(args: argparse.Namespace) -> None:
-    from savlt_model.synth import generate
+    from simulation.synth import generate
 
     summary = generate(args.out, seed=args.seed, scale=args.scale)
     counts = summary.get("counts", {})
@@ -85,8 +86,8 @@ def _start_run(args: argparse.Namespace):
 
 
 def _report(records: list[dict], out: Path, cfg, title: str) -> None:
-    from savlt_model.protocol import data_root, is_synthetic
-    from savlt_model.results import format_table, write_results, write_summary
+    from savlt_model.data.protocol import data_root, is_synthetic
+    from simulation.results import format_table, write_results, write_summary
 
     synthetic = is_synthetic(data_root(cfg))
     write_results(out / "results.json", records)
@@ -96,8 +97,8 @@ def _report(records: list[dict], out: Path, cfg, title: str) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from savlt_model.central import run_central
-    from savlt_model.report import write_report
+    from simulation.baselines import run_central
+    from simulation.report import write_report
 
     cfg = _start_run(args)
     records = run_central(cfg, args.out)
@@ -106,7 +107,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_simulate(args: argparse.Namespace) -> None:
-    from savlt_model.report import write_report
+    from simulation.report import write_report
     from simulation.runner import run_simulate
 
     cfg = _start_run(args)
@@ -115,14 +116,15 @@ def cmd_simulate(args: argparse.Namespace) -> None:
         records,
         args.out,
         cfg,
-        f"SAVLT {cfg.fl.protocol} protocol, {cfg.fl.hospitals} hospitals, {cfg.fl.rounds} rounds, "
+        f"SAVLT {cfg.fl.partition} partition, {cfg.fl.hospitals} hospitals, "
+        f"{cfg.fl.rounds} rounds, "
         f"K={cfg.data.shots}, seeds {cfg.seeds}",
     )
     print(f"Report: {write_report(args.out)}")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from savlt_model.export import export_model
+    from tools.export import export_model
 
     out = export_model(args.run, args.out, method=args.method, seed=args.seed)
     print(
@@ -136,7 +138,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     import io
 
     from savlt_model.atomic import write_text
-    from savlt_model.inference import predict_images
+    from tools.inference import predict_images
 
     rows = predict_images(args.model, args.images)
     header = ["file", "class", "probability", "high_risk"]
@@ -155,8 +157,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from savlt_model.inference import evaluate_folder
     from savlt_model.metrics import METRIC_KEYS
+    from tools.inference import evaluate_folder
 
     out = args.out or args.model / f"eval_{args.data.name}"
     metrics = evaluate_folder(args.model, args.data, out)
@@ -168,21 +170,21 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from savlt_model.report import write_report
+    from simulation.report import write_report
 
     print(f"Report: {write_report(args.run)}")
 
 
 def cmd_deploy_local(args: argparse.Namespace) -> None:
     from savlt_model.config import load_config
-    from server.deploy import deploy_local, print_summary
+    from tools.deploy import deploy_local, print_summary
 
     cfg = load_config(args.config, args.overrides)
     print_summary(deploy_local(cfg, args.out, args.method, args.timeout), args.out)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
-    from savlt_model.pretrain import pretrain
+    from tools.pretrain import pretrain
 
     summary = pretrain(args.out, seed=args.seed, images=args.images, epochs=args.epochs)
     print(
@@ -193,7 +195,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 
 def cmd_roi_train(args: argparse.Namespace) -> None:
-    from savlt_model.roi_unet import train_unet
+    from tools.unet_train import train_unet
 
     report = train_unet(args.data, args.out, epochs=args.epochs, size=args.size, seed=args.seed)
     print(f"U-Net written to {args.out}; " + ", ".join(f"{k}={v}" for k, v in report.items()))
@@ -215,7 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
-        "simulate", help="federated simulation with centralised and local baselines (Flower)"
+        "simulate",
+        help="federated simulation with centralised and local baselines (Flower)",
+        description="Runs every method of fl.methods for every seed. Methods:\n" + describe(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _config_args(p)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
@@ -265,9 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="real Flower deployment on 127.0.0.1: TLS, authenticated SuperNodes, one per centre",
     )
     _config_args(p)
-    p.add_argument(
-        "--method", default="text-anchored", choices=["fedavg", "fedprox", "text-anchored"]
-    )
+    p.add_argument("--method", default="text-anchored", choices=federated_methods())
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds the run may take")
     p.set_defaults(func=cmd_deploy_local)
 

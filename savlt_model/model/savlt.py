@@ -16,17 +16,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from savlt_model.adapters import apply_global_state, inject_lora, snapshot_base_weights
-from savlt_model.backbone import Backbone, vision_tower
 from savlt_model.config import Config, resolve_path
-from savlt_model.roi import (
+from savlt_model.model.adapters import apply_global_state, inject_lora, snapshot_base_weights
+from savlt_model.model.backbone import Backbone, vision_tower
+from savlt_model.model.roi import (
     RoiAttentionPool,
     build_mask_source,
     mask_patch_tokens,
     patch_keep_mask,
     roi_top,
 )
-from savlt_model.text import TextEncoder, load_descriptions
+from savlt_model.model.text import TextEncoder, load_descriptions
 
 
 @dataclass

@@ -1,4 +1,6 @@
-"""Federated protocols: which images each simulated hospital holds, and what is tested.
+"""Hospital partitions: which images each simulated hospital holds, and what is tested.
+
+The ClientApp (which hospital am I?) and the server (what do I score?) both read it.
 
 - ``paper``: the original protocol. The mixed centre's K-shot train (and val) set is split by
   sub-site into hospitals; tests are the mixed test split plus every external centre, i.e.
@@ -13,9 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from savlt_model.config import Config
-from savlt_model.data import Sample
+from savlt_model.data.folders import Sample
+from savlt_model.data.protocol import data_root, paper_protocol, prepare_center
 from savlt_model.errors import SavltError
-from savlt_model.protocol import data_root, paper_protocol, prepare_center
 
 
 @dataclass
@@ -26,7 +28,7 @@ class Hospital:
 
 
 @dataclass
-class Protocol:
+class Partition:
     hospitals: list[Hospital]
     tests: dict[str, list[Sample]]
 
@@ -42,16 +44,16 @@ def _by_site(
     return [[s for s in samples if sites[s.key] in group] for group in groups]
 
 
-def build_protocol(cfg: Config, seed: int) -> Protocol:
-    """The hospitals and test sets of ``cfg.fl.protocol`` for one seed."""
+def build_partition(cfg: Config, seed: int) -> Partition:
+    """The hospitals and test sets of ``cfg.fl.partition`` for one seed."""
     n = cfg.fl.hospitals
-    if cfg.fl.protocol == "paper":
+    if cfg.fl.partition == "paper":
         center, tests = paper_protocol(cfg, seed, with_sites=True)
         assert center.sites is not None
         site_names = sorted(set(center.sites.values()))
         if not 1 <= n <= len(site_names):
             raise SavltError(
-                f"fl.hospitals={n}: the paper protocol splits {cfg.data.train_center} by sub-site "
+                f"fl.hospitals={n}: the paper partition splits {cfg.data.train_center} by sub-site "
                 f"and it has {len(site_names)} sites ({', '.join(site_names)}); "
                 f"use 1..{len(site_names)}"
             )
@@ -64,7 +66,7 @@ def build_protocol(cfg: Config, seed: int) -> Protocol:
         empty = [h.name for h in hospitals if not h.train]
         if empty:
             raise SavltError(f"hospitals {empty} hold no K-shot training images; raise data.shots")
-        return Protocol(hospitals, tests)
+        return Partition(hospitals, tests)
     root = data_root(cfg)
     centers = [cfg.data.train_center, *cfg.data.external_centers]
     parts = [prepare_center(cfg, root, c, seed) for c in centers]
@@ -72,8 +74,8 @@ def build_protocol(cfg: Config, seed: int) -> Protocol:
     hospitals = [Hospital(p.name, p.train, p.val) for p in parts if p.name != held_out]
     if n != len(hospitals):
         raise SavltError(
-            f"fl.hospitals={n}: the centers protocol has one hospital per centre "
+            f"fl.hospitals={n}: the centers partition has one hospital per centre "
             f"({', '.join(h.name for h in hospitals)})"
         )
     tests = {p.name: p.test for p in parts if held_out in (None, p.name)}
-    return Protocol(hospitals, tests)
+    return Partition(hospitals, tests)

@@ -39,14 +39,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from savlt_model.adapters import ADAPTER, lora_pairs, residual_targets, stable_name
 from savlt_model.atomic import atomic_write, write_json
-from savlt_model.backbone import load_backbone, vision_tower
 from savlt_model.checkpoint import load_adapter
 from savlt_model.config import Config, config_from_dict, resolve_path
 from savlt_model.errors import SavltError
-from savlt_model.model import SavltModel
-from savlt_model.train import build_model, cached_backbone
+from savlt_model.model.adapters import ADAPTER, lora_pairs, residual_targets, stable_name
+from savlt_model.model.backbone import load_backbone, vision_tower
+from savlt_model.model.build import build_model, cached_backbone
+from savlt_model.model.savlt import SavltModel
 
 log = logging.getLogger(__name__)
 

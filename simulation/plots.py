@@ -21,7 +21,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from savlt_model.atomic import atomic_write
 from savlt_model.errors import SavltError
-from savlt_model.results import SYNTHETIC_LABEL
+from simulation.results import SYNTHETIC_LABEL
 
 _MAX_NAME = 12
 

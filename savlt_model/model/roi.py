@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from savlt_model.config import RoiConfig, resolve_path
 from savlt_model.errors import SavltError
-from savlt_model.roi_unet import UNet, load_unet
+from savlt_model.model.unet import UNet, load_unet
 
 _GRAY = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma weights
 _OTSU_BINS = 256

@@ -13,12 +13,11 @@ from dataclasses import dataclass
 from flwr.app import MetricRecord
 
 from savlt_model.config import Config, config_from_dict
+from savlt_model.methods import LossTerms
 
 ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
-
-METHODS_FEDERATED = ("fedavg", "fedprox", "text-anchored")
 
 # Metric names a training reply may hold (lists are per class, in task.classes order).
 TRAIN_METRIC_KEYS = frozenset(
@@ -41,7 +40,7 @@ def metric_record(metrics: dict, declared: frozenset[str]) -> MetricRecord:
     """The only way a hospital builds its reply metrics: undeclared names never leave it."""
     undeclared = sorted(set(metrics) - declared)
     if undeclared:
-        raise ValueError(f"metrics {undeclared} are not declared in savlt_model.wire")
+        raise ValueError(f"metrics {undeclared} are not declared in savlt_model.messages")
     return MetricRecord(metrics)
 
 
@@ -57,6 +56,7 @@ class RoundPlan:
     total_steps: int  # the cosine schedule spans every round's local steps
     backbone_fingerprint: str
     anchor_fingerprint: str
+    loss_terms: LossTerms  # what the method adds to the hospital's loss (from its registry entry)
 
     def to_record(self) -> dict:
         return {
@@ -68,6 +68,8 @@ class RoundPlan:
             "total-steps": self.total_steps,
             "backbone-fingerprint": self.backbone_fingerprint,
             "anchor-fingerprint": self.anchor_fingerprint,
+            "prox-mu": self.loss_terms.prox_mu,
+            "anchor-weight": self.loss_terms.anchor_weight,
         }
 
     @classmethod
@@ -81,6 +83,7 @@ class RoundPlan:
             total_steps=int(record["total-steps"]),
             backbone_fingerprint=str(record["backbone-fingerprint"]),
             anchor_fingerprint=str(record["anchor-fingerprint"]),
+            loss_terms=LossTerms(float(record["prox-mu"]), float(record["anchor-weight"])),
         )
 
     @property

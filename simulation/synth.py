@@ -11,6 +11,7 @@ domain gap on ``xiangya`` and ``huaxi``. It is synthetic data, not clinical data
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -25,8 +26,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from savlt_model.atomic import write_json
-from savlt_model.config import CERVICAL_CLASSES
+from savlt_model.config import CERVICAL_CLASSES, Config, resolve_path
+from savlt_model.data.protocol import data_root
 from savlt_model.errors import SavltError
+
+log = logging.getLogger(__name__)
 
 SYNTH_VERSION = "1.0"
 NOTE = "synthetic data, not clinical"
@@ -493,10 +497,20 @@ def _summary(seed: int, scale: float, classes: list[str]) -> dict[str, Any]:
         }
     return {
         "note": NOTE,
-        "generator": "savlt_model.synth",
+        "generator": "simulation.synth",
         "version": SYNTH_VERSION,
         "seed": seed,
         "scale": scale,
         "classes": classes,
         "centres": centres,
     }
+
+
+def ensure_data(cfg: Config) -> Path:
+    """The run's DATA folder, generated first when ``data.synthetic.enabled`` asks for it."""
+    root = resolve_path(cfg.data.root)
+    syn = cfg.data.synthetic
+    if syn.enabled and not root.exists():
+        log.info("Generating synthetic multi-centre OCT data in %s (seed %d)", root, syn.seed)
+        generate(root, seed=syn.seed, scale=syn.scale, classes=cfg.task.classes)
+    return data_root(cfg)

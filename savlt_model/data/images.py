@@ -1,0 +1,151 @@
+"""Decode any supported image once, and batch decoded images (with training augmentation)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import InterpolationMode, v2
+
+from savlt_model.data.folders import Sample
+from savlt_model.errors import SavltError
+
+_WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def _wide_to_uint8(img: Image.Image) -> np.ndarray:
+    """Map a 16-bit, 32-bit or float grey image to uint8.
+
+    The scale is the smallest common detector range that holds the image's maximum:
+    8-bit (≤ 255, 8-bit data saved in a 16-bit file), 12-bit (≤ 4095) or 16-bit (≤ 65535);
+    a float image with values ≤ 1 is taken as [0, 1]; a 32-bit image beyond 65535 uses its
+    own maximum. Scaling by the range rather than by each image's own maximum keeps the
+    brightness of images comparable within a data set. Negative values clip to 0.
+    """
+    a = np.asarray(img, dtype=np.float64)
+    peak = float(a.max(initial=0.0))
+    if img.mode == "F" and peak <= 1.0:
+        full = 1.0
+    else:
+        full = next((r for r in (255.0, 4095.0, 65535.0) if peak <= r), peak)
+    return np.round(np.clip(a / full, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def _to_rgb(img: Image.Image) -> np.ndarray:
+    """Any PIL mode to an HxWx3 uint8 array; transparency is composited on black."""
+    if img.mode in _WIDE_MODES:
+        return np.repeat(_wide_to_uint8(img)[..., None], 3, axis=2)
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        img.mode == "P" and "transparency" in img.info
+    ):
+        rgba = np.asarray(img.convert("RGBA"), dtype=np.float64)
+        rgb = rgba[..., :3] * (rgba[..., 3:] / 255.0)
+        return np.round(rgb).astype(np.uint8)
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def load_image(path: Path, size: int) -> torch.Tensor:
+    """Decode any supported image to a uint8 (3, size, size) tensor.
+
+    The image is squashed to a square with antialiased bicubic resampling rather than
+    cropped: OCT B-scans are wide and their whole width is tissue.
+    """
+    try:
+        with Image.open(path) as img:
+            rgb = _to_rgb(img)
+    except Exception as err:  # PIL raises many types for broken files
+        raise SavltError(
+            f"cannot decode image {path} ({err}) — replace or delete the file"
+        ) from err
+    resized = Image.fromarray(rgb).resize((size, size), Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.array(resized, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+_DECODED: dict[tuple[Path, int], torch.Tensor] = {}
+
+
+def _decoded(path: Path, size: int) -> torch.Tensor:
+    """Process-wide cache: seeds and methods reuse the same images without decoding again."""
+    key = (Path(path), size)
+    if key not in _DECODED:
+        _DECODED[key] = load_image(path, size)
+    return _DECODED[key]
+
+
+class ImageSet(Dataset):
+    """Samples decoded once (in the constructor) and kept in memory as uint8.
+
+    Eager decoding means data-loader workers inherit the decoded images instead of each
+    decoding them again, and a broken file fails before training starts. Training
+    augmentation draws from torch's global RNG (seeded per worker by :func:`make_loader`'s
+    generator when ``num_workers > 0``; seed torch yourself for ``num_workers == 0``).
+    """
+
+    def __init__(
+        self,
+        samples: list[Sample],
+        size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        train: bool,
+    ) -> None:
+        self.samples = list(samples)
+        self.labels = [s.label for s in self.samples]
+        self.images = [_decoded(s.path, size) for s in self.samples]
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.augment = (
+            v2.Compose(
+                [
+                    v2.RandomResizedCrop(
+                        size,
+                        scale=(0.75, 1.0),
+                        interpolation=InterpolationMode.BICUBIC,
+                        antialias=True,
+                    ),
+                    v2.RandomHorizontalFlip(),
+                ]
+            )
+            if train
+            else None
+        )
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self.images[index]
+        if self.augment is not None:
+            image = self.augment(image)
+        return (image.float() / 255.0 - self.mean) / self.std, self.labels[index]
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    drop_last: bool = False,
+) -> DataLoader:
+    """A DataLoader whose shuffle order (and worker seeds) follow ``seed`` exactly."""
+    if drop_last and len(dataset) < batch_size:
+        raise SavltError(
+            f"train.batch_size ({batch_size}) exceeds the {len(dataset)} training images, "
+            "so no batch would be formed — lower train.batch_size"
+        )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=torch.Generator().manual_seed(seed),
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        drop_last=drop_last,
+        persistent_workers=num_workers > 0,
+    )

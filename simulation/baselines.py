@@ -1,0 +1,130 @@
+"""The non-federated baselines of the same run: ``central`` (pooled data, the original
+protocol) and ``local`` (each hospital alone). Both use the one training loop and the one
+finishing path, so they are scored exactly like the federated methods."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from savlt_model.config import Config
+from savlt_model.data.folders import Sample
+from savlt_model.data.partition import Partition, build_partition
+from savlt_model.data.protocol import data_root, is_synthetic, paper_protocol
+from savlt_model.evaluation import CenterScore
+from savlt_model.metrics import METRIC_KEYS
+from savlt_model.model.build import build_model, image_sets
+from savlt_model.train import train_steps
+from server.federation import local_steps
+from simulation.finish import Finish, finish_model
+from simulation.results import make_record
+from simulation.synth import ensure_data
+
+log = logging.getLogger(__name__)
+
+
+def train_and_finish(
+    cfg: Config,
+    run: Finish,
+    train: list[Sample],
+    tests: dict[str, list[Sample]],
+    steps: int,
+    progress: bool = True,
+    **record_extra,
+) -> tuple[dict[str, CenterScore], list[dict]]:
+    """Train one model on ``train`` for ``steps`` steps, then :func:`finish_model` it."""
+    model = build_model(cfg, run.seed)
+    train_set = image_sets(cfg, {"train": train}, train=True)["train"]
+    stats = train_steps(model, train_set, cfg, steps, run.seed, desc=run.tag if progress else None)
+    log.info(
+        "%s: %d steps on %d images, mean loss %.4f", run.tag, stats.steps, len(train), stats.loss
+    )
+    return finish_model(
+        model,
+        image_sets(cfg, tests, train=False),
+        cfg.train.eval_batch_size,
+        run,
+        adapter_cfg=cfg,
+        train_loss=stats.loss,
+        **record_extra,
+    )
+
+
+def _finish_for(cfg: Config, out: Path, tag: str, method: str, seed: int) -> Finish:
+    return Finish(out, tag, method, seed, cfg.data.shots, is_synthetic(data_root(cfg)))
+
+
+def run_central(cfg: Config, out_dir: Path, progress: bool = True) -> list[dict]:
+    """``savlt train``: the original protocol, pooled K-shot mixed set, every seed."""
+    ensure_data(cfg)
+    records: list[dict] = []
+    for seed in cfg.seeds:
+        center, tests = paper_protocol(cfg, seed)
+        run = _finish_for(cfg, out_dir, f"central_seed{seed}", "central", seed)
+        _, new = train_and_finish(cfg, run, center.train, tests, cfg.total_iterations, progress)
+        records += new
+    return records
+
+
+def _mean_metrics(scores: list[CenterScore]) -> dict:
+    """Local-only: the average hospital (metrics averaged, confusion matrices summed)."""
+    out: dict = {}
+    for key in METRIC_KEYS:
+        values = [s.metrics[key] for s in scores if s.metrics[key] is not None]
+        out[key] = float(np.mean(values)) if values else None
+    out["confusion"] = np.sum([s.metrics["confusion"] for s in scores], axis=0).tolist()
+    out["n"] = scores[0].metrics["n"]
+    return out
+
+
+def _central(cfg: Config, partition: Partition, seed: int, out: Path) -> list[dict]:
+    run = _finish_for(cfg, out, f"central_seed{seed}", "central", seed)
+    _, records = train_and_finish(
+        cfg,
+        run,
+        partition.pooled_train,
+        partition.tests,
+        cfg.total_iterations,
+        partition=cfg.fl.partition,
+    )
+    return records
+
+
+def _local(cfg: Config, partition: Partition, seed: int, out: Path) -> list[dict]:
+    """Each hospital alone, with the same per-hospital compute as in the federation."""
+    steps = local_steps(cfg) * cfg.fl.rounds
+    per_center: dict[str, list[CenterScore]] = {}
+    for i, hospital in enumerate(partition.hospitals):
+        run = _finish_for(cfg, out, f"local_seed{seed}_h{i}", "local", seed)
+        scores, _ = train_and_finish(cfg, run, hospital.train, partition.tests, steps)
+        for c, s in scores.items():
+            per_center.setdefault(c, []).append(s)
+    return [
+        make_record(
+            "local",
+            c,
+            seed,
+            cfg.data.shots,
+            _mean_metrics(s),
+            partition=cfg.fl.partition,
+            hospitals=[h.name for h in partition.hospitals],
+            per_hospital_acc_5class=[x.metrics["acc_5class"] for x in s],
+        )
+        for c, s in per_center.items()
+    ]
+
+
+# One runner per baseline of savlt_model.methods (a test checks they match).
+BASELINES: dict[str, Callable[[Config, Partition, int, Path], list[dict]]] = {
+    "central": _central,
+    "local": _local,
+}
+
+
+def run_baseline(cfg: Config, method: str, seed: int, out: Path) -> dict:
+    """One baseline job over the configured partition; the job summary with its records."""
+    records = BASELINES[method](cfg, build_partition(cfg, seed), seed, out)
+    return {"method": method, "seed": seed, "records": records, "curves": []}
