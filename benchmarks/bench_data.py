@@ -17,18 +17,18 @@ from pathlib import Path
 
 from common import machine, parser, report, setup
 
-from savlt_model import data
 from savlt_model.config import CERVICAL_CLASSES
+from savlt_model.data import folders, images
 from simulation.synth import generate
 
 SIZES = {"savlt-tiny": 128, "ViT-B-16": 224}
 MEAN, STD = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)
 
 
-def _pass(dataset: data.ImageSet, batch: int) -> float:
+def _pass(dataset: images.ImageSet, batch: int) -> float:
     """Seconds for one epoch through the same loader train_steps uses (no workers)."""
     start = time.perf_counter()
-    for _ in data.make_loader(dataset, batch, shuffle=True, seed=0):
+    for _ in images.make_loader(dataset, batch, shuffle=True, seed=0):
         pass
     return time.perf_counter() - start
 
@@ -45,14 +45,14 @@ def main() -> None:
         samples = [
             s
             for centre in ("mixed", "huaxi", "xiangya")
-            for s in data.scan_center(root, centre, list(CERVICAL_CLASSES))
+            for s in folders.scan_center(root, centre, list(CERVICAL_CLASSES))
         ]
         for name, size in SIZES.items():
-            data._DECODED.clear()  # first pass must decode from disk
+            images._DECODED.clear()  # first pass must decode from disk
             t0 = time.perf_counter()
-            train_set = data.ImageSet(samples, size, MEAN, STD, train=True)
+            train_set = images.ImageSet(samples, size, MEAN, STD, train=True)
             decode = time.perf_counter() - t0
-            eval_set = data.ImageSet(samples, size, MEAN, STD, train=False)
+            eval_set = images.ImageSet(samples, size, MEAN, STD, train=False)
             n = len(samples)
             augment = statistics.median(_pass(train_set, 32) for _ in range(passes))
             plain = statistics.median(_pass(eval_set, 64) for _ in range(passes))

@@ -39,6 +39,8 @@ class SynthConfig:
     enabled: bool = False
     seed: int = 0
     scale: float = 1.0  # multiplies the number of images per class and centre
+    # held-out scanner styles added to the folder (test-only; see data.held_out_centers)
+    held_out: list[str] = field(default_factory=lambda: ["scanner_hr", "scanner_lc"])
 
 
 @dataclass
@@ -46,10 +48,16 @@ class DataConfig:
     root: str = "runs/data/synthetic"
     train_center: str = "mixed"
     external_centers: list[str] = field(default_factory=lambda: ["xiangya", "huaxi"])
+    # test-only centres scored in every partition, never a hospital: scanner styles no
+    # training site has (the synthetic data writes scanner_hr and scanner_lc)
+    held_out_centers: list[str] = field(default_factory=list)
     split_file: str | None = None  # default: ROOT/<train_center>/split.json (written once)
     split: list[float] = field(default_factory=lambda: [0.45, 0.15, 0.40])
     shots: int = 16
     on_bad_file: Literal["stop", "skip"] = "stop"
+    # per-B-scan standardisation at decode time (tissue p1/p99 -> fixed values), so a new
+    # scanner's gain and dynamic range do not move the features (docs/scanner-shift.md)
+    intensity: Literal["none", "percentile", "percentile-detrend"] = "percentile"
     synthetic: SynthConfig = field(default_factory=SynthConfig)
 
 
@@ -103,6 +111,7 @@ class TrainConfig:
     eval_batch_size: int = 64
     amp: bool = True  # bf16 autocast + TF32 on CUDA (ignored on CPU)
     workers: int = 0  # DataLoader workers for augmentation (images are decoded once, cached)
+    scanner_augment: float = 0.0  # probability of each scanner-variation effect; 0 = off
 
 
 @dataclass
@@ -124,6 +133,24 @@ class FederatedConfig:
     client_eval: bool = False  # hospitals score the global model on their own val split
     round_timeout: float = 600.0
     max_update_norm: float = 0.0  # 0: no bound
+
+
+@dataclass
+class CalibrationConfig:
+    """Confidence and centre calibration of a trained model (docs/scanner-shift.md).
+
+    Temperature is always fitted on the validation split. With ``recentre`` every scored
+    centre is also reported re-centred on its own unlabelled scans (method "<m>+cal",
+    label-free and transductive), with the class bias measured on validation removed
+    (``debias``) and, optionally, its class priors re-estimated by EM (``priors: em``,
+    measured harmful here). ``shift_threshold``: shift score above which predict and
+    evaluate warn that the scans are out of the training distribution.
+    """
+
+    recentre: bool = True
+    debias: bool = True
+    priors: Literal["none", "em"] = "none"
+    shift_threshold: float = 0.5
 
 
 @dataclass
@@ -150,6 +177,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     fl: FederatedConfig = field(default_factory=FederatedConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -280,6 +308,12 @@ def validate(cfg: Config) -> Config:
             "does not exist"
         )
     centers = [cfg.data.train_center, *cfg.data.external_centers]
+    overlap = sorted(set(cfg.data.held_out_centers) & set(centers))
+    if overlap:
+        raise SavltError(
+            f"config key 'data.held_out_centers': {overlap} are also training or external "
+            "centres; a held-out centre is test-only"
+        )
     if cfg.fl.held_out is not None and cfg.fl.held_out not in centers:
         raise SavltError(
             f"config key 'fl.held_out' must be one of {centers}, got {cfg.fl.held_out!r}"

@@ -8,6 +8,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from savlt_model.calibration import (
+    Calibration,
+    FeatureStats,
+    brier_score,
+    expected_calibration_error,
+    fit_calibration,
+    shift_score,
+)
+from savlt_model.config import CalibrationConfig
 from savlt_model.data.images import ImageSet, make_loader
 from savlt_model.metrics import compute_metrics
 from savlt_model.model.build import autocast
@@ -54,11 +63,80 @@ class CenterScore:
     labels: np.ndarray
 
 
+@dataclass
+class CenterOutputs:
+    """One forward pass over a test set: what every scoring variant needs."""
+
+    labels: np.ndarray
+    features: np.ndarray
+    probs: np.ndarray  # the model's own softmax
+
+
+def centre_outputs(
+    model: SavltModel, tests: dict[str, ImageSet], batch_size: int
+) -> dict[str, CenterOutputs]:
+    out = {}
+    for center, dataset in tests.items():
+        probs, labels, feats = predict(model, dataset, batch_size)
+        out[center] = CenterOutputs(labels, feats, probs)
+    return out
+
+
+def score_outputs(
+    model: SavltModel, outputs: dict[str, CenterOutputs], calibration: Calibration | None
+) -> dict[str, CenterScore]:
+    """The metrics per test centre; with ``calibration`` also ECE, Brier and shift score.
+
+    A re-centring calibration uses each centre's own unlabelled features (label-free,
+    transductive); labels are only used to score.
+    """
+    scores = {}
+    w = model.classifier().cpu().numpy() if calibration is not None else None
+    for center, o in outputs.items():
+        probs, extra = o.probs, {}
+        if calibration is not None:
+            probs = calibration.at_centre(o.features).probs(o.features, w)
+            extra = {
+                "ece": 100 * expected_calibration_error(probs, o.labels),
+                "brier": 100 * brier_score(probs, o.labels),
+                "shift_score": shift_score(o.features, calibration.reference),
+            }
+        metrics = {**compute_metrics(probs, o.labels, model.positive), **extra}
+        scores[center] = CenterScore(metrics, probs, o.labels)
+    return scores
+
+
 def score_centers(
     model: SavltModel, tests: dict[str, ImageSet], batch_size: int
 ) -> dict[str, CenterScore]:
-    scores = {}
-    for center, dataset in tests.items():
-        probs, labels, _ = predict(model, dataset, batch_size)
-        scores[center] = CenterScore(compute_metrics(probs, labels, model.positive), probs, labels)
-    return scores
+    """The model's own (uncalibrated) metrics per test centre, e.g. for per-round curves."""
+    return score_outputs(model, centre_outputs(model, tests, batch_size), None)
+
+
+def fit_calibrations(
+    model: SavltModel,
+    val: ImageSet,
+    references: list[ImageSet],
+    batch_size: int,
+    cfg: CalibrationConfig,
+) -> tuple[Calibration, Calibration | None]:
+    """(inductive, re-centring) calibrations of a trained model.
+
+    The reference is the sum of each training hospital's :class:`FeatureStats` over its own
+    train and val images, as a server would aggregate it; temperature and class bias are
+    fitted on the pooled validation split. The inductive one only rescales (temperature);
+    the re-centring one (None when ``calibration.recentre`` is off) also moves each scored
+    centre onto the reference and removes the class bias (``calibration.debias``).
+    """
+    reference = FeatureStats(0, np.zeros(model.anchors.shape[1]))
+    for dataset in references:
+        reference = reference + FeatureStats.of(predict(model, dataset, batch_size)[2])
+    _, labels, feats = predict(model, val, batch_size)
+    w = model.classifier().cpu().numpy()
+    inductive = fit_calibration(feats, labels, w, reference, recentre=False, debias=False)
+    if not cfg.recentre:
+        return inductive, None
+    recentred = fit_calibration(
+        feats, labels, w, reference, True, debias=cfg.debias, em_priors=cfg.priors == "em"
+    )
+    return inductive, recentred

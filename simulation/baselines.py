@@ -12,15 +12,15 @@ import numpy as np
 
 from savlt_model.config import Config
 from savlt_model.data.folders import Sample
-from savlt_model.data.partition import Partition, build_partition
+from savlt_model.data.partition import Hospital, Partition, build_partition
 from savlt_model.data.protocol import data_root, is_synthetic, paper_protocol
 from savlt_model.evaluation import CenterScore
 from savlt_model.metrics import METRIC_KEYS
 from savlt_model.model.build import build_model, image_sets
 from savlt_model.train import train_steps
 from server.federation import local_steps
-from simulation.finish import Finish, finish_model
-from simulation.results import make_record
+from simulation.finish import Finish, calibrations_for, finish_model
+from simulation.results import CALIBRATION_KEYS, make_record
 from simulation.synth import ensure_data
 
 log = logging.getLogger(__name__)
@@ -29,14 +29,16 @@ log = logging.getLogger(__name__)
 def train_and_finish(
     cfg: Config,
     run: Finish,
-    train: list[Sample],
+    hospitals: list[Hospital],
     tests: dict[str, list[Sample]],
     steps: int,
     progress: bool = True,
     **record_extra,
 ) -> tuple[dict[str, CenterScore], list[dict]]:
-    """Train one model on ``train`` for ``steps`` steps, then :func:`finish_model` it."""
+    """Train one model on the hospitals' pooled train images for ``steps`` steps, calibrate
+    it on their own data, then :func:`finish_model` it."""
     model = build_model(cfg, run.seed)
+    train = [s for h in hospitals for s in h.train]
     train_set = image_sets(cfg, {"train": train}, train=True)["train"]
     stats = train_steps(model, train_set, cfg, steps, run.seed, desc=run.tag if progress else None)
     log.info(
@@ -48,6 +50,7 @@ def train_and_finish(
         cfg.train.eval_batch_size,
         run,
         adapter_cfg=cfg,
+        calibrations=calibrations_for(model, cfg, hospitals),
         train_loss=stats.loss,
         **record_extra,
     )
@@ -64,19 +67,20 @@ def run_central(cfg: Config, out_dir: Path, progress: bool = True) -> list[dict]
     for seed in cfg.seeds:
         center, tests = paper_protocol(cfg, seed)
         run = _finish_for(cfg, out_dir, f"central_seed{seed}", "central", seed)
-        _, new = train_and_finish(cfg, run, center.train, tests, cfg.total_iterations, progress)
+        hospital = Hospital(center.name, center.train, center.val)
+        _, new = train_and_finish(cfg, run, [hospital], tests, cfg.total_iterations, progress)
         records += new
     return records
 
 
-def _mean_metrics(scores: list[CenterScore]) -> dict:
+def _mean_metrics(records: list[dict]) -> dict:
     """Local-only: the average hospital (metrics averaged, confusion matrices summed)."""
     out: dict = {}
-    for key in METRIC_KEYS:
-        values = [s.metrics[key] for s in scores if s.metrics[key] is not None]
+    for key in (*METRIC_KEYS, *CALIBRATION_KEYS):
+        values = [r[key] for r in records if r.get(key) is not None]
         out[key] = float(np.mean(values)) if values else None
-    out["confusion"] = np.sum([s.metrics["confusion"] for s in scores], axis=0).tolist()
-    out["n"] = scores[0].metrics["n"]
+    out["confusion"] = np.sum([r["confusion"] for r in records], axis=0).tolist()
+    out["n"] = records[0]["n"]
     return out
 
 
@@ -85,7 +89,7 @@ def _central(cfg: Config, partition: Partition, seed: int, out: Path) -> list[di
     _, records = train_and_finish(
         cfg,
         run,
-        partition.pooled_train,
+        partition.hospitals,
         partition.tests,
         cfg.total_iterations,
         partition=cfg.fl.partition,
@@ -96,24 +100,24 @@ def _central(cfg: Config, partition: Partition, seed: int, out: Path) -> list[di
 def _local(cfg: Config, partition: Partition, seed: int, out: Path) -> list[dict]:
     """Each hospital alone, with the same per-hospital compute as in the federation."""
     steps = local_steps(cfg) * cfg.fl.rounds
-    per_center: dict[str, list[CenterScore]] = {}
+    per_hospital: dict[tuple[str, str], list[dict]] = {}  # (method, centre) -> records
     for i, hospital in enumerate(partition.hospitals):
         run = _finish_for(cfg, out, f"local_seed{seed}_h{i}", "local", seed)
-        scores, _ = train_and_finish(cfg, run, hospital.train, partition.tests, steps)
-        for c, s in scores.items():
-            per_center.setdefault(c, []).append(s)
+        for r in train_and_finish(cfg, run, [hospital], partition.tests, steps)[1]:
+            per_hospital.setdefault((r["method"], r["center"]), []).append(r)
     return [
         make_record(
-            "local",
+            method,
             c,
             seed,
             cfg.data.shots,
-            _mean_metrics(s),
+            _mean_metrics(rs),
             partition=cfg.fl.partition,
             hospitals=[h.name for h in partition.hospitals],
-            per_hospital_acc_5class=[x.metrics["acc_5class"] for x in s],
+            per_hospital_acc_5class=[r["acc_5class"] for r in rs],
+            **({"calibration": rs[0]["calibration"]} if "calibration" in rs[0] else {}),
         )
-        for c, s in per_center.items()
+        for (method, c), rs in per_hospital.items()
     ]
 
 

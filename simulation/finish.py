@@ -6,20 +6,32 @@ so a result always comes with the same figures and the same record format.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from savlt_model.calibration import Calibration, calibration_to_dict, reliability
 from savlt_model.config import Config
 from savlt_model.data.images import ImageSet
-from savlt_model.evaluation import CenterScore, score_centers
+from savlt_model.data.partition import Hospital
+from savlt_model.evaluation import (
+    CenterScore,
+    centre_outputs,
+    fit_calibrations,
+    score_outputs,
+)
 from savlt_model.metrics import binary_scores
+from savlt_model.model.build import image_sets
 from savlt_model.model.savlt import SavltModel
 from savlt_model.model.store import save_trained
-from simulation.plots import plot_confusion, plot_roc
+from simulation.plots import plot_confusion, plot_reliability, plot_roc
 from simulation.results import make_record
+
+log = logging.getLogger(__name__)
+TRANSDUCTIVE = "label-free, transductive"  # scores that used the scored centre's own scans
 
 
 @dataclass(frozen=True)
@@ -34,23 +46,67 @@ class Finish:
     synthetic: bool
 
 
+def calibrations_for(
+    model: SavltModel, cfg: Config, hospitals: list[Hospital]
+) -> tuple[Calibration, Calibration | None] | None:
+    """Fit the model's calibrations on the training hospitals' own data: the reference from
+    each one's train + val features, temperature and class bias on the pooled val split."""
+    val = [s for h in hospitals for s in h.val]
+    if not val:
+        log.warning(
+            "%s: no validation images, so no calibration", "+".join(h.name for h in hospitals)
+        )
+        return None
+    refs = {f"ref{i}": h.train + h.val for i, h in enumerate(hospitals)}
+    sets = image_sets(cfg, {"val": val, **refs}, train=False)
+    val_set = sets.pop("val")
+    return fit_calibrations(
+        model, val_set, list(sets.values()), cfg.train.eval_batch_size, cfg.calibration
+    )
+
+
 def finish_model(
     model: SavltModel,
     tests: dict[str, ImageSet],
     batch_size: int,
     run: Finish,
     adapter_cfg: Config | None,
+    calibrations: tuple[Calibration, Calibration | None] | None = None,
     adapter_state: dict[str, torch.Tensor] | None = None,
     adapter_extra: dict | None = None,
     **record_extra,
 ) -> tuple[dict[str, CenterScore], list[dict]]:
     """Score ``model`` on every test set (there may be none), draw its figures, save its
     adapter (unless ``adapter_cfg`` is None: an exported model already is one) and make its
-    records."""
-    scores = score_centers(model, tests, batch_size)
-    if scores:
-        save_figures(scores, model, run.out_dir / "figures", run.tag, run.synthetic)
+    records.
+
+    ``calibrations`` (inductive, re-centring; see
+    :func:`savlt_model.evaluation.fit_calibrations`): the method's records use the inductive
+    one (temperature fitted on validation); the re-centring one adds ``<method>+cal``
+    records, marked "label-free, transductive".
+    """
+    inductive, recentred = calibrations or (None, None)
+    outputs = centre_outputs(model, tests, batch_size)
+    scores = score_outputs(model, outputs, inductive)
+    variants = [(run, scores, {})]
+    if recentred is not None:
+        cal_run = replace(run, tag=f"{run.tag}+cal", method=f"{run.method}+cal")
+        variants.append(
+            (cal_run, score_outputs(model, outputs, recentred), {"calibration": TRANSDUCTIVE})
+        )
+    records = []
+    for r, s, extra in variants:
+        if s:
+            save_figures(s, model, r.out_dir / "figures", r.tag, r.synthetic)
+        records += [
+            make_record(r.method, c, r.seed, r.shots, x.metrics, **record_extra, **extra)
+            for c, x in s.items()
+        ]
     if adapter_cfg is not None:
+        calibration_meta = {
+            "calibration": None if inductive is None else calibration_to_dict(inductive),
+            "centre_calibration": None if recentred is None else calibration_to_dict(recentred),
+        }
         save_trained(
             model,
             adapter_cfg,
@@ -58,12 +114,9 @@ def finish_model(
             adapter_state,
             method=run.method,
             seed=run.seed,
+            **calibration_meta,
             **(adapter_extra or {}),
         )
-    records = [
-        make_record(run.method, c, run.seed, run.shots, s.metrics, **record_extra)
-        for c, s in scores.items()
-    ]
     return scores, records
 
 
@@ -90,4 +143,10 @@ def save_figures(
     }
     plot_roc(
         curves, out_dir / f"roc_{tag}.png", title=f"High-risk ROC — {tag}", synthetic=synthetic
+    )
+    plot_reliability(
+        {c: reliability(s.probs, s.labels) for c, s in scores.items()},
+        out_dir / f"reliability_{tag}.png",
+        title=f"Reliability — {tag}",
+        synthetic=synthetic,
     )

@@ -135,6 +135,31 @@ def plot_roc(
     return _save(fig, path, synthetic)
 
 
+def plot_reliability(
+    bins: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+    path: str | Path,
+    title: str,
+    synthetic: bool = False,
+) -> Path:
+    """Reliability diagram: accuracy vs top-class confidence per bin, one line per centre
+    (label -> (mean confidence, accuracy, count) per bin; empty bins are NaN and skipped)."""
+    fig = _new_figure(5.5, 5.0)
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfectly calibrated")
+    for label, (conf, acc, count) in bins.items():
+        keep = np.asarray(count) > 0
+        ax.plot(
+            np.asarray(conf)[keep], np.asarray(acc)[keep], marker="o", ms=3, lw=1.2, label=label
+        )
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("confidence (top-class probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.legend(loc="upper left", fontsize=8)
+    return _save(fig, path, synthetic)
+
+
 def _ordered(values: Sequence[Any]) -> list[Any]:
     return list(dict.fromkeys(values))
 

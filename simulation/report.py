@@ -19,7 +19,7 @@ from savlt_model.data.protocol import is_synthetic
 from savlt_model.errors import SavltError
 from savlt_model.metrics import METRIC_KEYS
 from simulation.plots import plot_round_curves
-from simulation.results import SYNTHETIC_LABEL, read_results, summarize
+from simulation.results import CALIBRATION_KEYS, SYNTHETIC_LABEL, read_results, summarize
 
 
 def _read_json(path: Path) -> Any:
@@ -158,16 +158,26 @@ def write_report(run_dir: Path) -> Path:
             "nothing about clinical accuracy.",
             "",
         ]
-    lines += ["## Results", "", "Mean ± std over seeds, in percent.", ""]
+    lines += [
+        "## Results",
+        "",
+        "Mean ± std over seeds, in percent (ECE and Brier x 100; the shift score is the "
+        "distance of a centre's mean feature from the training hospitals' reference, in "
+        "units of the reference spread: 0 in distribution). Methods ending in `+cal` are "
+        "**label-free, transductive**: each centre is re-centred on its own unlabelled "
+        "scans, with the temperature and class bias fitted on validation data.",
+        "",
+    ]
+    keys = (*METRIC_KEYS, *CALIBRATION_KEYS)
     lines += _table(
-        ["method", "center", "K", "seeds", *METRIC_KEYS],
+        ["method", "center", "K", "seeds", *keys],
         [
             [
                 r["method"],
                 r["center"],
                 "-" if r["shots"] is None else r["shots"],
                 r["n_seeds"],
-                *(_mean_std(r, k) for k in METRIC_KEYS),
+                *(_mean_std(r, k) for k in keys),
             ]
             for r in summarize(records)
         ],
@@ -178,6 +188,7 @@ def write_report(run_dir: Path) -> Path:
     for heading, pattern in (
         ("Confusion matrices", "confusion_*.png"),
         ("ROC curves (high-risk score)", "roc_*.png"),
+        ("Reliability diagrams", "reliability_*.png"),
         ("Methods compared", "methods_*.png"),
     ):
         pngs = sorted(figures.glob(pattern))

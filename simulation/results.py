@@ -22,7 +22,17 @@ from savlt_model.metrics import METRIC_KEYS
 
 RECORD_KEYS = ("method", "center", "seed", "shots")
 SYNTHETIC_LABEL = "SYNTHETIC DATA — not clinical performance"
-DEFAULT_TABLE_METRICS = ("acc_5class", "acc_binary", "auc_binary", "sensitivity", "specificity")
+# Confidence and shift scores of a calibrated model (savlt_model.calibration); older
+# results.json files lack them, so they are summarised where present.
+CALIBRATION_KEYS = ("ece", "brier", "shift_score")
+DEFAULT_TABLE_METRICS = (
+    "acc_5class",
+    "acc_binary",
+    "auc_binary",
+    "sensitivity",
+    "specificity",
+    "ece",
+)
 
 
 def _plain(obj: Any) -> Any:
@@ -98,8 +108,8 @@ def summarize(records: Iterable[dict]) -> list[dict]:
             "n_seeds": len(recs),
             "seeds": seeds,
         }
-        for k in METRIC_KEYS:
-            vals = np.array([r[k] for r in recs if r[k] is not None], dtype=np.float64)
+        for k in (*METRIC_KEYS, *CALIBRATION_KEYS):
+            vals = np.array([r[k] for r in recs if r.get(k) is not None], dtype=np.float64)
             row[f"{k}_mean"] = round(float(vals.mean()), 4) if vals.size else None
             row[f"{k}_std"] = round(float(vals.std(ddof=0)), 4) if vals.size else None
             row[f"{k}_n"] = int(vals.size)
@@ -118,9 +128,10 @@ def format_table(
     synthetic: bool = False,
 ) -> str:
     """Console table of mean ± std (percent) over seeds, one row per (method, center, K)."""
-    unknown = [m for m in metrics if m not in METRIC_KEYS]
+    known = (*METRIC_KEYS, *CALIBRATION_KEYS)
+    unknown = [m for m in metrics if m not in known]
     if unknown:
-        raise SavltError(f"unknown metric(s) {', '.join(unknown)}; choose from {METRIC_KEYS}")
+        raise SavltError(f"unknown metric(s) {', '.join(unknown)}; choose from {known}")
     rows = summarize(records)
     header = ["method", "center", "K", "seeds", *metrics]
     body = [

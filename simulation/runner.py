@@ -26,7 +26,7 @@ from savlt_model.methods import get_method
 from savlt_model.model.build import cached_model, image_sets
 from server.federation import FederatedJob, job_summary, run_federated
 from simulation.baselines import run_baseline
-from simulation.finish import Finish, finish_model
+from simulation.finish import Finish, calibrations_for, finish_model
 from simulation.plots import plot_method_bars
 from simulation.results import summarize
 from simulation.synth import ensure_data
@@ -96,7 +96,8 @@ def finish_federated(job: FederatedJob) -> dict:
     state, summary = job_summary(job)
     model = cached_model(cfg, job.seed)
     model.load_global_state(state)
-    tests = build_partition(cfg, job.seed).tests if cfg.fl.server_eval else {}
+    partition = build_partition(cfg, job.seed)
+    tests = partition.tests if cfg.fl.server_eval else {}
     run = Finish(
         job.out_dir, job.tag, job.method, job.seed, cfg.data.shots, is_synthetic(data_root(cfg))
     )
@@ -106,6 +107,7 @@ def finish_federated(job: FederatedJob) -> dict:
         cfg.train.eval_batch_size,
         run,
         adapter_cfg=cfg,
+        calibrations=calibrations_for(model, cfg, partition.hospitals),
         adapter_state=state,
         adapter_extra={"rounds": summary["rounds"]},
         partition=cfg.fl.partition,

@@ -6,11 +6,14 @@ structures and, above all, the same kind of centre shift. This module renders B-
 a small physical model (surface, depth attenuation, multiplicative speckle, PSF blur, log
 display) with one randomised structural signature per class (SAVLT_METHOD.md §1) and one
 scanner profile per hospital, so that a model trained on ``mixed`` is tested across a real
-domain gap on ``xiangya`` and ``huaxi``. It is synthetic data, not clinical data.
+domain gap on ``xiangya`` and ``huaxi``. :func:`add_held_out_centres` adds, on request, two
+test-only scanner styles outside every training site's range (``scanner_hr``,
+``scanner_lc``; docs/scanner-shift.md). It is synthetic data, not clinical data.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -152,6 +155,70 @@ BASE_COUNTS: dict[str, dict[str, int]] = {
     "xiangya": {_C: 20, _Y: 35, _E: 25, _H: 40, _M: 30},
     "huaxi": {_C: 40, _Y: 25, _E: 35, _H: 20, _M: 30},
 }
+
+
+@dataclass(frozen=True)
+class HeldOutProfile(ScannerProfile):
+    """A scanner style outside every training site's range, for held-out-scanner tests.
+
+    It adds two things the standard profiles keep fixed, so that a new scanner can differ in
+    tissue contrast and in file depth as well as in display and optics.
+    """
+
+    layer_contrast: float = 1.0  # exponent on the tissue reflectivity (< 1 flattens layers)
+    bit_depth: int = 8  # detector bits in the file: 8 (png8, JPEG), 12 or 16 (png16)
+
+
+# Two styles beyond the training sites on every axis (training ranges in brackets):
+# "scanner_hr": a high-resolution, long-range swept-source system with a wide field of view
+#   (looks 0.9 [1.2-3.0], range 52 dB [31-44], attenuation 2.2 [3.2-6.0], blur 0.5 px
+#   [0.6-2.3], gamma 0.7 [0.85-1.3], aspect 2.0 [1.5-1.7], 12-bit files);
+# "scanner_lc": a low-cost, heavily averaged, noisy handheld probe with a narrow field
+#   (looks 5 [1.2-3.0], range 26 dB, noise -15 dB [-26..-19], attenuation 7.5, blur 3.0 px,
+#   gamma 1.6, tilt 0.14, concave surface, flattened layer contrast, JPEG quality 80).
+HELD_OUT_PROFILES: dict[str, HeldOutProfile] = {
+    "scanner_hr": HeldOutProfile(
+        width=640,
+        height=320,
+        speckle_looks=0.9,
+        range_db=52.0,
+        gain_db=-20.0,
+        noise_db=-30.0,
+        gamma=0.7,
+        attenuation=2.2,
+        blur_x=0.5,
+        blur_y=0.4,
+        tilt=0.12,
+        sag=0.14,
+        surface=0.1,
+        layer_contrast=1.3,
+        bit_depth=12,
+    ),
+    "scanner_lc": HeldOutProfile(
+        width=224,
+        height=192,
+        speckle_looks=5.0,
+        range_db=26.0,
+        gain_db=-7.0,
+        noise_db=-15.0,
+        gamma=1.6,
+        attenuation=7.5,
+        blur_x=3.0,
+        blur_y=2.0,
+        tilt=0.14,
+        sag=-0.1,
+        surface=0.26,
+        layer_contrast=0.7,
+    ),
+}
+# "jpeg<q>" is JPEG at quality q; plain "jpeg" (huaxi) uses JPEG_QUALITY.
+HELD_OUT_FORMATS = {"scanner_hr": "png16", "scanner_lc": "jpeg80"}
+# Balanced, so a held-out centre's scores are not driven by its case mix.
+HELD_OUT_COUNTS: dict[str, dict[str, int]] = {
+    "scanner_hr": {_C: 30, _Y: 30, _E: 30, _H: 30, _M: 30},
+    "scanner_lc": {_C: 30, _Y: 30, _E: 30, _H: 30, _M: 30},
+}
+HELD_OUT_INFO = "held_out.json"  # provenance file inside each held-out centre folder
 
 
 # ---------------------------------------------------------------- random fields
@@ -381,6 +448,9 @@ def render(cls: str, prof: ScannerProfile, rng: np.random.Generator) -> tuple[Ar
     geo: Geo = (xs[None, :], np.arange(h, dtype=F32)[:, None], h, w)
     top, refl = SIGNATURES[cls](rng, _surface(rng, prof, xs), geo)
     refl = _confounders(rng, cls, refl, top, geo)
+    if isinstance(prof, HeldOutProfile) and prof.layer_contrast != 1.0:
+        # no RNG draw here, so the standard profiles render exactly as before
+        refl = np.clip(refl, 0, None) ** prof.layer_contrast
     d = geo[1] - top[None, :]
     mask = d >= 0
     line = rng.uniform(0.3, 1.0) if cls == _C else rng.uniform(0.8, 2.0)
@@ -394,20 +464,43 @@ def render(cls: str, prof: ScannerProfile, rng: np.random.Generator) -> tuple[Ar
     return img.astype(F32), mask
 
 
-def _save(img: Array, mask: Array, fmt: str, image_path: Path, mask_path: Path) -> None:
-    """Encode in the centre's format, so the loader's 8-bit, 16-bit and JPEG paths all run."""
+def _suffix(fmt: str) -> str:
+    return ".jpg" if fmt.startswith("jpeg") else ".png"
+
+
+def _save(
+    img: Array, mask: Array, fmt: str, image_path: Path, mask_path: Path, bits: int = 16
+) -> None:
+    """Encode in the centre's format, so the loader's 8-, 12-, 16-bit and JPEG paths all run.
+
+    ``bits`` is the detector depth of a png16 file (12 leaves the top 4 bits empty, as
+    12-bit scanners write them); ``fmt`` "jpeg<q>" sets the JPEG quality.
+    """
     if fmt == "png16":
-        Image.fromarray(np.round(img * 65535).astype(np.uint16)).save(image_path, compress_level=1)
+        full = 2**bits - 1
+        Image.fromarray(np.round(img * full).astype(np.uint16)).save(image_path, compress_level=1)
     else:
         grey = Image.fromarray(np.round(img * 255).astype(np.uint8))
-        if fmt == "jpeg":  # RGB, as screenshots exported by clinical viewers usually are
-            grey.convert("RGB").save(image_path, quality=JPEG_QUALITY)
+        if fmt.startswith("jpeg"):  # RGB, as screenshots exported by clinical viewers usually are
+            grey.convert("RGB").save(image_path, quality=int(fmt[4:] or JPEG_QUALITY))
         else:
             grey.save(image_path, compress_level=1)
     Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path, compress_level=1)
 
 
 # ---------------------------------------------------------------- data set
+
+
+def _write(
+    centre_dir: Path, cls: str, stem: str, img: Array, mask: Array, fmt: str, bits: int = 16
+) -> str:
+    """Save one B-scan as ``images/<cls>/<stem>.*`` and its mask; returns the image's name."""
+    name = stem + _suffix(fmt)
+    image_dir, mask_dir = (centre_dir / part / cls for part in ("images", "masks"))
+    image_dir.mkdir(parents=True, exist_ok=True)
+    mask_dir.mkdir(parents=True, exist_ok=True)
+    _save(img, mask, fmt, image_dir / name, mask_dir / f"{stem}.png", bits)
+    return name
 
 
 def _key(name: str) -> int:
@@ -420,7 +513,7 @@ def _counts(site: str, classes: list[str], scale: float) -> dict[str, int]:
     return {c: max(round(BASE_COUNTS[site][c] * scale), MIN_PER_CELL) for c in classes}
 
 
-def _check(out: Path, seed: int, scale: float, classes: list[str]) -> None:
+def _check_args(seed: int, scale: float, classes: list[str]) -> None:
     """Refuse bad arguments before any pixel is rendered, with a one-line fix."""
     unknown = [c for c in classes if c not in SIGNATURES]
     if unknown or not classes or len(set(classes)) != len(classes):
@@ -432,6 +525,11 @@ def _check(out: Path, seed: int, scale: float, classes: list[str]) -> None:
         raise SavltError(f"synth seed must be a non-negative integer, got {seed!r}")
     if not (math.isfinite(scale) and 0 < scale <= 100):
         raise SavltError(f"synth scale must be in (0, 100], got {scale}")
+
+
+def _check(out: Path, seed: int, scale: float, classes: list[str]) -> None:
+    """:func:`_check_args`, and OUT must be new or empty."""
+    _check_args(seed, scale, classes)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SavltError(f"{out} exists and is not empty — choose another --out or remove it")
 
@@ -465,12 +563,7 @@ def generate(
         for centre, site, cls, i in tqdm(plan, desc="synth", unit="img", disable=not progress):
             rng = np.random.default_rng([seed, _key(site), _key(cls), i])
             img, mask = render(cls, PROFILES[site], rng)
-            stem = f"{site}_{i:04d}"
-            name = stem + (".jpg" if FORMATS[centre] == "jpeg" else ".png")
-            image_dir, mask_dir = (tmp / centre / part / cls for part in ("images", "masks"))
-            image_dir.mkdir(parents=True, exist_ok=True)
-            mask_dir.mkdir(parents=True, exist_ok=True)
-            _save(img, mask, FORMATS[centre], image_dir / name, mask_dir / f"{stem}.png")
+            name = _write(tmp / centre, cls, f"{site}_{i:04d}", img, mask, FORMATS[centre])
             if centre == "mixed":
                 site_of[f"{cls}/{name}"] = site
         write_json(tmp / "mixed" / "sites.json", site_of)
@@ -506,11 +599,105 @@ def _summary(seed: int, scale: float, classes: list[str]) -> dict[str, Any]:
     }
 
 
+def _held_out_info(name: str, seed: int, scale: float, classes: list[str]) -> dict[str, Any]:
+    """Provenance of one held-out centre, as written to (and compared with) its JSON file."""
+    counts = {c: max(round(HELD_OUT_COUNTS[name][c] * scale), MIN_PER_CELL) for c in classes}
+    return {
+        "note": NOTE,
+        "generator": "simulation.synth.add_held_out_centres",
+        "version": SYNTH_VERSION,
+        "centre": name,
+        "seed": seed,
+        "scale": scale,
+        "classes": classes,
+        "format": HELD_OUT_FORMATS[name],
+        "counts": counts,
+        "profile": asdict(HELD_OUT_PROFILES[name]),
+    }
+
+
+def _existing_held_out(root: Path, info: dict[str, Any]) -> bool:
+    """True if ``info``'s centre is already in ``root`` as written with these arguments.
+
+    A folder of that name from other arguments (or not from this generator) is refused
+    rather than silently reused, since its images would not be the ones asked for.
+    """
+    centre = root / info["centre"]
+    if not centre.exists():
+        return False
+    path = centre / HELD_OUT_INFO
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        found = None
+    if found != json.loads(json.dumps(info)):
+        raise SavltError(
+            f"{centre} exists but was not written by add_held_out_centres with seed "
+            f"{info['seed']}, scale {info['scale']} and these classes ({path} differs) — "
+            "remove the folder to regenerate it"
+        )
+    return True
+
+
+def add_held_out_centres(
+    root: Path,
+    seed: int = 0,
+    scale: float = 1.0,
+    classes: list[str] | None = None,
+    names: tuple[str, ...] = tuple(HELD_OUT_PROFILES),
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Add the held-out scanner centres ``names`` (test-only) to an existing DATA folder.
+
+    Separate from :func:`generate`, so the standard centres and ``synth.json`` keep their
+    bytes. Idempotent: only centres missing from ``root`` are written, so it can run on the
+    same folder every time; a centre folder left by different arguments is refused. Each
+    centre is rendered into a hidden temp folder and renamed (complete or absent), holds
+    ``images/<class>/``, ``masks/<class>/`` and its provenance ``held_out.json``, and is seeded
+    by (seed, centre, class, index) like the standard sites. Returns the provenance of
+    each centre written now ({} when all were there).
+    """
+    root = Path(root)
+    classes = list(CERVICAL_CLASSES) if classes is None else list(classes)
+    _check_args(seed, scale, classes)
+    unknown = [n for n in names if n not in HELD_OUT_PROFILES]
+    if unknown:
+        raise SavltError(
+            f"held-out centres must be from {', '.join(HELD_OUT_PROFILES)}; got {unknown}"
+        )
+    if not root.is_dir():
+        raise SavltError(f"{root} is not a DATA folder — generate one first (`savlt synth`)")
+    written: dict[str, dict[str, Any]] = {}
+    for name in dict.fromkeys(names):
+        info = _held_out_info(name, seed, scale, classes)
+        if _existing_held_out(root, info):
+            continue
+        prof, fmt = HELD_OUT_PROFILES[name], info["format"]
+        tmp = root / f".{name}.tmp-{os.getpid()}"  # hidden: scan_center never lists it
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            plan = [(c, i) for c, n in info["counts"].items() for i in range(n)]
+            for cls, i in tqdm(plan, desc=name, unit="img", disable=not progress):
+                rng = np.random.default_rng([seed, _key(name), _key(cls), i])
+                img, mask = render(cls, prof, rng)
+                _write(tmp, cls, f"{name}_{i:04d}", img, mask, fmt, prof.bit_depth)
+            write_json(tmp / HELD_OUT_INFO, info)
+            tmp.rename(root / name)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        written[name] = info
+    return written
+
+
 def ensure_data(cfg: Config) -> Path:
-    """The run's DATA folder, generated first when ``data.synthetic.enabled`` asks for it."""
+    """The run's DATA folder, generated first when ``data.synthetic.enabled`` asks for it
+    (the held-out scanner centres of ``data.synthetic.held_out`` are added if missing)."""
     root = resolve_path(cfg.data.root)
     syn = cfg.data.synthetic
     if syn.enabled and not root.exists():
         log.info("Generating synthetic multi-centre OCT data in %s (seed %d)", root, syn.seed)
         generate(root, seed=syn.seed, scale=syn.scale, classes=cfg.task.classes)
+    if syn.enabled and syn.held_out:
+        add_held_out_centres(root, syn.seed, syn.scale, cfg.task.classes, tuple(syn.held_out))
     return data_root(cfg)

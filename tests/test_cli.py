@@ -82,10 +82,12 @@ def test_simulate_command_and_resume(fed_data_root, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "fedavg" in printed and "central" in printed and "SYNTHETIC DATA" in printed
     records = json.loads((out / "results.json").read_text())
+    methods = ("central", "central+cal", "fedavg", "fedavg+cal")
     assert {(r["method"], r["center"]) for r in records} == {
-        (m, c) for m in ("central", "fedavg") for c in ("mixed", "xiangya", "huaxi")
+        (m, c) for m in methods for c in ("mixed", "xiangya", "huaxi")
     }
-    assert all(r["upload_bytes"] > 0 for r in records if r["method"] == "fedavg")
+    assert all(r["upload_bytes"] > 0 for r in records if r["method"].startswith("fedavg"))
+    assert "central+cal" in printed and " ece" in printed
     for name in ("report.md", "config.yaml", "savlt.log", "figures/accuracy_per_round.png"):
         assert (out / name).is_file(), name
     before = (out / "results.json").read_text()

@@ -303,7 +303,7 @@ def test_imageset_eval_normalises_and_decodes_once(
     samples = [Sample(white, 1, "x/w.png"), Sample(black, 0, "x/b.png")]
     calls: list[Path] = []
     real = images.load_image
-    monkeypatch.setattr(images, "load_image", lambda p, s: calls.append(p) or real(p, s))
+    monkeypatch.setattr(images, "load_image", lambda p, s, i: calls.append(p) or real(p, s, i))
     ds = ImageSet(samples, 16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.25, 0.5), train=False)
     again = ImageSet(samples, 16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.25, 0.5), train=True)
     for _ in range(3):

@@ -159,14 +159,57 @@ def test_evaluate_matches_the_run_and_writes_report(run, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert all(k in printed for k in METRIC_KEYS)
     (got,) = json.loads((out / "results.json").read_text())
-    (want,) = [
-        r for r in json.loads((run_dir / "results.json").read_text()) if r["center"] == "huaxi"
-    ]
+    run_records = json.loads((run_dir / "results.json").read_text())
+    (want,) = [r for r in run_records if r["center"] == "huaxi" and r["method"] == "central"]
     assert {k: got[k] for k in METRIC_KEYS} == {k: want[k] for k in METRIC_KEYS}
+    assert got["ece"] == pytest.approx(want["ece"], abs=1e-3)  # the run's temperature
     report = (out / "report.md").read_text()
     assert "SYNTHETIC DATA" in report and "| huaxi |" in report
-    for name in (f"confusion_{ADAPTER}_huaxi.png", f"roc_{ADAPTER}.png"):
+    for name in (
+        f"confusion_{ADAPTER}_huaxi.png",
+        f"roc_{ADAPTER}.png",
+        f"reliability_{ADAPTER}.png",
+    ):
         assert (out / "figures" / name).is_file() and f"(figures/{name})" in report
+
+
+def test_calibrate_to_a_new_site_and_evaluate_recentred(run, tmp_path, capsys):
+    root, run_dir, model_dir = run
+    site = tmp_path / "site"  # a hospital's unlabelled export: any layout, one hidden file
+    shutil.copytree(root / "huaxi" / "images", site / "scans")
+    (site / ".DS_Store").write_bytes(b"junk")
+    out = tmp_path / "calibrated"
+    argv = ["calibrate", "--model", str(model_dir), "--data", str(site), "--out", str(out)]
+    assert main(argv) == 0
+    assert "Calibrated to" in capsys.readouterr().out
+    info = json.loads((out / HEAD_JSON).read_text())
+    n_huaxi = len(scan_center(root, "huaxi", info["classes"]))
+    assert info["calibrated_on"]["scans"] == n_huaxi
+    assert info["calibration"]["center_mean"] is not None
+    assert not info["calibration"]["recentre"]  # the site's mean is fixed, not re-estimated
+
+    # the calibrated model scores huaxi as the run's transductive "+cal" record did
+    run_records = json.loads((run_dir / "results.json").read_text())
+    (want,) = [r for r in run_records if r["center"] == "huaxi" and r["method"] == "central+cal"]
+    assert want["calibration"] == "label-free, transductive"
+    ev = tmp_path / "eval"
+    evaluate = ["evaluate", "--model", str(model_dir), "--data", str(root / "huaxi")]
+    assert main([*evaluate, "--out", str(ev), "--recentre"]) == 0
+    got = {r["method"]: r for r in json.loads((ev / "results.json").read_text())}
+    assert set(got) == {"central", "central+cal"}
+    for key in ("acc_5class", "sensitivity", "specificity"):
+        assert got["central+cal"][key] == pytest.approx(want[key], abs=1e-6), key
+    assert "label-free, transductive" in (ev / "report.md").read_text()
+    images = sorted((root / "huaxi" / "images" / "cyst").iterdir())[:3]
+    assert main(["predict", "--model", str(out), *map(str, images)]) == 0
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _one_line_error(capsys, [*argv[:3], "--data", str(empty), "--out", str(out)], "no images")
+    missing = tmp_path / "missing"
+    _one_line_error(
+        capsys, [*argv[:3], "--data", str(missing), "--out", str(out)], "is not a folder"
+    )
 
 
 def test_train_report_has_table_and_relative_image_links(run):

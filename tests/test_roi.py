@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 
 from savlt_model.config import RoiConfig
+from savlt_model.data.tissue import SurfaceDetector
 from savlt_model.errors import SavltError
 from savlt_model.model.roi import (
     RoiAttentionPool,
-    SurfaceDetector,
     UNetMasker,
     build_mask_source,
     mask_patch_tokens,

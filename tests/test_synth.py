@@ -8,6 +8,7 @@ federated split, reproducible bytes, and class and centre differences one can me
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import pytest
 from PIL import Image
 
 from savlt_model.config import CERVICAL_CLASSES
+from savlt_model.data.folders import scan_center
 from savlt_model.errors import SavltError
 from simulation import synth
 
@@ -223,3 +225,66 @@ def test_failure_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.Monke
     with pytest.raises(RuntimeError):
         synth.generate(tmp_path / "out", scale=SCALE, classes=[MILD], progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def _tree(root: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict]:
+    """A two-class DATA folder, its bytes before, and what add_held_out_centres wrote."""
+    out = tmp_path_factory.mktemp("held_out") / "data"
+    synth.generate(out, seed=1, scale=SCALE, classes=[CYST, MILD], progress=False)
+    before = _tree(out)
+    written = synth.add_held_out_centres(
+        out, seed=1, scale=SCALE, classes=[CYST, MILD], progress=False
+    )
+    return out, before, written
+
+
+def test_held_out_centres_are_opt_in_and_leave_the_standard_centres_alone(
+    held_out: tuple[Path, dict, dict],
+) -> None:
+    out, before, written = held_out
+    assert set(written) == set(synth.HELD_OUT_PROFILES)
+    assert {p: p.read_bytes() for p in before} == before  # nothing existing changed
+    assert not list(out.glob(".*"))  # no temp folder left
+    for name, info in written.items():
+        samples = scan_center(out, name, [CYST, MILD])
+        assert {s.label for s in samples} == {0, 1}
+        assert len(samples) == sum(info["counts"].values())
+        for cls in (CYST, MILD):
+            masks = sorted(p.name for p in (out / name / "masks" / cls).iterdir())
+            assert masks == sorted(f"{p.stem}.png" for p in _images(out, name, cls))
+        assert json.loads((out / name / synth.HELD_OUT_INFO).read_text()) == info
+        assert info["note"] == "synthetic data, not clinical" and info["seed"] == 1
+    hr = _images(out, "scanner_hr", CYST)[0]
+    assert _png_depth(hr) == (16, 0)
+    with Image.open(hr) as im:
+        assert np.asarray(im).max() <= 4095  # 12-bit detector in a 16-bit file
+        assert im.size == (640, 320)
+    with Image.open(_images(out, "scanner_lc", CYST)[0]) as im:
+        assert im.format == "JPEG" and im.size == (224, 192)
+
+
+def test_held_out_centres_are_idempotent(held_out: tuple[Path, dict, dict], tmp_path: Path):
+    out, _, _ = held_out
+    root = tmp_path / "data"
+    shutil.copytree(out, root)
+    args = {"seed": 1, "scale": SCALE, "classes": [CYST, MILD], "progress": False}
+    kept = _tree(root / "scanner_hr")
+    shutil.rmtree(root / "scanner_lc")
+    assert set(synth.add_held_out_centres(root, **args)) == {"scanner_lc"}  # only the missing
+    assert _tree(root / "scanner_hr") == kept
+    full = _tree(root)
+    assert synth.add_held_out_centres(root, **args) == {}  # all there: nothing written
+    assert _tree(root) == full
+    again = {p.relative_to(root): b for p, b in full.items() if "scanner_lc" in p.parts}
+    first = {p.relative_to(out): b for p, b in _tree(out / "scanner_lc").items()}
+    assert again == first  # rewritten byte for byte
+    with pytest.raises(SavltError, match="remove the folder"):  # other arguments: refused
+        synth.add_held_out_centres(root, **{**args, "seed": 2})
+    with pytest.raises(SavltError, match="scanner_hr, scanner_lc"):
+        synth.add_held_out_centres(root, names=("scanner_xx",), progress=False)
+    assert _tree(root) == full

@@ -161,12 +161,23 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from tools.inference import evaluate_folder
 
     out = args.out or args.model / f"eval_{args.data.name}"
-    metrics = evaluate_folder(args.model, args.data, out)
+    metrics = evaluate_folder(args.model, args.data, out, recentre=args.recentre)
     print(f"{args.data} ({metrics['n']} images):")
     for key in METRIC_KEYS:
         value = metrics[key]
         print(f"  {key:<12} {'n/a' if value is None else f'{value:.2f}'}")
     print(f"Report: {out / 'report.md'}")
+
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    from tools.inference import calibrate_model
+
+    done = calibrate_model(args.model, args.data, args.out)
+    score = done["shift_score"]
+    print(
+        f"Calibrated to {done['scans']} unlabelled scans of {args.data} "
+        f"(shift score before: {'n/a' if score is None else f'{score:.2f}'}): {done['out']}"
+    )
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -263,7 +274,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, required=True, help="directory from savlt export")
     p.add_argument("--data", type=Path, required=True, help="ROOT/<centre> with images/<class>/")
     p.add_argument("--out", type=Path, help="output directory (default MODEL/eval_<centre>)")
+    p.add_argument(
+        "--recentre",
+        action="store_true",
+        help="also score re-centred on this folder's own scans (label-free, transductive)",
+    )
     p.set_defaults(func=cmd_evaluate, log_dir=None)
+
+    p = sub.add_parser(
+        "calibrate",
+        help="adapt an exported model to a new site's unlabelled scans (label-free)",
+    )
+    p.add_argument("--model", type=Path, required=True, help="directory from savlt export")
+    p.add_argument("--data", type=Path, required=True, help="folder of the site's scans")
+    p.add_argument("--out", type=Path, required=True, help="calibrated model directory")
+    p.set_defaults(func=cmd_calibrate, log_dir=None)
 
     p = sub.add_parser(
         "deploy-local",

@@ -1,4 +1,4 @@
-"""Use an exported model (``savlt export``) on images: per-image predictions, or a scored centre.
+"""Use an exported model (``savlt export``): predict, evaluate, calibrate to a new site.
 
 Everything is rebuilt from MODEL_DIR alone (:func:`tools.export.load_exported`), and
 images are decoded with :func:`savlt_model.data.images.load_image`, so grayscale, 16-bit, RGBA and
@@ -8,12 +8,22 @@ JPEG scans work exactly as in training.
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from savlt_model.data.folders import Sample, scan_center
+from savlt_model.atomic import write_json
+from savlt_model.calibration import (
+    Calibration,
+    calibration_from_dict,
+    calibration_to_dict,
+    shift_score,
+)
+from savlt_model.data.folders import IMAGE_SUFFIXES, Sample, scan_center
 from savlt_model.data.images import ImageSet
 from savlt_model.data.protocol import is_synthetic
 from savlt_model.errors import SavltError
@@ -27,6 +37,7 @@ from simulation.results import write_results, write_summary
 from tools.export import HEAD_JSON, load_exported
 
 BATCH = 32
+log = logging.getLogger(__name__)
 
 
 def _load(model_dir: Path) -> tuple[SavltModel, dict]:
@@ -34,12 +45,46 @@ def _load(model_dir: Path) -> tuple[SavltModel, dict]:
     return model, json.loads((Path(model_dir) / HEAD_JSON).read_text(encoding="utf-8"))
 
 
+def _images(info: dict, samples: list[Sample]) -> ImageSet:
+    """The scans decoded and standardised exactly as the model was trained (models exported
+    before intensity standardisation existed record none)."""
+    size, mean, std = info["image_size"], info["mean"], info["std"]
+    return ImageSet(samples, size, mean, std, train=False, intensity=info.get("intensity", "none"))
+
+
+def _calibration(info: dict, key: str = "calibration") -> Calibration | None:
+    raw = info.get(key)
+    return None if raw is None else calibration_from_dict(raw)
+
+
+def warn_if_shifted(info: dict, features: np.ndarray, where: str) -> float | None:
+    """Warn when the scans' features sit far from the training hospitals' reference; the
+    score (:func:`savlt_model.calibration.shift_score`) or None without a reference."""
+    cal = _calibration(info)
+    if cal is None:
+        return None
+    score = shift_score(features, cal.reference)
+    threshold = float(info["config"]["calibration"]["shift_threshold"])
+    if score > threshold:
+        log.warning(
+            "%s: shift score %.2f exceeds %.2f: these scans are out of the training "
+            "distribution (another scanner or protocol?); predictions may be unreliable. "
+            "`savlt calibrate` adapts the model to this site's unlabelled scans",
+            where,
+            score,
+            threshold,
+        )
+    return score
+
+
 def predict_images(model_dir: Path, paths: Sequence[Path]) -> list[dict]:
     """Per image: ``file``, ``class``, ``probability`` (of that class), ``high_risk`` (summed
     probability of the positive classes) and ``probs`` (class -> probability).
 
     Images go through the same decoding and normalisation as in training (an ImageSet of
-    unlabelled samples) and the same evaluation loop (:func:`savlt_model.evaluation.predict`).
+    unlabelled samples) and the same evaluation loop (:func:`savlt_model.evaluation.predict`);
+    the probabilities are the model's calibrated ones (temperature, and the site's
+    re-centring after ``savlt calibrate``). A shift warning is logged for the whole set.
     """
     paths = [Path(p) for p in paths]
     missing = [str(p) for p in paths if not p.is_file()]
@@ -49,8 +94,11 @@ def predict_images(model_dir: Path, paths: Sequence[Path]) -> list[dict]:
         raise SavltError("no images given")
     model, info = _load(model_dir)
     samples = [Sample(p, 0, p.name) for p in paths]  # the label is unused here
-    dataset = ImageSet(samples, info["image_size"], info["mean"], info["std"], train=False)
-    probs, _, _ = predict(model, dataset, BATCH)
+    probs, _, feats = predict(model, _images(info, samples), BATCH)
+    warn_if_shifted(info, feats, f"{len(paths)} image(s)")
+    cal = _calibration(info)
+    if cal is not None:
+        probs = cal.probs(feats, model.classifier().cpu().numpy())
     high = binary_scores(probs, model.positive)
     rows: list[dict] = []
     for path, p, h in zip(paths, probs, high, strict=True):
@@ -67,24 +115,89 @@ def predict_images(model_dir: Path, paths: Sequence[Path]) -> list[dict]:
     return rows
 
 
-def evaluate_folder(model_dir: Path, center_dir: Path, out_dir: Path) -> dict:
+def evaluate_folder(
+    model_dir: Path, center_dir: Path, out_dir: Path, recentre: bool = False
+) -> dict:
     """Score the model on a labelled centre folder ``ROOT/<centre>`` (``images/<class>/...``).
 
-    Writes ``results.json``, ``summary.json``, confusion + ROC PNGs under ``figures/`` and
-    ``report.md`` into ``out_dir``; returns the metrics (seven keys, ``confusion``, ``n``).
+    Writes ``results.json``, ``summary.json``, confusion, ROC and reliability PNGs under
+    ``figures/`` and ``report.md`` into ``out_dir``; returns the metrics (seven keys,
+    ``confusion``, ``n``, and ECE, Brier and shift score with a calibrated model). With
+    ``recentre`` the ``<method>+cal`` records re-centre on this folder's own scans.
     """
     center_dir, out_dir = Path(center_dir), Path(out_dir)
     model, info = _load(model_dir)
     root, center = center_dir.parent, center_dir.name
-    samples = scan_center(root, center, model.classes)
-    dataset = ImageSet(samples, info["image_size"], info["mean"], info["std"], train=False)
+    dataset = _images(info, scan_center(root, center, model.classes))
+    warn_if_shifted(info, predict(model, dataset, BATCH)[2], str(center_dir))
     synthetic = is_synthetic(root)
     method, seed = str(info["method"]), int(info["seed"])
     tag = f"{method}_seed{seed}"
     run = Finish(out_dir, tag, method, seed, None, synthetic)
-    scores, records = finish_model(model, {center: dataset}, BATCH, run, adapter_cfg=None)
+    centre = _calibration(info, "centre_calibration") if recentre else None
+    if recentre and centre is None:
+        raise SavltError(f"{model_dir}: exported without a centre calibration; drop --recentre")
+    calibrations = (_calibration(info), centre) if "calibration" in info else None
+    scores, records = finish_model(
+        model, {center: dataset}, BATCH, run, adapter_cfg=None, calibrations=calibrations
+    )
     write_results(out_dir / "results.json", records)
     title = f"Exported model {Path(model_dir).name} ({tag}) on {center_dir}"
     write_summary(out_dir / "summary.json", records, {"title": title, "synthetic": synthetic})
     write_report(out_dir)
     return scores[center].metrics
+
+
+def unlabelled_scans(folder: Path) -> list[Sample]:
+    """Every readable image below ``folder`` (any layout, hidden files ignored), sorted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SavltError(f"--data {folder} is not a folder; give this site's folder of scans")
+    files = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in IMAGE_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+    if not files:
+        raise SavltError(
+            f"--data {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
+            "point it at the site's scans"
+        )
+    return [Sample(p, 0, str(p.relative_to(folder))) for p in files]
+
+
+def calibrate_model(model_dir: Path, folder: Path, out: Path, min_scans: int = 10) -> dict:
+    """Write ``out``: a copy of MODEL_DIR calibrated to one site's unlabelled scans.
+
+    Its features are re-centred from this site's mean onto the training hospitals'
+    reference, with the temperature and class bias fitted at training time; nothing but
+    the site's mean feature is kept (no image, no per-scan feature). Returns a summary.
+    """
+    model_dir, out = Path(model_dir), Path(out)
+    model, info = _load(model_dir)
+    centre = _calibration(info, "centre_calibration")
+    if centre is None:
+        raise SavltError(
+            f"{model_dir} has no centre calibration (exported before it existed, or trained "
+            "with calibration.recentre: false); re-export it from its run"
+        )
+    samples = unlabelled_scans(folder)
+    if len(samples) < min_scans:
+        raise SavltError(
+            f"--data {folder} has {len(samples)} scan(s); calibration needs at least "
+            f"{min_scans} unlabelled scans of the site"
+        )
+    feats = predict(model, _images(info, samples), BATCH)[2]
+    before = warn_if_shifted(info, feats, str(folder))
+    fixed = replace(centre.at_centre(feats), recentre=False)  # this site's mean, kept fixed
+    if out.resolve() != model_dir.resolve():
+        shutil.copytree(model_dir, out, dirs_exist_ok=True)
+    info = {
+        **info,
+        "calibration": calibration_to_dict(fixed),
+        "calibrated_on": {"folder": str(Path(folder).resolve()), "scans": len(samples)},
+    }
+    write_json(out / HEAD_JSON, info)
+    return {"scans": len(samples), "shift_score": before, "out": str(out)}

@@ -35,13 +35,14 @@ from tqdm.auto import tqdm
 
 from savlt_model.atomic import atomic_write, write_json
 from savlt_model.config import CERVICAL_CLASSES, resolve_path
+from savlt_model.data.tissue import SurfaceDetector
 from savlt_model.model.backbone import (
     DEFAULT_MODEL,
     fingerprint_tensors,
     load_backbone,
     vision_tower,
 )
-from savlt_model.model.roi import SurfaceDetector, patch_keep_mask, roi_top
+from savlt_model.model.roi import patch_keep_mask, roi_top
 from savlt_model.model.text import load_descriptions
 from simulation.synth import ScannerProfile, render
 

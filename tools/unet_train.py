@@ -21,8 +21,8 @@ from tqdm import tqdm
 
 from savlt_model.atomic import atomic_write
 from savlt_model.data.folders import IMAGE_SUFFIXES
+from savlt_model.data.tissue import SurfaceDetector
 from savlt_model.errors import SavltError
-from savlt_model.model.roi import SurfaceDetector
 from savlt_model.model.unet import ARCH, CLIP_MEAN, CLIP_STD, UNet
 
 
@@ -59,7 +59,9 @@ def _find_pairs(data_root: Path) -> list[tuple[Path, Path]]:
     if not data_root.is_dir():
         raise SavltError(f"--data {data_root} is not a folder; point it at the synthetic DATA root")
     pairs = []
-    for centre in sorted(p for p in data_root.iterdir() if (p / "images").is_dir()):
+    # held-out scanner centres (held_out.json) are test-only: never train on them
+    centres = (p for p in data_root.iterdir() if (p / "images").is_dir())
+    for centre in sorted(c for c in centres if not (c / "held_out.json").is_file()):
         masks = centre / "masks"
         if not masks.is_dir():
             raise SavltError(

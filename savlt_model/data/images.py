@@ -11,7 +11,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode, v2
 
+from savlt_model.data.augment import ScannerAugment
 from savlt_model.data.folders import Sample
+from savlt_model.data.intensity import standardise_rgb
 from savlt_model.errors import SavltError
 
 _WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
@@ -48,15 +50,17 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
-def load_image(path: Path, size: int) -> torch.Tensor:
+def load_image(path: Path, size: int, intensity: str = "none") -> torch.Tensor:
     """Decode any supported image to a uint8 (3, size, size) tensor.
 
-    The image is squashed to a square with antialiased bicubic resampling rather than
-    cropped: OCT B-scans are wide and their whole width is tissue.
+    ``intensity`` standardises the B-scan at its own resolution first
+    (:func:`savlt_model.data.intensity.standardise_rgb`). The image is then squashed to a
+    square with antialiased bicubic resampling rather than cropped: OCT B-scans are wide
+    and their whole width is tissue.
     """
     try:
         with Image.open(path) as img:
-            rgb = _to_rgb(img)
+            rgb = standardise_rgb(_to_rgb(img), intensity)
     except Exception as err:  # PIL raises many types for broken files
         raise SavltError(
             f"cannot decode image {path} ({err}) — replace or delete the file"
@@ -65,14 +69,14 @@ def load_image(path: Path, size: int) -> torch.Tensor:
     return torch.from_numpy(np.array(resized, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
-_DECODED: dict[tuple[Path, int], torch.Tensor] = {}
+_DECODED: dict[tuple[Path, int, str], torch.Tensor] = {}
 
 
-def _decoded(path: Path, size: int) -> torch.Tensor:
+def _decoded(path: Path, size: int, intensity: str) -> torch.Tensor:
     """Process-wide cache: seeds and methods reuse the same images without decoding again."""
-    key = (Path(path), size)
+    key = (Path(path), size, intensity)
     if key not in _DECODED:
-        _DECODED[key] = load_image(path, size)
+        _DECODED[key] = load_image(path, size, intensity)
     return _DECODED[key]
 
 
@@ -92,10 +96,12 @@ class ImageSet(Dataset):
         mean: Sequence[float],
         std: Sequence[float],
         train: bool,
+        intensity: str = "none",
+        scanner_augment: float = 0.0,
     ) -> None:
         self.samples = list(samples)
         self.labels = [s.label for s in self.samples]
-        self.images = [_decoded(s.path, size) for s in self.samples]
+        self.images = [_decoded(s.path, size, intensity) for s in self.samples]
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
         self.augment = (
@@ -113,6 +119,7 @@ class ImageSet(Dataset):
             if train
             else None
         )
+        self.scanner = ScannerAugment(scanner_augment) if train and scanner_augment > 0 else None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -121,7 +128,10 @@ class ImageSet(Dataset):
         image = self.images[index]
         if self.augment is not None:
             image = self.augment(image)
-        return (image.float() / 255.0 - self.mean) / self.std, self.labels[index]
+        pixels = image.float() / 255.0
+        if self.scanner is not None:
+            pixels = self.scanner(pixels)
+        return (pixels - self.mean) / self.std, self.labels[index]
 
 
 def make_loader(

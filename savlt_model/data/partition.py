@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from savlt_model.config import Config
 from savlt_model.data.folders import Sample
-from savlt_model.data.protocol import data_root, paper_protocol, prepare_center
+from savlt_model.data.protocol import data_root, external_test, paper_protocol, prepare_center
 from savlt_model.errors import SavltError
 
 
@@ -78,4 +78,6 @@ def build_partition(cfg: Config, seed: int) -> Partition:
             f"({', '.join(h.name for h in hospitals)})"
         )
     tests = {p.name: p.test for p in parts if held_out in (None, p.name)}
+    for center in cfg.data.held_out_centers:  # test-only scanner styles: every image
+        tests[center] = external_test(cfg, root, center)
     return Partition(hospitals, tests)

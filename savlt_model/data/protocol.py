@@ -74,6 +74,6 @@ def paper_protocol(
     root = data_root(cfg)
     train_center = prepare_center(cfg, root, cfg.data.train_center, seed, with_sites)
     tests = {cfg.data.train_center: train_center.test}
-    for center in cfg.data.external_centers:
+    for center in [*cfg.data.external_centers, *cfg.data.held_out_centers]:
         tests[center] = external_test(cfg, root, center)
     return train_center, tests

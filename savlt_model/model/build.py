@@ -70,6 +70,11 @@ def cached_model(cfg: Config, seed: int) -> SavltModel:
 
 
 def image_sets(cfg: Config, samples: dict[str, list[Sample]], train: bool) -> dict[str, ImageSet]:
-    """ImageSets sized and normalised for the configured backbone."""
+    """ImageSets sized and normalised for the configured backbone, with the configured
+    intensity standardisation (and, for training, scanner augmentation)."""
     bb = cached_backbone(cfg.model.name, cfg.model.pretrained)
-    return {k: ImageSet(v, bb.image_size, bb.mean, bb.std, train=train) for k, v in samples.items()}
+    augment = cfg.train.scanner_augment if train else 0.0
+    return {
+        k: ImageSet(v, bb.image_size, bb.mean, bb.std, train, cfg.data.intensity, augment)
+        for k, v in samples.items()
+    }

@@ -117,6 +117,14 @@ class SavltModel(nn.Module):
         text = self.anchors if self.text_is_frozen else self.text(self.clip.base_model.model)
         return text, F.normalize(self.prototypes, dim=-1)
 
+    @torch.no_grad()
+    def classifier(self) -> torch.Tensor:
+        """(C, d) W with fused logits = f W^T: s ((1 - a) T + a P). Post-hoc calibration
+        works on (f, W), so every step is exact without another forward pass."""
+        text, protos = self.class_embeddings()
+        a = self.align_weight
+        return (self.logit_scale * ((1 - a) * text + a * protos)).float()
+
     def forward(self, images: torch.Tensor) -> Batch:
         f = self.image_features(images)
         text, protos = self.class_embeddings()

@@ -1,0 +1,232 @@
+"""Label-free centre calibration and confidence scores, on the model's image features.
+
+Why (measured, docs/scanner-shift.md): at a centre the model was not trained on, the image
+features move by a common offset, so one class's logit rises for every scan while the
+ranking within the centre survives. Everything here works on the L2-normalised features f
+and the fused classifier W (logits = f W^T), so each step is exact and cheap:
+
+- :class:`FeatureStats`: count and sum of features. Statistics of disjoint sets add, so the
+  training hospitals' reference mean is a sum the server can form without seeing images;
+- :func:`fit_calibration`: temperature and class-bias correction fitted on the labelled
+  validation split (inductive), optionally with re-centring on the reference;
+- :meth:`Calibration.at_centre`: re-centre a centre's features on the reference using that
+  centre's own unlabelled scans (label-free, transductive: its scores use its own images);
+- :func:`em_prior_shift`: re-estimate a centre's class priors by EM (Saerens et al. 2002);
+- :func:`shift_score`: how far a set of scans sits from the reference, for the shift warning;
+- :func:`expected_calibration_error`, :func:`brier_score`: the confidence scores reported.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+
+
+def _normalise(f: np.ndarray) -> np.ndarray:
+    return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+@dataclass(frozen=True)
+class FeatureStats:
+    """Count and sum of a set of L2-normalised feature vectors (no image, no single feature)."""
+
+    count: int
+    total: np.ndarray  # (d,)
+
+    @classmethod
+    def of(cls, features: np.ndarray) -> FeatureStats:
+        f = np.asarray(features, dtype=np.float64)
+        return cls(len(f), f.sum(axis=0))
+
+    def __add__(self, other: FeatureStats) -> FeatureStats:
+        return FeatureStats(self.count + other.count, self.total + other.total)
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.total / max(self.count, 1)
+
+
+def shift_score(features: np.ndarray, reference: np.ndarray) -> float:
+    """Distance of the scans' mean feature from the reference mean, in units of the
+    reference spread, with the sampling noise of a mean of n scans removed.
+
+    For unit vectors the spread is sqrt(trace cov) = sqrt(1 - |mu_ref|^2), and a mean of n
+    scans from the reference itself lies about 1/sqrt(n) away, so the score is
+    sqrt(max(0, d^2 - 1/n)): near 0 in distribution whatever n, not only for large n.
+    """
+    f = np.asarray(features, dtype=np.float64)
+    mu_ref = np.asarray(reference, dtype=np.float64)
+    spread = math.sqrt(max(1.0 - float(mu_ref @ mu_ref), 1e-12))
+    d = float(np.linalg.norm(f.mean(axis=0) - mu_ref)) / spread
+    return math.sqrt(max(0.0, d * d - 1.0 / len(f)))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What turns features into calibrated probabilities: f -> [re-centre] -> f W^T / T + b.
+
+    ``reference`` is the training hospitals' mean feature; ``center_mean`` the mean of the
+    centre being scored (None: not re-centred); ``log_bias`` removes the class bias the
+    model shows on the balanced validation split.
+    """
+
+    reference: np.ndarray
+    temperature: float = 1.0
+    log_bias: np.ndarray | None = None
+    center_mean: np.ndarray | None = None
+    recentre: bool = False  # whether at_centre() re-centres (fixed when it was fitted)
+    em_priors: bool = False  # re-estimate the scored centre's class priors (EM)
+
+    def at_centre(self, features: np.ndarray) -> Calibration:
+        """This calibration for the centre whose unlabelled ``features`` are given."""
+        if not self.recentre:
+            return self
+        return replace(self, center_mean=np.asarray(features, dtype=np.float64).mean(axis=0))
+
+    def features(self, features: np.ndarray) -> np.ndarray:
+        f = np.asarray(features, dtype=np.float64)
+        if self.center_mean is None:
+            return f
+        return _normalise(f - self.center_mean + self.reference)
+
+    def probs(self, features: np.ndarray, classifier: np.ndarray) -> np.ndarray:
+        z = self.features(features) @ np.asarray(classifier, dtype=np.float64).T
+        z = z / self.temperature
+        if self.log_bias is not None:
+            z = z + self.log_bias
+        return em_prior_shift(softmax(z))[0] if self.em_priors else softmax(z)
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The temperature minimising the validation NLL (bounded 1-D search on log T)."""
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(labels)
+
+    def nll(log_t: float) -> float:
+        s = z / math.exp(log_t)
+        s = s - s.max(axis=1, keepdims=True)
+        return float(np.mean(np.log(np.exp(s).sum(axis=1)) - s[np.arange(len(y)), y]))
+
+    return math.exp(minimize_scalar(nll, bounds=(-4.0, 4.0), method="bounded").x)
+
+
+def fit_calibration(
+    val_features: np.ndarray,
+    val_labels: np.ndarray,
+    classifier: np.ndarray,
+    reference: FeatureStats,
+    recentre: bool,
+    temperature: bool = True,
+    debias: bool = True,
+    em_priors: bool = False,
+) -> Calibration:
+    """Fit T and the class bias on the labelled validation split (of the training hospitals).
+
+    With ``recentre`` the validation features are re-centred on their own mean first, as
+    every scored centre will be. ``debias`` divides by the model's mean posterior on the
+    validation split, whose classes are balanced by construction (K-shot, min(K, 16) each),
+    so a class the model over-calls on balanced data is called less everywhere.
+    """
+    base = Calibration(reference=reference.mean, recentre=recentre, em_priors=em_priors)
+    cal = base.at_centre(val_features)
+    f = cal.features(val_features)
+    z = f @ np.asarray(classifier, dtype=np.float64).T
+    t = fit_temperature(z, val_labels) if temperature else 1.0
+    bias = None
+    if debias:
+        counts = np.bincount(np.asarray(val_labels), minlength=z.shape[1])
+        prior = counts / counts.sum()
+        mean_posterior = softmax(z / t).mean(axis=0)
+        bias = np.log(np.maximum(prior, 1e-12)) - np.log(np.maximum(mean_posterior, 1e-12))
+    return replace(base, temperature=t, log_bias=bias)
+
+
+def em_prior_shift(
+    probs: np.ndarray, max_iter: int = 100, tol: float = 1e-6
+) -> tuple[np.ndarray, np.ndarray]:
+    """Posteriors adjusted to a centre's own class priors, estimated by EM from its
+    unlabelled scans (Saerens et al. 2002); the inputs assume uniform priors.
+    Returns (adjusted posteriors, estimated priors)."""
+    p = np.asarray(probs, dtype=np.float64)
+    k = p.shape[1]
+    priors = np.full(k, 1.0 / k)
+    adjusted = p
+    for _ in range(max_iter):
+        weighted = p * (priors * k)
+        adjusted = weighted / weighted.sum(axis=1, keepdims=True)
+        new = adjusted.mean(axis=0)
+        done = float(np.abs(new - priors).max()) < tol
+        priors = new
+        if done:
+            break
+    return adjusted, priors
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """ECE of the top-class confidence: 15 equal-width bins, weighted |accuracy - confidence|."""
+    p = np.asarray(probs, dtype=np.float64)
+    conf, pred = p.max(axis=1), p.argmax(axis=1)
+    correct = pred == np.asarray(labels)
+    which = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)  # (b/B, (b+1)/B]
+    ece = 0.0
+    for b in range(bins):
+        sel = which == b
+        if sel.any():
+            ece += sel.mean() * abs(correct[sel].mean() - conf[sel].mean())
+    return float(ece)
+
+
+def reliability(
+    probs: np.ndarray, labels: np.ndarray, bins: int = 15
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per bin: (mean confidence, accuracy, count); empty bins give NaN. For the diagram."""
+    p = np.asarray(probs, dtype=np.float64)
+    conf, correct = p.max(axis=1), p.argmax(axis=1) == np.asarray(labels)
+    which = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)
+    count = np.bincount(which, minlength=bins)
+    mean_conf = np.bincount(which, weights=conf, minlength=bins) / np.maximum(count, 1)
+    acc = np.bincount(which, weights=correct.astype(float), minlength=bins) / np.maximum(count, 1)
+    empty = count == 0
+    return np.where(empty, np.nan, mean_conf), np.where(empty, np.nan, acc), count
+
+
+def brier_score(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Multiclass Brier score: mean over scans of sum_c (p_c - 1[y = c])^2 (0 best, 2 worst)."""
+    p = np.asarray(probs, dtype=np.float64)
+    onehot = np.eye(p.shape[1])[np.asarray(labels)]
+    return float(np.mean(np.sum((p - onehot) ** 2, axis=1)))
+
+
+def calibration_to_dict(cal: Calibration) -> dict:
+    """JSON form, stored with an adapter and in an exported model's head."""
+    return {
+        "reference": cal.reference.tolist(),
+        "temperature": cal.temperature,
+        "log_bias": None if cal.log_bias is None else cal.log_bias.tolist(),
+        "center_mean": None if cal.center_mean is None else cal.center_mean.tolist(),
+        "recentre": cal.recentre,
+        "em_priors": cal.em_priors,
+    }
+
+
+def calibration_from_dict(raw: dict) -> Calibration:
+    def arr(key: str) -> np.ndarray | None:
+        return None if raw.get(key) is None else np.asarray(raw[key], dtype=np.float64)
+
+    return Calibration(
+        reference=np.asarray(raw["reference"], dtype=np.float64),
+        temperature=float(raw["temperature"]),
+        log_bias=arr("log_bias"),
+        center_mean=arr("center_mean"),
+        recentre=bool(raw.get("recentre", False)),
+        em_priors=bool(raw.get("em_priors", False)),
+    )

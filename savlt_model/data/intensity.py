@@ -1,0 +1,86 @@
+"""Per-B-scan intensity standardisation, applied when an image is decoded.
+
+Why: a new hospital's scanner shows the same tissue through another display curve (gain,
+dynamic range). Measured on the synthetic centres (docs/scanner-shift.md), that offset is
+where the shift enters: darker tissue reads as cancer, so a model trained elsewhere calls
+nearly every scan high-risk. Mapping robust percentiles of the *tissue* (not of the whole
+frame, whose dark gel or air above the surface varies by probe) to fixed values undoes gain
+and range, which are affine in the log display. It runs identically in training, at every
+hospital and at inference, because it is part of decoding.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+
+from savlt_model.data.tissue import SurfaceDetector
+
+Intensity = Literal["none", "percentile", "percentile-detrend"]
+INTENSITY_MODES: tuple[str, ...] = ("none", "percentile", "percentile-detrend")
+_GRAY = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601 luma, as the tissue detector
+_MIN_TISSUE = 64  # pixels: below this the mask failed and the whole frame is used
+_TARGET = (0.05, 0.95)  # where the tissue's 1st and 99th percentiles go
+_DETECTOR = SurfaceDetector(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+
+
+def tissue_mask(gray: np.ndarray) -> np.ndarray:
+    """(H, W) bool tissue mask of a [0, 1] grey B-scan, from the weight-free detector."""
+    x = torch.from_numpy(np.ascontiguousarray(gray, dtype=np.float32))[None, None]
+    return _DETECTOR(x.expand(1, 3, -1, -1))[0].numpy() > 0.5
+
+
+def depth_detrend(gray: np.ndarray, mask: np.ndarray, floor_margin: float = 0.15) -> np.ndarray:
+    """Remove the linear trend of tissue intensity with depth below the surface.
+
+    Attenuation (signal lost per mm: wavelength, focus, contact) is a ramp in the log
+    display. Depths whose mean is within ``floor_margin`` of the signal range above the
+    noise floor (median of the non-tissue pixels) carry no signal: they are left out of the
+    fit and get no more lift than the deepest fitted depth, so noise is never amplified
+    into fake tissue. Attenuation is also a tissue property in real OCT: off by default.
+    """
+    h = mask.shape[0]
+    if mask.sum() < _MIN_TISSUE:
+        return gray
+    rows = np.cumsum(mask, axis=0)  # rows below the surface, 1 at the first tissue row
+    floor = float(np.median(gray[~mask])) if (~mask).sum() >= _MIN_TISSUE else float(gray.min())
+    sums = np.bincount(rows[mask], weights=gray[mask], minlength=h + 1)
+    counts = np.bincount(rows[mask], minlength=h + 1)
+    level = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+    top = np.nanmax(level)
+    signal = np.flatnonzero(level > floor + floor_margin * (top - floor))
+    if len(signal) < 8:
+        return gray
+    deepest = int(signal.max())
+    fit = mask & (rows <= deepest)
+    depth = np.minimum(rows, deepest) / h
+    slope = np.polyfit(depth[fit], gray[fit], 1)[0]
+    return np.where(mask, gray - slope * (depth - depth[fit].mean()), gray)
+
+
+def standardise_bscan(gray: np.ndarray, mask: np.ndarray, detrend: bool = False) -> np.ndarray:
+    """Map a [0, 1] grey B-scan linearly so its tissue's 1st / 99th percentiles land on
+    0.05 / 0.95 (clipped to [0, 1]); with ``detrend`` the depth ramp is removed first."""
+    if detrend:
+        gray = depth_detrend(gray, mask)
+    values = gray[mask] if mask.sum() >= _MIN_TISSUE else gray.ravel()
+    lo, hi = np.percentile(values, [1.0, 99.0])
+    unit = np.clip((gray - lo) / max(hi - lo, 1e-6), 0.0, None)
+    return np.clip(_TARGET[0] + unit * (_TARGET[1] - _TARGET[0]), 0.0, 1.0)
+
+
+def standardise_rgb(rgb: np.ndarray, mode: str) -> np.ndarray:
+    """(H, W, 3) uint8 -> standardised grey (H, W, 3) uint8; ``mode`` "none" returns it as is.
+
+    Runs at the file's resolution, before resizing, so the percentiles see the scanner's own
+    speckle rather than an antialiased thumbnail.
+    """
+    if mode == "none":
+        return rgb
+    if mode not in INTENSITY_MODES:
+        raise ValueError(f"unknown intensity mode {mode!r}; choose from {INTENSITY_MODES}")
+    gray = (rgb.astype(np.float64) / 255.0) @ _GRAY
+    out = standardise_bscan(gray, tissue_mask(gray), detrend=mode == "percentile-detrend")
+    return np.repeat(np.round(out * 255.0).astype(np.uint8)[..., None], 3, axis=2)
