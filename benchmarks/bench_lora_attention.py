@@ -1,6 +1,6 @@
 """A plain LoRA train step with peft on nn.MultiheadAttention vs on LinearAttention.
 
-Why: this is the measurement behind ``savlt_model.attention``. peft adapts open_clip's
+Why: this is the measurement behind ``savlt_model.model.attention``. peft adapts open_clip's
 ``nn.MultiheadAttention`` by merging ``s B A`` into the frozen weights around every forward,
 so backward forms dense weight gradients; on LinearAttention's Linears LoRA gradients flow
 through the rank-r path only. Same backbone, same LoRA (every block, r 8, alpha 4, dropout

@@ -227,7 +227,7 @@ def plot_method_bars(
     synthetic: bool = False,
 ) -> Path:
     """Grouped bars of ``<metric>_mean`` with ``<metric>_std`` error bars from
-    :func:`savlt_model.results.summarize`: centre groups, one bar per method (per method
+    :func:`simulation.results.summarize`: centre groups, one bar per method (per method
     and K when the rows mix shot counts). A missing (None) mean leaves a gap.
     """
     mean_key, std_key = f"{metric}_mean", f"{metric}_std"

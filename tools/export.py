@@ -12,7 +12,7 @@
 - ``savlt_unet.safetensors``: a copy of the tissue U-Net, only when ``model.roi.source=unet``.
 
 The run adapts Linear projections (open_clip's ``nn.MultiheadAttention`` split by
-:mod:`savlt_model.attention`); the export targets the plain open_clip modules instead, so
+:mod:`savlt_model.model.attention`); the export targets the plain open_clip modules instead, so
 each layer's effective update ``s B A`` (+ a FedEx-LoRA residual ``R``) is rewritten as
 peft factors of that layout, re-factorised by SVD at its numerical rank where a residual
 is folded in. It is exact up to float rounding (the largest absolute error is recorded in

@@ -7,8 +7,8 @@ class descriptions of ``configs/prompts/cervical_oct.yaml``.
 
 No leakage into the evaluation: the corpus is rendered in memory with a fresh, randomised
 scanner profile per image, drawn from ranges wider than every site of
-:mod:`savlt_model.synth` (a "many scanners" corpus, like the web data real CLIP saw), from a
-seed stream that :func:`savlt_model.synth.generate` never uses. No image of the evaluation
+:mod:`simulation.synth` (a "many scanners" corpus, like the web data real CLIP saw), from a
+seed stream that :func:`simulation.synth.generate` never uses. No image of the evaluation
 centres, and none of their fixed scanner profiles, is ever seen. The tissue signatures are
 the generator's own, so the descriptions do describe the pictures; that is what makes the
 anchors meaningful, and also why zero-shot accuracy must be measured before this is trusted.

@@ -32,7 +32,7 @@ def inject_lora(clip: nn.Module, tower: VisionTower, cfg: LoraSettings) -> PeftM
 
     LoRA adapts every Linear projection of those attention modules: q, k, v (fused) and the
     output projection. open_clip's ``nn.MultiheadAttention`` is first split into Linears
-    (:mod:`savlt_model.attention`), so every adapted layer is an ordinary peft LoRA Linear.
+    (:mod:`savlt_model.model.attention`), so every adapted layer is an ordinary peft LoRA Linear.
     """
     n_blocks = len(tower.attention_modules)
     last_n = n_blocks if cfg.last_n_blocks is None else cfg.last_n_blocks
