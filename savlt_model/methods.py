@@ -127,8 +127,8 @@ METHODS: dict[str, Method] = {
 }
 
 
-# What fl.methods runs by default: the methods declared above (not ones registered later,
-# which a ClientApp process started elsewhere would not know).
+# What fl.methods runs by default: the methods declared above (not ones added at run time,
+# e.g. by a test, which a ClientApp process started elsewhere would not know).
 DEFAULT_METHODS = tuple(METHODS)
 
 
@@ -141,16 +141,6 @@ def get_method(name: str) -> Method:
 
 def federated_methods() -> tuple[str, ...]:
     return tuple(name for name, m in METHODS.items() if m.federated)
-
-
-def register(method: Method) -> Method:
-    """Add a method (e.g. a research variant) to the registry; names are unique."""
-    if method.name in METHODS:
-        raise SavltError(f"method {method.name!r} is already registered")
-    if method.federated and method.weighting is None:
-        raise SavltError(f"federated method {method.name!r} needs a weighting function")
-    METHODS[method.name] = method
-    return method
 
 
 def describe() -> str:

@@ -11,14 +11,11 @@ hospital and at inference, because it is part of decoding.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 import torch
 
 from savlt_model.data.tissue import SurfaceDetector
 
-Intensity = Literal["none", "percentile", "percentile-detrend"]
 INTENSITY_MODES: tuple[str, ...] = ("none", "percentile", "percentile-detrend")
 _GRAY = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601 luma, as the tissue detector
 _MIN_TISSUE = 64  # pixels: below this the mask failed and the whole frame is used
