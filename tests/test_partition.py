@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 
 from savlt_model.config import load_config
+from savlt_model.data.folders import scan_center
 from savlt_model.data.partition import build_partition
 from savlt_model.data.protocol import paper_protocol
 from savlt_model.errors import SavltError
 from simulation.runner import leave_one_out_configs
-from simulation.synth import generate
+from simulation.synth import add_held_out_centres, generate
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +63,14 @@ def test_centers_protocol_and_leave_one_out(root):
 def test_held_out_needs_the_centers_protocol(root):
     with pytest.raises(SavltError, match=r"fl\.partition: centers"):
         _cfg(root, "fl.held_out=huaxi")
+
+
+def test_held_out_scanner_centres_are_scored_everywhere_and_never_a_hospital(root):
+    add_held_out_centres(root, seed=1, scale=0.3, names=("scanner_lc",), progress=False)
+    every_image = {s.key for s in scan_center(root, "scanner_lc", _cfg(root).task.classes)}
+    for extra in ([], ["fl.partition=centers"]):
+        partition = build_partition(_cfg(root, "data.held_out_centers=[scanner_lc]", *extra), 5)
+        assert "scanner_lc" not in {h.name for h in partition.hospitals}
+        assert {s.key for s in partition.tests["scanner_lc"]} == every_image
+    with pytest.raises(SavltError, match=r"data\.held_out_centers.*test-only"):
+        _cfg(root, "data.held_out_centers=[huaxi]")
