@@ -38,22 +38,22 @@ from common import machine
 from PIL import Image
 
 from savlt_model.atomic import write_json, write_text
+from savlt_model.calibration import softmax
 from savlt_model.config import Config, load_config, resolve_path
 from savlt_model.data.folders import Sample, scan_center
-from savlt_model.data.images import ImageSet, _to_rgb, make_loader  # _to_rgb: the loader's decode
+from savlt_model.data.images import ImageSet, make_loader, to_rgb
+from savlt_model.data.intensity import GRAY, tissue_mask
 from savlt_model.data.protocol import external_test, is_synthetic, paper_protocol
 from savlt_model.data.splits import split_center
-from savlt_model.data.tissue import SurfaceDetector
 from savlt_model.metrics import compute_metrics
 from savlt_model.model.build import build_model, image_sets, pick_device
-from savlt_model.model.roi import mask_patch_tokens, roi_top
+from savlt_model.model.roi import roi_top
 from savlt_model.model.savlt import SavltModel
 from savlt_model.train import train_steps
 from simulation.synth import HELD_OUT_PROFILES, add_held_out_centres, ensure_data
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 RAW_KEYS = ("img_mean", "roi_p1", "roi_p50", "roi_p99", "roi_std", "above_frac", "surf", "aspect")
-_GRAY = np.array([0.299, 0.587, 0.114])  # BT.601 luma, as the surface detector uses
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -83,24 +83,17 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
 # ---------------------------------------------------------------- raw pixels
 
 
-def _tissue_mask(gray: np.ndarray, detector: SurfaceDetector) -> np.ndarray:
-    """(H, W) bool tissue mask of a [0, 1] grey B-scan at full resolution."""
-    x = torch.from_numpy(np.ascontiguousarray(gray, dtype=np.float32))[None, None]
-    return detector(x.expand(1, 3, -1, -1))[0].numpy() > 0.5
-
-
 def raw_stats(samples: list[Sample]) -> dict[str, float]:
     """Mean over a centre's files of grey-level statistics in [0, 1].
 
     ``roi_*`` are inside the tissue mask, ``above_frac`` is the non-tissue share, ``surf``
     the first tissue row / height, ``aspect`` width / height.
     """
-    detector = SurfaceDetector(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     rows = []
     for s in samples:
         with Image.open(s.path) as im:
-            g = (_to_rgb(im).astype(np.float64) @ _GRAY) / 255.0
-        m = _tissue_mask(g, detector)
+            g = (to_rgb(im).astype(np.float64) @ GRAY) / 255.0
+        m = tissue_mask(g)
         t = g[m] if m.sum() > 64 else g.ravel()  # a failed mask is not fatal
         top = np.argmax(m.any(1)) / g.shape[0]
         p1, p50, p99 = np.percentile(t, [1, 50, 99])
@@ -119,16 +112,9 @@ def model_stats(model: SavltModel, ds: ImageSet, batch_size: int) -> dict[str, n
     tops, tokens, feats, logits = [], [], [], []
     for images, _ in make_loader(ds, batch_size, shuffle=False, seed=0):
         images = images.to(device)
-        keep = model.roi_keep(images)
+        x, keep = model.patch_tokens(images)
         if model.masker is not None:
             tops.append(roi_top(model.masker(images.float()), model.search_from).cpu())
-        t = model.tower
-        x = t.embed(images)
-        for block in t.blocks:  # as SavltModel.image_features, keeping the tokens
-            x = block(x)
-            if model.intermediate_masking:
-                x = mask_patch_tokens(x, keep)
-        x = t.norm(x)[:, model.num_prefix :]
         k = keep[:, :, None].float()
         tokens.append(((x * k).sum(1) / k.sum(1).clamp_min(1)).float().cpu())
         out = model(images)
@@ -146,11 +132,6 @@ def shift(x: np.ndarray, ref: np.ndarray) -> float:
     """Distance of the mean from the reference mean, in units of the reference's spread."""
     spread = np.sqrt(np.trace(np.atleast_2d(np.cov(ref.T))))
     return float(np.linalg.norm(x.mean(0) - ref.mean(0)) / max(spread, 1e-12))
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
 
 
 # ---------------------------------------------------------------- the probe
@@ -177,7 +158,7 @@ def centre_sets(
 ) -> tuple[dict[str, list[Sample]], list[Sample]]:
     """({name: samples} to probe, the K-shot train set), the reference set first."""
     root = ensure_data(cfg)
-    added = _add_held_out(cfg, root, extra)
+    added = _add_held_out(cfg, root, [*cfg.data.held_out_centers, *extra])
     if added:
         print(f"added held-out centres {', '.join(added)} to {root}", file=sys.stderr)
     center, tests = paper_protocol(cfg, seed)
@@ -207,7 +188,7 @@ def probe(cfg: Config, seed: int, extra: list[str]) -> dict[str, Any]:
     centres: dict[str, Any] = {}
     for name, st in per.items():
         labels = np.array([s.label for s in sets[name]])
-        probs = _softmax(st["logits"])
+        probs = softmax(st["logits"])
         m = compute_metrics(probs, labels, model.positive)
         top = st["roi_top"]  # empty when model.roi.source is none
         band = [float(v) for v in np.percentile(top, [10, 90])] if top.size else None

@@ -116,22 +116,23 @@ def score_centers(
 def fit_calibrations(
     model: SavltModel,
     val: ImageSet,
-    references: list[ImageSet],
+    trains: list[ImageSet],
     batch_size: int,
     cfg: CalibrationConfig,
 ) -> tuple[Calibration, Calibration | None]:
     """(inductive, re-centring) calibrations of a trained model.
 
     The reference is the sum of each training hospital's :class:`FeatureStats` over its own
-    train and val images, as a server would aggregate it; temperature and class bias are
-    fitted on the pooled validation split. The inductive one only rescales (temperature);
-    the re-centring one (None when ``calibration.recentre`` is off) also moves each scored
-    centre onto the reference and removes the class bias (``calibration.debias``).
+    train and val images (``trains`` per hospital plus the pooled ``val``: statistics add),
+    as a server would aggregate it; temperature and class bias are fitted on the pooled
+    validation split. The inductive one only rescales (temperature); the re-centring one
+    (None when ``calibration.recentre`` is off) also moves each scored centre onto the
+    reference and removes the class bias (``calibration.debias``).
     """
-    reference = FeatureStats(0, np.zeros(model.anchors.shape[1]))
-    for dataset in references:
-        reference = reference + FeatureStats.of(predict(model, dataset, batch_size)[2])
     _, labels, feats = predict(model, val, batch_size)
+    reference = FeatureStats.of(feats)
+    for dataset in trains:
+        reference = reference + FeatureStats.of(predict(model, dataset, batch_size)[2])
     w = model.classifier().cpu().numpy()
     inductive = fit_calibration(feats, labels, w, reference, recentre=False, debias=False)
     if not cfg.recentre:

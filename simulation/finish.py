@@ -57,8 +57,8 @@ def calibrations_for(
             "%s: no validation images, so no calibration", "+".join(h.name for h in hospitals)
         )
         return None
-    refs = {f"ref{i}": h.train + h.val for i, h in enumerate(hospitals)}
-    sets = image_sets(cfg, {"val": val, **refs}, train=False)
+    trains = {f"train{i}": h.train for i, h in enumerate(hospitals)}
+    sets = image_sets(cfg, {"val": val, **trains}, train=False)
     val_set = sets.pop("val")
     return fit_calibrations(
         model, val_set, list(sets.values()), cfg.train.eval_batch_size, cfg.calibration

@@ -64,6 +64,11 @@ def warn_if_shifted(info: dict, features: np.ndarray, where: str) -> float | Non
     if cal is None:
         return None
     score = shift_score(features, cal.reference)
+    warn_on_score(info, score, where)
+    return score
+
+
+def warn_on_score(info: dict, score: float, where: str) -> None:
     threshold = float(info["config"]["calibration"]["shift_threshold"])
     if score > threshold:
         log.warning(
@@ -74,7 +79,6 @@ def warn_if_shifted(info: dict, features: np.ndarray, where: str) -> float | Non
             score,
             threshold,
         )
-    return score
 
 
 def predict_images(model_dir: Path, paths: Sequence[Path]) -> list[dict]:
@@ -129,7 +133,6 @@ def evaluate_folder(
     model, info = _load(model_dir)
     root, center = center_dir.parent, center_dir.name
     dataset = _images(info, scan_center(root, center, model.classes))
-    warn_if_shifted(info, predict(model, dataset, BATCH)[2], str(center_dir))
     synthetic = is_synthetic(root)
     method, seed = str(info["method"]), int(info["seed"])
     tag = f"{method}_seed{seed}"
@@ -141,6 +144,8 @@ def evaluate_folder(
     scores, records = finish_model(
         model, {center: dataset}, BATCH, run, adapter_cfg=None, calibrations=calibrations
     )
+    if "shift_score" in scores[center].metrics:  # scored with the model's reference
+        warn_on_score(info, scores[center].metrics["shift_score"], str(center_dir))
     write_results(out_dir / "results.json", records)
     title = f"Exported model {Path(model_dir).name} ({tag}) on {center_dir}"
     write_summary(out_dir / "summary.json", records, {"title": title, "synthetic": synthetic})

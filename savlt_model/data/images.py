@@ -37,7 +37,7 @@ def _wide_to_uint8(img: Image.Image) -> np.ndarray:
     return np.round(np.clip(a / full, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-def _to_rgb(img: Image.Image) -> np.ndarray:
+def to_rgb(img: Image.Image) -> np.ndarray:
     """Any PIL mode to an HxWx3 uint8 array; transparency is composited on black."""
     if img.mode in _WIDE_MODES:
         return np.repeat(_wide_to_uint8(img)[..., None], 3, axis=2)
@@ -60,7 +60,7 @@ def load_image(path: Path, size: int, intensity: str = "none") -> torch.Tensor:
     """
     try:
         with Image.open(path) as img:
-            rgb = standardise_rgb(_to_rgb(img), intensity)
+            rgb = standardise_rgb(to_rgb(img), intensity)
     except Exception as err:  # PIL raises many types for broken files
         raise SavltError(
             f"cannot decode image {path} ({err}) — replace or delete the file"

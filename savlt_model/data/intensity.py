@@ -14,10 +14,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from savlt_model.data.tissue import GRAY as LUMA
 from savlt_model.data.tissue import SurfaceDetector
 
 INTENSITY_MODES: tuple[str, ...] = ("none", "percentile", "percentile-detrend")
-_GRAY = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601 luma, as the tissue detector
+GRAY = np.array(LUMA)  # grey from RGB exactly as the tissue detector makes it
 _MIN_TISSUE = 64  # pixels: below this the mask failed and the whole frame is used
 _TARGET = (0.05, 0.95)  # where the tissue's 1st and 99th percentiles go
 _DETECTOR = SurfaceDetector(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
@@ -78,6 +79,6 @@ def standardise_rgb(rgb: np.ndarray, mode: str) -> np.ndarray:
         return rgb
     if mode not in INTENSITY_MODES:
         raise ValueError(f"unknown intensity mode {mode!r}; choose from {INTENSITY_MODES}")
-    gray = (rgb.astype(np.float64) / 255.0) @ _GRAY
+    gray = (rgb.astype(np.float64) / 255.0) @ GRAY
     out = standardise_bscan(gray, tissue_mask(gray), detrend=mode == "percentile-detrend")
     return np.repeat(np.round(out * 255.0).astype(np.uint8)[..., None], 3, axis=2)

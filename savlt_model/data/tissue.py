@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-_GRAY = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma weights
+GRAY = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma weights
 _OTSU_BINS = 256
 
 
@@ -59,7 +59,7 @@ class SurfaceDetector(nn.Module):
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32), persistent=False)
-        self.register_buffer("gray", torch.tensor(_GRAY).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("gray", torch.tensor(GRAY).view(1, 3, 1, 1), persistent=False)
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:

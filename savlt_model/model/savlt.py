@@ -98,7 +98,8 @@ class SavltModel(nn.Module):
             top = roi_top(self.masker(images.float()), self.search_from)
         return patch_keep_mask(top, self.grid[0]).to(images.device)
 
-    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+    def patch_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normed patch tokens (B, N, width), ROI keep mask (B, N)) after the last block."""
         keep = self.roi_keep(images)
         t = self.tower
         x = t.embed(images)
@@ -108,9 +109,11 @@ class SavltModel(nn.Module):
         else:
             for block in t.blocks:
                 x = block(x)
-        x = t.norm(x)
-        pooled = self.roi_pool(x[:, self.num_prefix :], keep)
-        return F.normalize(t.project(pooled), dim=-1)
+        return t.norm(x)[:, self.num_prefix :], keep
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        tokens, keep = self.patch_tokens(images)
+        return F.normalize(self.tower.project(self.roi_pool(tokens, keep)), dim=-1)
 
     def class_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(T, P): current text embeddings and normalised prototypes."""
