@@ -4,8 +4,9 @@ The hospital's data comes from ``node_config`` in deployment (``data-root``, ``c
 optionally a local ``pretrained`` weights file and ``prompts`` file) and, in simulation,
 from the partition-id-to-hospital mapping of :mod:`savlt_model.data.partition`. A reply
 carries exactly the payload tensors and the metric names declared in
-:mod:`savlt_model.messages`. The loss terms of the round's method come with the
-server's plan: no per-method code here.
+:mod:`savlt_model.messages`. The loss terms of the round's method come with the server's
+plan: no per-method code here. After the last round, two queries ask for the sums the
+server's calibration needs (:mod:`server.calibration`).
 """
 
 from __future__ import annotations
@@ -25,15 +26,25 @@ from savlt_model.config import Config
 from savlt_model.data.partition import Hospital, Partition, build_partition
 from savlt_model.data.protocol import prepare_center
 from savlt_model.errors import SavltError
-from savlt_model.evaluation import anchor_agreement, predict
+from savlt_model.evaluation import (
+    anchor_agreement,
+    predict,
+    site_calibration_stats,
+    site_feature_stats,
+)
 from savlt_model.messages import (
     ARRAYS,
+    CALIBRATION_STATS_KEYS,
     CONFIG,
     EVALUATE_METRIC_KEYS,
+    FEATURE_STATS_KEYS,
     METRICS,
+    REFERENCE,
     TRAIN_METRIC_KEYS,
     RoundPlan,
+    feature_stats_metrics,
     metric_record,
+    val_stats_metrics,
 )
 from savlt_model.metrics import compute_metrics
 from savlt_model.model.adapters import trainable_state
@@ -132,6 +143,14 @@ def _val_metrics(model: SavltModel, cfg: Config, hospital: Hospital) -> dict[str
 def train(msg: Message, context: Context) -> Message:
     plan, cfg, index, hospital, model = _model_for(msg, context)
     seed = int(np.random.SeedSequence([plan.seed, plan.round, index]).generate_state(1)[0])
+    plain = image_sets(cfg, {"t": hospital.train}, False)["t"]
+    centring: dict = {}
+    shift = None
+    if plan.feature_centring:  # this hospital's mean under the incoming global model
+        own = site_feature_stats(model, [plain], cfg.train.eval_batch_size)
+        centring = feature_stats_metrics(own)
+        if plan.reference is not None:
+            shift = np.asarray(plan.reference) - own.mean
     stats = train_steps(
         model,
         image_sets(cfg, {"t": hospital.train}, True)["t"],
@@ -142,11 +161,11 @@ def train(msg: Message, context: Context) -> Message:
         total_steps=plan.total_steps,
         prox_mu=plan.loss_terms.prox_mu,
         anchor_weight=plan.loss_terms.anchor_weight,
+        feature_shift=shift,
     )
-    counts, agreement = anchor_agreement(
-        model, image_sets(cfg, {"t": hospital.train}, False)["t"], cfg.train.eval_batch_size
-    )
+    counts, agreement = anchor_agreement(model, plain, cfg.train.eval_batch_size)
     metrics = {
+        **centring,
         "num-examples": len(hospital.train),
         "train-loss": stats.loss,
         "train-steps": stats.steps,
@@ -171,3 +190,24 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics.pop("val-n")
     content = RecordDict({METRICS: metric_record(metrics, EVALUATE_METRIC_KEYS)})
     return Message(content=content, reply_to=msg)
+
+
+@app.query("feature_stats")
+def feature_stats(msg: Message, context: Context) -> Message:
+    """Calibration, step 1: the count and sum of this hospital's train + val features."""
+    _, cfg, _, hospital, model = _model_for(msg, context)
+    sets = image_sets(cfg, {"train": hospital.train, "val": hospital.val}, False)
+    stats = site_feature_stats(model, list(sets.values()), cfg.train.eval_batch_size)
+    metrics = metric_record(feature_stats_metrics(stats), FEATURE_STATS_KEYS)
+    return Message(content=RecordDict({METRICS: metrics}), reply_to=msg)
+
+
+@app.query("calibration_stats")
+def calibration_stats(msg: Message, context: Context) -> Message:
+    """Calibration, step 2: validation sums given the server's reference mean."""
+    _, cfg, _, hospital, model = _model_for(msg, context)
+    reference = np.asarray(msg.content[CONFIG][REFERENCE], dtype=np.float64)
+    val = image_sets(cfg, {"val": hospital.val}, False)["val"]
+    sums = site_calibration_stats(model, val, cfg.train.eval_batch_size, reference)
+    metrics = metric_record(val_stats_metrics(*sums), CALIBRATION_STATS_KEYS)
+    return Message(content=RecordDict({METRICS: metrics}), reply_to=msg)

@@ -7,8 +7,11 @@ and the fused classifier W (logits = f W^T), so each step is exact and cheap:
 
 - :class:`FeatureStats`: count and sum of features. Statistics of disjoint sets add, so the
   training hospitals' reference mean is a sum the server can form without seeing images;
-- :func:`fit_calibration`: temperature and class-bias correction fitted on the labelled
-  validation split (inductive), optionally with re-centring on the reference;
+- :class:`ValStats`: sums over labelled validation scans (NLL and mean posterior at each
+  temperature of a fixed grid, class counts) that also add across hospitals, so temperature
+  and class bias are fitted from every hospital's validation split without moving a scan;
+- :func:`fit_calibrations`: temperature and class-bias correction from those sums
+  (inductive), and the re-centring variant;
 - :meth:`Calibration.at_centre`: re-centre a centre's features on the reference using that
   centre's own unlabelled scans (label-free, transductive: its scores use its own images);
 - :func:`em_prior_shift`: re-estimate a centre's class priors by EM (Saerens et al. 2002);
@@ -22,7 +25,13 @@ import math
 from dataclasses import dataclass, replace
 
 import numpy as np
-from scipy.optimize import minimize_scalar
+
+from savlt_model.config import CalibrationConfig
+
+# Temperatures tried when fitting: log T in [-3, 3] in steps of 0.025 (T from 0.05 to 20,
+# 2.5 % apart). A grid, not a 1-D search, so that each hospital can send its sums at every
+# point once and the server picks the best for everyone.
+LOG_T_GRID = np.linspace(-3.0, 3.0, 241)
 
 
 def _normalise(f: np.ndarray) -> np.ndarray:
@@ -106,48 +115,109 @@ class Calibration:
         return em_prior_shift(softmax(z))[0] if self.em_priors else softmax(z)
 
 
-def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """The temperature minimising the validation NLL (bounded 1-D search on log T)."""
-    z = np.asarray(logits, dtype=np.float64)
-    y = np.asarray(labels)
+@dataclass(frozen=True)
+class ValStats:
+    """Sums over labelled validation scans at every temperature of :data:`LOG_T_GRID`:
+    the NLL, the posteriors and the class counts. Sums of disjoint sets add, so hospitals'
+    statistics add up to those of their pooled validation splits."""
 
-    def nll(log_t: float) -> float:
-        s = z / math.exp(log_t)
-        s = s - s.max(axis=1, keepdims=True)
-        return float(np.mean(np.log(np.exp(s).sum(axis=1)) - s[np.arange(len(y)), y]))
+    nll: np.ndarray  # (G,) summed negative log-likelihood
+    posterior: np.ndarray  # (G, C) summed softmax posteriors
+    counts: np.ndarray  # (C,) scans per class
 
-    return math.exp(minimize_scalar(nll, bounds=(-4.0, 4.0), method="bounded").x)
+    @classmethod
+    def of(cls, logits: np.ndarray, labels: np.ndarray) -> ValStats:
+        z = np.asarray(logits, dtype=np.float64)
+        y = np.asarray(labels)
+        nll = np.empty(len(LOG_T_GRID))
+        posterior = np.empty((len(LOG_T_GRID), z.shape[1]))
+        for g, log_t in enumerate(LOG_T_GRID):
+            s = z / math.exp(log_t)
+            s = s - s.max(axis=1, keepdims=True)
+            log_p = s - np.log(np.exp(s).sum(axis=1, keepdims=True))
+            nll[g] = -log_p[np.arange(len(y)), y].sum()
+            posterior[g] = np.exp(log_p).sum(axis=0)
+        return cls(nll, posterior, np.bincount(y, minlength=z.shape[1]).astype(np.float64))
+
+    def __add__(self, other: ValStats) -> ValStats:
+        return ValStats(
+            self.nll + other.nll, self.posterior + other.posterior, self.counts + other.counts
+        )
+
+    @property
+    def best(self) -> int:
+        """Grid index of the temperature with the lowest validation NLL."""
+        return int(np.argmin(self.nll))
+
+    @property
+    def temperature(self) -> float:
+        return math.exp(float(LOG_T_GRID[self.best]))
 
 
 def fit_calibration(
-    val_features: np.ndarray,
-    val_labels: np.ndarray,
-    classifier: np.ndarray,
+    val: ValStats,
     reference: FeatureStats,
     recentre: bool,
-    temperature: bool = True,
     debias: bool = True,
     em_priors: bool = False,
 ) -> Calibration:
-    """Fit T and the class bias on the labelled validation split (of the training hospitals).
+    """Temperature (lowest validation NLL) and class bias from validation sums.
 
-    With ``recentre`` the validation features are re-centred on their own mean first, as
-    every scored centre will be. ``debias`` divides by the model's mean posterior on the
+    ``val`` must describe the features as they will be scored: re-centred on each site's own
+    mean when ``recentre``. ``debias`` divides by the model's mean posterior on the
     validation split, whose classes are balanced by construction (K-shot, min(K, 16) each),
     so a class the model over-calls on balanced data is called less everywhere.
     """
-    base = Calibration(reference=reference.mean, recentre=recentre, em_priors=em_priors)
-    cal = base.at_centre(val_features)
-    f = cal.features(val_features)
-    z = f @ np.asarray(classifier, dtype=np.float64).T
-    t = fit_temperature(z, val_labels) if temperature else 1.0
     bias = None
     if debias:
-        counts = np.bincount(np.asarray(val_labels), minlength=z.shape[1])
-        prior = counts / counts.sum()
-        mean_posterior = softmax(z / t).mean(axis=0)
+        prior = val.counts / val.counts.sum()
+        mean_posterior = val.posterior[val.best] / val.counts.sum()
         bias = np.log(np.maximum(prior, 1e-12)) - np.log(np.maximum(mean_posterior, 1e-12))
-    return replace(base, temperature=t, log_bias=bias)
+    return Calibration(
+        reference=reference.mean,
+        temperature=val.temperature,
+        log_bias=bias,
+        recentre=recentre,
+        em_priors=em_priors,
+    )
+
+
+def site_val_stats(
+    features: np.ndarray, labels: np.ndarray, classifier: np.ndarray, reference: np.ndarray
+) -> tuple[ValStats, ValStats]:
+    """One site's validation sums: (as the model scores, re-centred on the site's own mean)."""
+    f = np.asarray(features, dtype=np.float64)
+    w = np.asarray(classifier, dtype=np.float64)
+    recentred = Calibration(reference, recentre=True).at_centre(f).features(f)
+    return ValStats.of(f @ w.T, labels), ValStats.of(recentred @ w.T, labels)
+
+
+@dataclass(frozen=True)
+class CalibrationSums:
+    """Everything the training sites contribute to a model's calibration, summed over them:
+    the reference feature statistics and both kinds of validation sums."""
+
+    reference: FeatureStats
+    plain: ValStats
+    recentred: ValStats
+
+
+def fit_calibrations(
+    sums: CalibrationSums, cfg: CalibrationConfig
+) -> tuple[Calibration, Calibration | None]:
+    """(inductive, re-centring) calibrations of a trained model.
+
+    The inductive one only rescales (temperature). The re-centring one (None when
+    ``calibration.recentre`` is off) also moves each scored centre onto the reference and
+    removes the class bias (``calibration.debias``), optionally with EM priors.
+    """
+    inductive = fit_calibration(sums.plain, sums.reference, recentre=False, debias=False)
+    if not cfg.recentre:
+        return inductive, None
+    recentred = fit_calibration(
+        sums.recentred, sums.reference, True, debias=cfg.debias, em_priors=cfg.priors == "em"
+    )
+    return inductive, recentred
 
 
 def em_prior_shift(

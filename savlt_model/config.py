@@ -129,6 +129,9 @@ class FederatedConfig:
     anchor_lambda: float = 5.0
     anchor_loss_weight: float = 0.1
     lora_aggregation: Literal["naive", "fedex"] = "fedex"
+    # each hospital trains on its features moved from its own mean onto the federation's
+    # reference, as every scored centre is re-centred at use (docs/scanner-shift.md)
+    feature_centring: bool = False
     server_eval: bool = True  # score the global model on the test centres after every round
     client_eval: bool = False  # hospitals score the global model on their own val split
     round_timeout: float = 600.0

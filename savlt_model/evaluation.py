@@ -11,12 +11,12 @@ import torch.nn.functional as F
 from savlt_model.calibration import (
     Calibration,
     FeatureStats,
+    ValStats,
     brier_score,
     expected_calibration_error,
-    fit_calibration,
     shift_score,
+    site_val_stats,
 )
-from savlt_model.config import CalibrationConfig
 from savlt_model.data.images import ImageSet, make_loader
 from savlt_model.metrics import compute_metrics
 from savlt_model.model.build import autocast
@@ -113,31 +113,23 @@ def score_centers(
     return score_outputs(model, centre_outputs(model, tests, batch_size), None)
 
 
-def fit_calibrations(
-    model: SavltModel,
-    val: ImageSet,
-    trains: list[ImageSet],
-    batch_size: int,
-    cfg: CalibrationConfig,
-) -> tuple[Calibration, Calibration | None]:
-    """(inductive, re-centring) calibrations of a trained model.
+def site_feature_stats(model: SavltModel, sets: list[ImageSet], batch_size: int) -> FeatureStats:
+    """A training site's share of the reference: count and sum of its scans' features
+    (empty sets, e.g. a site without validation images, add nothing)."""
+    stats = FeatureStats(0, np.zeros(model.anchors.shape[1]))
+    for dataset in sets:
+        if len(dataset):
+            stats = stats + FeatureStats.of(predict(model, dataset, batch_size)[2])
+    return stats
 
-    The reference is the sum of each training hospital's :class:`FeatureStats` over its own
-    train and val images (``trains`` per hospital plus the pooled ``val``: statistics add),
-    as a server would aggregate it; temperature and class bias are fitted on the pooled
-    validation split. The inductive one only rescales (temperature); the re-centring one
-    (None when ``calibration.recentre`` is off) also moves each scored centre onto the
-    reference and removes the class bias (``calibration.debias``).
-    """
+
+def site_calibration_stats(
+    model: SavltModel, val: ImageSet, batch_size: int, reference: np.ndarray
+) -> tuple[ValStats, ValStats]:
+    """A training site's validation sums, as scored and re-centred on its own mean
+    (:func:`savlt_model.calibration.site_val_stats`); zero sums without validation scans."""
+    if not len(val):
+        empty = ValStats.of(np.zeros((0, len(model.classes))), np.zeros(0, dtype=int))
+        return empty, empty
     _, labels, feats = predict(model, val, batch_size)
-    reference = FeatureStats.of(feats)
-    for dataset in trains:
-        reference = reference + FeatureStats.of(predict(model, dataset, batch_size)[2])
-    w = model.classifier().cpu().numpy()
-    inductive = fit_calibration(feats, labels, w, reference, recentre=False, debias=False)
-    if not cfg.recentre:
-        return inductive, None
-    recentred = fit_calibration(
-        feats, labels, w, reference, True, debias=cfg.debias, em_priors=cfg.priors == "em"
-    )
-    return inductive, recentred
+    return site_val_stats(feats, labels, model.classifier().cpu().numpy(), reference)

@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+import numpy as np
 from flwr.app import MetricRecord
 
+from savlt_model.calibration import LOG_T_GRID, FeatureStats, ValStats
 from savlt_model.config import Config, config_from_dict
 from savlt_model.methods import LossTerms
 
@@ -30,10 +32,69 @@ TRAIN_METRIC_KEYS = frozenset(
         "val-n",
         "val-acc_5class",
         "val-acc_binary",
+        "feature-count",  # with fl.feature_centring: the train features' count and sum
+        "feature-sum",  # under the incoming global model, for the next round's reference
     }
 )
 # Metric names an evaluation reply may hold: the global model on the hospital's val set.
 EVALUATE_METRIC_KEYS = frozenset({"num-examples", "val-acc_5class", "val-acc_binary"})
+
+# The two calibration queries after the last round (server.calibration): sums over the
+# hospital's own scans under the final global model, never a scan or a single feature.
+FEATURE_STATS = "query.feature_stats"  # count and sum of the train + val features
+CALIBRATION_STATS = "query.calibration_stats"  # validation sums, given the reference
+REFERENCE = "feature-reference"  # the config key carrying the reference mean
+FEATURE_STATS_KEYS = frozenset({"feature-count", "feature-sum"})
+CALIBRATION_STATS_KEYS = frozenset(
+    {"class-counts", "nll-plain", "posterior-plain", "nll-recentred", "posterior-recentred"}
+)
+
+
+def feature_stats_metrics(stats: FeatureStats) -> dict:
+    return {"feature-count": stats.count, "feature-sum": stats.total.tolist()}
+
+
+def feature_stats_from(metrics, dim: int) -> FeatureStats:
+    """Checked :class:`FeatureStats` from a reply; ValueError says what is wrong."""
+    count, total = int(metrics["feature-count"]), _finite(metrics["feature-sum"], (dim,))
+    if count < 0:
+        raise ValueError(f"feature-count is {count}")
+    return FeatureStats(count, total)
+
+
+def val_stats_metrics(plain: ValStats, recentred: ValStats) -> dict:
+    return {
+        "class-counts": plain.counts.tolist(),
+        "nll-plain": plain.nll.tolist(),
+        "posterior-plain": plain.posterior.ravel().tolist(),
+        "nll-recentred": recentred.nll.tolist(),
+        "posterior-recentred": recentred.posterior.ravel().tolist(),
+    }
+
+
+def val_stats_from(metrics, n_classes: int) -> tuple[ValStats, ValStats]:
+    """Checked (plain, re-centred) :class:`ValStats` from a reply; ValueError says what."""
+    g = len(LOG_T_GRID)
+    counts = _finite(metrics["class-counts"], (n_classes,))
+    if (counts < 0).any():
+        raise ValueError("class-counts has a negative count")
+    return tuple(  # type: ignore[return-value]
+        ValStats(
+            _finite(metrics[f"nll-{kind}"], (g,)),
+            _finite(metrics[f"posterior-{kind}"], (g * n_classes,)).reshape(g, n_classes),
+            counts,
+        )
+        for kind in ("plain", "recentred")
+    )
+
+
+def _finite(values, shape: tuple[int, ...]) -> np.ndarray:
+    a = np.asarray(list(values), dtype=np.float64)
+    if a.shape != shape:
+        raise ValueError(f"expected {shape[0]} values, got {a.size}")
+    if not np.isfinite(a).all():
+        raise ValueError("non-finite values")
+    return a
 
 
 def metric_record(metrics: dict, declared: frozenset[str]) -> MetricRecord:
@@ -57,6 +118,8 @@ class RoundPlan:
     backbone_fingerprint: str
     anchor_fingerprint: str
     loss_terms: LossTerms  # what the method adds to the hospital's loss (from its registry entry)
+    feature_centring: bool = False  # hospitals re-centre their features (and report stats)
+    reference: list[float] | None = None  # the federation's mean feature, once reported
 
     def to_record(self) -> dict:
         return {
@@ -70,6 +133,8 @@ class RoundPlan:
             "anchor-fingerprint": self.anchor_fingerprint,
             "prox-mu": self.loss_terms.prox_mu,
             "anchor-weight": self.loss_terms.anchor_weight,
+            "feature-centring": self.feature_centring,
+            **({} if self.reference is None else {REFERENCE: list(self.reference)}),
         }
 
     @classmethod
@@ -84,6 +149,8 @@ class RoundPlan:
             backbone_fingerprint=str(record["backbone-fingerprint"]),
             anchor_fingerprint=str(record["anchor-fingerprint"]),
             loss_terms=LossTerms(float(record["prox-mu"]), float(record["anchor-weight"])),
+            feature_centring=bool(record["feature-centring"]),
+            reference=[float(v) for v in record[REFERENCE]] if REFERENCE in record else None,
         )
 
     @property

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -43,12 +44,14 @@ def train_steps(
     total_steps: int | None = None,
     prox_mu: float = 0.0,
     anchor_weight: float = 0.0,
+    feature_shift: np.ndarray | None = None,
     desc: str | None = None,
 ) -> TrainStats:
     """Run ``steps`` AdamW steps covering [start_step, start_step + steps) of the schedule.
 
     ``prox_mu`` > 0 adds FedProx's (mu / 2) ||w - w_start||^2 over the trainable set;
-    ``anchor_weight`` > 0 adds the text-anchoring term on the prototypes.
+    ``anchor_weight`` > 0 adds the text-anchoring term on the prototypes;
+    ``feature_shift`` re-centres every feature (:meth:`SavltModel.forward`).
     """
     t = cfg.train
     total = total_steps or steps
@@ -56,6 +59,7 @@ def train_steps(
     params = payload_parameters(model)
     optimizer = torch.optim.AdamW(params.values(), lr=t.lr, weight_decay=t.weight_decay)
     start = {k: p.detach().clone() for k, p in params.items()} if prox_mu else {}
+    shift = None if feature_shift is None else torch.as_tensor(feature_shift, device=device).float()
     batch = min(t.batch_size, len(dataset))
     loader = make_loader(
         dataset,
@@ -84,7 +88,7 @@ def train_steps(
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             with autocast(device, t.amp):
-                loss = model.loss(model(images), labels, anchor_weight)
+                loss = model.loss(model(images, shift), labels, anchor_weight)
             if prox_mu:
                 loss = loss + 0.5 * prox_mu * sum(
                     (p - start[k]).pow(2).sum() for k, p in params.items()

@@ -44,8 +44,17 @@ def main(grid: Grid, context: Context) -> None:
     state, summary = job_summary(job)
     model = cached_model(cfg, job.seed)
     model.load_global_state(state)
+    calibration = summary["calibration"] or {}
     save_trained(
-        model, cfg, job.adapter_file, state, method=method, seed=job.seed, rounds=summary["rounds"]
+        model,
+        cfg,
+        job.adapter_file,
+        state,
+        method=method,
+        seed=job.seed,
+        rounds=summary["rounds"],
+        calibration=calibration.get("inductive"),
+        centre_calibration=calibration.get("recentred"),
     )
     write_json(job.result_file, summary)
     last = [c for c in summary["curves"] if c["round"] == summary["rounds"]]

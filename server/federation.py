@@ -17,6 +17,12 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp import Grid
 
+from savlt_model.calibration import (
+    Calibration,
+    calibration_from_dict,
+    calibration_to_dict,
+    fit_calibrations,
+)
 from savlt_model.config import Config
 from savlt_model.data.partition import build_partition
 from savlt_model.errors import SavltError
@@ -25,6 +31,7 @@ from savlt_model.messages import RoundPlan
 from savlt_model.methods import get_method
 from savlt_model.model.adapters import lora_scalings, trainable_state
 from savlt_model.model.build import build_model, cached_model, image_sets
+from server.calibration import federated_calibration_sums
 from server.strategy import (
     RoundLog,
     SavltStrategy,
@@ -86,6 +93,7 @@ def run_federated(grid: Grid, job: FederatedJob) -> dict:
             reference.backbone_fingerprint,
             reference.anchor_fingerprint,
             terms,
+            feature_centring=cfg.fl.feature_centring,
         )
 
     loaded = load_checkpoint(job.checkpoint) if job.resume else None
@@ -139,7 +147,48 @@ def run_federated(grid: Grid, job: FederatedJob) -> dict:
             timeout=cfg.fl.round_timeout,
             evaluate_fn=evaluate_global if tests else None,
         )
+    calibrate_job(grid, job, plan_for(cfg.fl.rounds), reference.anchors.shape)
     return job_summary(job)[1]
+
+
+def calibrate_job(grid: Grid, job: FederatedJob, plan: RoundPlan, anchors: torch.Size) -> None:
+    """Fit the final global model's calibrations with the hospitals (server.calibration) and
+    checkpoint them with it; a resumed job that already has them is left as it is."""
+    final = load_checkpoint(job.checkpoint)
+    if final is None or final[2].calibration is not None:
+        return
+    state, rounds, history = final
+
+    def event(node: str, kind: str, reason: str) -> None:
+        log.warning("calibration: %s from node %s: %s", kind, node, reason)
+        history.events.append({"round": rounds, "node": node, "event": kind, "reason": reason})
+
+    n_classes, dim = anchors
+    sums = federated_calibration_sums(
+        grid, state, plan.to_record(), dim, n_classes, job.cfg.fl.round_timeout, event
+    )
+    if sums is None:
+        log.warning("%s: no hospital sent validation sums; the model stays uncalibrated", job.tag)
+        history.calibration = {"inductive": None, "recentred": None}
+    else:
+        inductive, recentred = fit_calibrations(sums, job.cfg.calibration)
+        history.calibration = {
+            "inductive": calibration_to_dict(inductive),
+            "recentred": None if recentred is None else calibration_to_dict(recentred),
+        }
+    save_checkpoint(job.checkpoint, state, rounds, history)
+
+
+def job_calibrations(summary: dict) -> tuple[Calibration, Calibration | None] | None:
+    """(inductive, re-centring) calibrations of a finished job, or None (uncalibrated)."""
+    cal = summary.get("calibration") or {}
+    if cal.get("inductive") is None:
+        return None
+    recentred = cal.get("recentred")
+    return (
+        calibration_from_dict(cal["inductive"]),
+        None if recentred is None else calibration_from_dict(recentred),
+    )
 
 
 def job_summary(job: FederatedJob) -> tuple[dict[str, torch.Tensor], dict]:
@@ -165,5 +214,6 @@ def job_summary(job: FederatedJob) -> tuple[dict[str, torch.Tensor], dict]:
         "history": history.rows,
         "curves": history.evals,
         "events": history.events,
+        "calibration": history.calibration,
     }
     return state, summary

@@ -12,6 +12,8 @@ import dataclasses
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import reduce
+from operator import add
 from pathlib import Path
 
 import torch
@@ -24,11 +26,12 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
+from savlt_model.calibration import FeatureStats
 from savlt_model.checkpoint import load_adapter, save_adapter
 from savlt_model.config import Config, check_privacy
-from savlt_model.messages import ARRAYS, CONFIG, METRICS, RoundPlan
+from savlt_model.messages import ARRAYS, CONFIG, METRICS, RoundPlan, feature_stats_from
 from savlt_model.model.backbone import fingerprint_tensors
-from server.aggregation import ClientUpdate, aggregate, check_update
+from server.aggregation import PROTOTYPES, ClientUpdate, aggregate, check_update
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,12 @@ class RoundLog:
     rows: list[dict] = field(default_factory=list)  # one per aggregated round
     events: list[dict] = field(default_factory=list)  # failed / rejected hospitals, skipped rounds
     evals: list[dict] = field(default_factory=list)  # server-side scores per round and centre
+    # the final model's calibrations, fitted after the last round (server.calibration):
+    # {"inductive": ..., "recentred": ...} as calibration_to_dict, None until then
+    calibration: dict | None = None
+    # fl.feature_centring: the mean of the hospitals' train features reported in the last
+    # round, onto which every hospital re-centres its features in the next round
+    reference: list[float] | None = None
 
 
 def array_bytes(record: ArrayRecord) -> int:
@@ -84,8 +93,12 @@ class SavltStrategy(FedAvg):
         self.download_bytes = 0
 
     def _plan_record(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
+        plan = self.plan_for(self.offset + server_round)
+        ref = self.history.reference
+        if plan.feature_centring and ref is not None:
+            plan = dataclasses.replace(plan, reference=ref)
         record = ConfigRecord(dict(config))
-        record.update(self.plan_for(self.offset + server_round).to_record())
+        record.update(plan.to_record())
         return record
 
     def configure_train(
@@ -118,6 +131,8 @@ class SavltStrategy(FedAvg):
             self._event(round_, str(msg.metadata.src_node_id), "failed", msg.error.reason)
         updates: list[ClientUpdate] = []
         losses: list[float] = []
+        features: list[FeatureStats] = []
+        dim = self.sent[PROTOTYPES].shape[1]
         for msg in valid:
             node = str(msg.metadata.src_node_id)
             try:
@@ -130,6 +145,7 @@ class SavltStrategy(FedAvg):
                     agreement=[float(v) for v in metrics["anchor-agreement"]],
                 )
                 loss = float(metrics["train-loss"])
+                stats = feature_stats_from(metrics, dim) if plan.feature_centring else None
             except (KeyError, TypeError, ValueError) as exc:
                 self._event(round_, node, "rejected", f"malformed reply: {exc}")
                 continue
@@ -140,6 +156,8 @@ class SavltStrategy(FedAvg):
             self.upload_bytes = max(self.upload_bytes, array_bytes(record))
             updates.append(update)
             losses.append(loss)
+            if stats is not None:
+                features.append(stats)
         if len(updates) < self.min_hospitals:
             log.error(
                 "round %d: only %d usable updates (minimum %d); the global model is unchanged",
@@ -180,6 +198,9 @@ class SavltStrategy(FedAvg):
             "download-bytes": self.download_bytes,
         }
         self.history.rows.append(row)
+        if features:  # order-free integer count; the float sum in content order (see above)
+            total = reduce(add, (features[i] for i in order))
+            self.history.reference = total.mean.tolist()
         self.state = state
         save_checkpoint(self.checkpoint, state, round_, self.history)
         return ArrayRecord(state), MetricRecord(
@@ -285,7 +306,7 @@ def privacy_statement(cfg: Config) -> str:
         "data, so also to any one image). No epsilon is accounted: the loss composes over "
         f"{cfg.fl.rounds} rounds. The server sees the clipped updates before noise (it is "
         "trusted), and the metrics sent in clear (example and class counts, anchor agreement, "
-        "losses, val accuracy) are not covered."
+        "losses, val accuracy, the calibration's feature and validation sums) are not covered."
     )
 
 
@@ -316,4 +337,7 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], int, RoundLog]
     if not path.is_file():
         return None
     state, meta = load_adapter(path)
-    return state, int(meta["round"]), RoundLog(meta["rows"], meta["events"], meta["evals"])
+    history = RoundLog(
+        meta["rows"], meta["events"], meta["evals"], meta.get("calibration"), meta.get("reference")
+    )
+    return state, int(meta["round"]), history

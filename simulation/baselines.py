@@ -36,9 +36,13 @@ def train_and_finish(
     **record_extra,
 ) -> tuple[dict[str, CenterScore], list[dict]]:
     """Train one model on the hospitals' pooled train images for ``steps`` steps, calibrate
-    it on their own data, then :func:`finish_model` it."""
+    it on their pooled data (one site: the data it was trained on), then
+    :func:`finish_model` it."""
     model = build_model(cfg, run.seed)
     train = [s for h in hospitals for s in h.train]
+    pooled = Hospital(
+        "+".join(h.name for h in hospitals), train, [s for h in hospitals for s in h.val]
+    )
     train_set = image_sets(cfg, {"train": train}, train=True)["train"]
     stats = train_steps(model, train_set, cfg, steps, run.seed, desc=run.tag if progress else None)
     log.info(
@@ -50,7 +54,7 @@ def train_and_finish(
         cfg.train.eval_batch_size,
         run,
         adapter_cfg=cfg,
-        calibrations=calibrations_for(model, cfg, hospitals),
+        calibrations=calibrations_for(model, cfg, [pooled]),
         train_loss=stats.loss,
         **record_extra,
     )

@@ -8,20 +8,29 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
+from functools import reduce
+from operator import add
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from savlt_model.calibration import Calibration, calibration_to_dict, reliability
+from savlt_model.calibration import (
+    Calibration,
+    CalibrationSums,
+    calibration_to_dict,
+    fit_calibrations,
+    reliability,
+)
 from savlt_model.config import Config
 from savlt_model.data.images import ImageSet
 from savlt_model.data.partition import Hospital
 from savlt_model.evaluation import (
     CenterScore,
     centre_outputs,
-    fit_calibrations,
     score_outputs,
+    site_calibration_stats,
+    site_feature_stats,
 )
 from savlt_model.metrics import binary_scores
 from savlt_model.model.build import image_sets
@@ -47,22 +56,27 @@ class Finish:
 
 
 def calibrations_for(
-    model: SavltModel, cfg: Config, hospitals: list[Hospital]
+    model: SavltModel, cfg: Config, sites: list[Hospital]
 ) -> tuple[Calibration, Calibration | None] | None:
-    """Fit the model's calibrations on the training hospitals' own data: the reference from
-    each one's train + val features, temperature and class bias on the pooled val split."""
-    val = [s for h in hospitals for s in h.val]
-    if not val:
-        log.warning(
-            "%s: no validation images, so no calibration", "+".join(h.name for h in hospitals)
-        )
+    """Calibrate ``model`` on the training sites' own data, in the two steps a federation
+    runs over messages (:mod:`server.calibration`): every site's feature statistics make the
+    reference, then every site's validation sums (re-centred on its own mean) fit the
+    temperature and class bias. None without validation images."""
+    if not any(h.val for h in sites):
+        log.warning("%s: no validation images, so no calibration", "+".join(h.name for h in sites))
         return None
-    trains = {f"train{i}": h.train for i, h in enumerate(hospitals)}
-    sets = image_sets(cfg, {"val": val, **trains}, train=False)
-    val_set = sets.pop("val")
-    return fit_calibrations(
-        model, val_set, list(sets.values()), cfg.train.eval_batch_size, cfg.calibration
+    batch = cfg.train.eval_batch_size
+    sets = [image_sets(cfg, {"train": h.train, "val": h.val}, train=False) for h in sites]
+    reference = reduce(add, (site_feature_stats(model, list(s.values()), batch) for s in sets))
+    val_sums = [
+        site_calibration_stats(model, s["val"], batch, reference.mean)
+        for s in sets
+        if len(s["val"])
+    ]
+    sums = CalibrationSums(
+        reference, reduce(add, (v[0] for v in val_sums)), reduce(add, (v[1] for v in val_sums))
     )
+    return fit_calibrations(sums, cfg.calibration)
 
 
 def finish_model(

@@ -24,9 +24,9 @@ from savlt_model.data.partition import build_partition
 from savlt_model.data.protocol import data_root, is_synthetic
 from savlt_model.methods import get_method
 from savlt_model.model.build import cached_model, image_sets
-from server.federation import FederatedJob, job_summary, run_federated
+from server.federation import FederatedJob, job_calibrations, job_summary, run_federated
 from simulation.baselines import run_baseline
-from simulation.finish import Finish, calibrations_for, finish_model
+from simulation.finish import Finish, finish_model
 from simulation.plots import plot_method_bars
 from simulation.results import summarize
 from simulation.synth import ensure_data
@@ -91,7 +91,8 @@ def _result(job: FederatedJob) -> dict:
 
 def finish_federated(job: FederatedJob) -> dict:
     """Finish the job's final global model (scores on the partition's test sets when
-    ``fl.server_eval``, figures, adapter with its FedEx residuals) and write its result."""
+    ``fl.server_eval``, figures, adapter with its FedEx residuals and the calibrations the
+    hospitals' sums gave) and write its result."""
     cfg = job.cfg
     state, summary = job_summary(job)
     model = cached_model(cfg, job.seed)
@@ -107,7 +108,7 @@ def finish_federated(job: FederatedJob) -> dict:
         cfg.train.eval_batch_size,
         run,
         adapter_cfg=cfg,
-        calibrations=calibrations_for(model, cfg, partition.hospitals),
+        calibrations=job_calibrations(summary),
         adapter_state=state,
         adapter_extra={"rounds": summary["rounds"]},
         partition=cfg.fl.partition,

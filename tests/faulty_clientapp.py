@@ -4,7 +4,8 @@ Simulated hospitals run in Ray worker processes, so a fault cannot be monkeypatc
 them; it travels in the round's ConfigRecord instead. A test adds ``FAULTS_KEY`` to the
 round configuration (server side, in the test process), e.g. ``"1:1:crash,2:1:nan"``: a list
 of ``partition:round:kind[=argument]``. This app then misbehaves as a broken or hostile
-hospital would and otherwise runs the real :func:`client.app.train`.
+hospital would and otherwise runs the real :func:`client.app.train` (and the real
+evaluation and calibration queries).
 
 Kinds: ``crash`` (raises), ``nan`` (a tensor of NaN), ``keys`` (an unexpected tensor name),
 ``shape`` (a tensor of the wrong shape), ``norm`` (+1000 on every tensor), ``prompts=PATH``
@@ -19,7 +20,9 @@ import torch
 from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
+from client.app import calibration_stats as real_calibration_stats
 from client.app import evaluate as real_evaluate
+from client.app import feature_stats as real_feature_stats
 from client.app import train as real_train
 from savlt_model.messages import ARRAYS, CONFIG
 
@@ -70,3 +73,13 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     return real_evaluate(msg, context)
+
+
+@app.query("feature_stats")
+def feature_stats(msg: Message, context: Context) -> Message:
+    return real_feature_stats(msg, context)
+
+
+@app.query("calibration_stats")
+def calibration_stats(msg: Message, context: Context) -> Message:
+    return real_calibration_stats(msg, context)

@@ -12,14 +12,15 @@ from sklearn.calibration import calibration_curve
 from savlt_model.calibration import (
     Calibration,
     FeatureStats,
+    ValStats,
     brier_score,
     calibration_from_dict,
     calibration_to_dict,
     em_prior_shift,
     expected_calibration_error,
     fit_calibration,
-    fit_temperature,
     shift_score,
+    site_val_stats,
     softmax,
 )
 from savlt_model.data.augment import ScannerAugment
@@ -98,14 +99,29 @@ def test_temperature_fit_recovers_the_generating_temperature():
     rng = np.random.default_rng(4)
     logits = rng.normal(scale=3.0, size=(5000, C))
     labels = np.array([rng.choice(C, p=p) for p in softmax(logits / 2.0)])
-    assert fit_temperature(logits, labels) == pytest.approx(2.0, rel=0.08)
+    assert ValStats.of(logits, labels).temperature == pytest.approx(2.0, rel=0.08)
+
+
+def test_hospitals_validation_sums_add_up_to_the_pooled_ones():
+    feats, labels, w = _clusters(120, seed=8, noise=1.0)
+    reference = feats.mean(0)
+    parts = [site_val_stats(feats[a:b], labels[a:b], w, reference) for a, b in ((0, 50), (50, 120))]
+    pooled = ValStats.of(feats @ w.T, labels)
+    summed = parts[0][0] + parts[1][0]
+    np.testing.assert_allclose(summed.nll, pooled.nll, rtol=1e-12)
+    np.testing.assert_allclose(summed.posterior, pooled.posterior, rtol=1e-12)
+    np.testing.assert_array_equal(summed.counts, np.bincount(labels, minlength=C))
+    assert summed.temperature == pooled.temperature
+    # re-centred sums: each site moved from its own mean onto the reference
+    own = _normalise(feats[:50] - feats[:50].mean(0) + reference)
+    np.testing.assert_allclose(parts[0][1].nll, ValStats.of(own @ w.T, labels[:50]).nll)
 
 
 def test_debias_removes_a_constant_class_bias_measured_on_balanced_val():
     feats, labels, w = _clusters(900, seed=5, noise=1.0)  # soft posteriors, as few-shot
     biased = w.copy()
     biased[0] *= 1.6  # the model over-calls class 0 everywhere
-    cal = fit_calibration(feats, labels, biased, FeatureStats.of(feats), recentre=False)
+    cal = fit_calibration(ValStats.of(feats @ biased.T, labels), FeatureStats.of(feats), False)
     truth = np.bincount(labels, minlength=C) / len(feats)
     before = np.abs(softmax(feats @ biased.T / cal.temperature).mean(0) - truth).max()
     after = np.abs(cal.probs(feats, biased).mean(0) - truth).max()

@@ -52,7 +52,7 @@ def test_tls_deployment_trains_and_refuses_an_unregistered_supernode(tmp_path):
         start_federation(dep, procs)
         key, pub = write_node_keys(dep.out / "keys", "intruder")  # never registered
         start_supernode(dep, procs, HospitalNode("huaxi", key, pub, free_port()), name="intruder")
-        summary = run_job(dep, procs, "fedavg", timeout=240)
+        summary = run_job(dep, procs, "fedavg", timeout=480)
         intruder_exit = procs.procs["intruder"].wait(timeout=60)
         nodes = supernode_list(dep.env)
         assert len(procs.tagged()) > 4  # SuperLink, SuperNodes and their SuperExecs
@@ -68,6 +68,9 @@ def test_tls_deployment_trains_and_refuses_an_unregistered_supernode(tmp_path):
     state, meta = load_adapter(dep.out / "adapters" / "fedavg_seed42.safetensors")
     assert meta["rounds"] == 1 and state
     assert all(bool(t.isfinite().all()) for t in state.values())
+    # ... calibrated by the hospitals' sums after the last round (two queries through TLS)
+    assert meta["calibration"]["temperature"] > 0 and meta["centre_calibration"]["recentre"]
+    assert len(meta["centre_calibration"]["reference"]) == state["prototypes"].shape[1]
     row = summary["history"][0]
     assert row["hospitals"] == 2 and summary["events"] == []
     assert 0.0 <= row["hospitals-val-acc_5class"] <= 100.0

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
+from savlt_model.calibration import calibration_to_dict
 from savlt_model.checkpoint import load_adapter
+from savlt_model.data.partition import build_partition
+from savlt_model.messages import RoundPlan
 from savlt_model.model.adapters import trainable_state
 from savlt_model.model.build import build_model
 from server import strategy as strategy_module
+from server.federation import job_calibrations
+from server.strategy import load_checkpoint
+from simulation.finish import calibrations_for
 from simulation.runner import run_job
 from tests.conftest import check_declared_replies
 
@@ -76,3 +83,63 @@ def test_resume_after_crash_ends_at_the_same_adapter(fed_config, tmp_path, monke
     for key in uninterrupted:
         assert torch.equal(uninterrupted[key], resumed[key]), key
     shutil.rmtree(crashed / "jobs")
+
+
+def test_hospitals_calibrate_the_global_model_with_sums_only(fed_config, tmp_path):
+    """The calibration the server fits from the hospitals' two query replies (sums over their
+    own scans, through Flower) equals the one fitted from the same scans in one process."""
+    cfg = fed_config("fl.rounds=1")
+    summary = run_job(cfg, "fedavg", 42, tmp_path, resume=False)
+    state, meta = load_adapter(tmp_path / "adapters" / "fedavg_seed42.safetensors")
+    model = build_model(cfg, 42)
+    model.load_global_state(state)
+    local = calibrations_for(model, cfg, build_partition(cfg, 42).hospitals)
+    federated = job_calibrations(summary)
+    assert local is not None and federated is not None
+    # equal up to float32 rounding (the hospitals' processes run other thread counts)
+    for fed, loc in zip(federated, local, strict=True):
+        np.testing.assert_allclose(fed.reference, loc.reference, atol=1e-6)
+        assert fed.temperature == loc.temperature
+        assert fed.recentre == loc.recentre
+    assert federated[0].log_bias is None  # inductive: temperature only
+    np.testing.assert_allclose(federated[1].log_bias, local[1].log_bias, atol=1e-5)
+    assert federated[0].temperature != 1.0  # it was fitted, not left at its default
+    # the saved adapter carries the federated calibrations for `savlt predict` / `calibrate`
+    assert meta["centre_calibration"] == calibration_to_dict(federated[1])
+    assert not [e for e in summary["events"] if e["event"].startswith("calibration")]
+
+
+def test_feature_centring_reference_is_built_from_the_hospitals_reports(
+    fed_config, tmp_path, train_replies, monkeypatch
+):
+    """With fl.feature_centring, each hospital reports its train features' count and sum; the
+    next round's plan carries their pooled mean, onto which every hospital re-centres."""
+    plans: list = []
+    original = strategy_module.SavltStrategy._plan_record
+
+    def spy(self, server_round, config):
+        record = original(self, server_round, config)
+        plans.append(RoundPlan.from_record(record))
+        return record
+
+    monkeypatch.setattr(strategy_module.SavltStrategy, "_plan_record", spy)
+    cfg = fed_config("fl.feature_centring=true")
+    run_job(cfg, "fedavg", 42, tmp_path, resume=False)
+    # the first plan of a round is its training plan (evaluate's comes after aggregation)
+    plans = [p for i, p in enumerate(plans) if p.round not in {q.round for q in plans[:i]}]
+    assert [p.round for p in plans] == [1, 2] and all(p.feature_centring for p in plans)
+    assert plans[0].reference is None  # nothing reported yet: round 1 trains uncentred
+    rounds = [train_replies[:3], train_replies[3:]]
+    means = []
+    for replies in rounds:
+        metrics = [m.content.metric_records["metrics"] for m in replies]
+        assert all(m["feature-count"] == m["num-examples"] for m in metrics)
+        total = np.sum([np.asarray(m["feature-sum"]) for m in metrics], axis=0)
+        means.append(total / sum(m["feature-count"] for m in metrics))
+    np.testing.assert_allclose(plans[1].reference, means[0], rtol=1e-12)
+    # the hospitals' own means differ from the reference: the shift is not a no-op
+    own = np.asarray(rounds[0][0].content.metric_records["metrics"]["feature-sum"])
+    own = own / rounds[0][0].content.metric_records["metrics"]["feature-count"]
+    assert np.linalg.norm(own - means[0]) > 1e-3
+    _, _, history = load_checkpoint(tmp_path / "checkpoints" / "fedavg_seed42.safetensors")
+    np.testing.assert_allclose(history.reference, means[1], rtol=1e-12)

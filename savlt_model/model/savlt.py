@@ -128,8 +128,13 @@ class SavltModel(nn.Module):
         a = self.align_weight
         return (self.logit_scale * ((1 - a) * text + a * protos)).float()
 
-    def forward(self, images: torch.Tensor) -> Batch:
+    def forward(self, images: torch.Tensor, feature_shift: torch.Tensor | None = None) -> Batch:
+        """``feature_shift`` (d,): added to f before it is normalised again, i.e. the
+        re-centring f - mean_site + reference of :class:`savlt_model.calibration.Calibration`
+        applied in training (``fl.feature_centring``)."""
         f = self.image_features(images)
+        if feature_shift is not None:
+            f = F.normalize(f + feature_shift, dim=-1)
         text, protos = self.class_embeddings()
         s, a = self.logit_scale, self.align_weight
         text_logits, proto_logits = s * f @ text.t(), s * f @ protos.t()
