@@ -3,13 +3,15 @@
 Layout: ``ROOT/<centre>/images/<class>/<file>``; the label of an image is the position of
 its class in ``task.classes``. Every sample carries a ``key`` (``"<class>/<filename>"``),
 the stable id that split files, few-shot caches and ``sites.json`` refer to, so that a run
-can be repeated on another machine where ROOT lives elsewhere.
+can be repeated on another machine where ROOT lives elsewhere, and, when known, the
+``patient`` it was scanned from, so that one patient's B-scans never straddle two splits.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,32 @@ class Sample:
     path: Path
     label: int
     key: str  # "<class>/<filename>": stable id relative to the centre
+    patient: str | None = None  # None: unknown, the image counts as its own patient
+
+
+def patient_from_key(key: str, pattern: str, where: str) -> str:
+    """The patient id that ``data.patient_pattern`` finds in a sample key.
+
+    The id is the named group ``patient``, else the first group, else the whole match, so
+    ``P\\d+`` and ``^(\\w+?)_`` both work. A key it does not match stops the run: a silent
+    fallback to "own patient" would reopen the train/test leak the pattern is meant to close.
+    """
+    match = re.search(pattern, key)
+    if match is None:
+        raise SavltError(
+            f"{where}: data.patient_pattern '{pattern}' does not match image {key} — "
+            "fix the pattern so that it matches every image path"
+        )
+    if "patient" in match.groupdict():
+        found = match.group("patient")
+    else:
+        found = match.group(1) if match.re.groups else match.group(0)
+    if not found:
+        raise SavltError(
+            f"{where}: data.patient_pattern '{pattern}' finds an empty patient id in {key} — "
+            "fix the pattern"
+        )
+    return found
 
 
 def short_list(items: Sequence[str]) -> str:
@@ -53,14 +81,19 @@ def _is_readable_image(path: Path) -> bool:
 
 
 def scan_center(
-    root: Path, center: str, classes: list[str], on_bad_file: str = "stop"
+    root: Path,
+    center: str,
+    classes: list[str],
+    on_bad_file: str = "stop",
+    patient_pattern: str | None = None,
 ) -> list[Sample]:
     """List the images of one centre, ordered by label (``classes`` order) then filename.
 
     Hidden files, non-image files (``.json``, ``.txt``, ...) and sub-folders inside a class
     folder are ignored. Unreadable images stop the scan (``on_bad_file="stop"``) or are
     skipped with one warning per centre (``"skip"``), so one broken file never crashes a
-    long run half-way through.
+    long run half-way through. With ``patient_pattern`` each sample's patient is read
+    from its key (:func:`patient_from_key`).
     """
     if on_bad_file not in ("stop", "skip"):
         raise SavltError(f"data.on_bad_file is {on_bad_file!r}; use 'stop' or 'skip'")
@@ -112,7 +145,12 @@ def scan_center(
                     )
                 bad.append(key)
                 continue
-            samples.append(Sample(path=path, label=label, key=key))
+            patient = (
+                patient_from_key(key, patient_pattern, f"centre {center}")
+                if patient_pattern
+                else None
+            )
+            samples.append(Sample(path=path, label=label, key=key, patient=patient))
             kept += 1
         if kept == 0:
             raise SavltError(
