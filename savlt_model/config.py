@@ -56,8 +56,12 @@ class DataConfig:
     split: list[float] = field(default_factory=lambda: [0.45, 0.15, 0.40])
     shots: int = 16
     on_bad_file: Literal["stop", "skip"] = "stop"
-    # regex that finds the patient id in an image key ("<class>/<file>"): named group
-    # "patient", else group 1, else the whole match; splits are then grouped by patient
+    # CSV "path,label[,patient][,center]" listing the images instead of class folders;
+    # relative to root; "<center>/manifest.csv" gives every centre its own file
+    manifest: str | None = None
+    # regex that finds the patient id in an image key ("<class>/<file>", or a manifest's
+    # path): named group "patient", else group 1, else the whole match; splits are then
+    # grouped by patient (a manifest patient column or a DICOM PatientID also does this)
     patient_pattern: str | None = None
     # per-B-scan standardisation at decode time (tissue p1/p99 -> fixed values), so a new
     # scanner's gain and dynamic range do not move the features (docs/scanner-shift.md)

@@ -72,17 +72,31 @@ def test_missing_images_dir(root: Path) -> None:
         scan_center(root, "xiangya", CLASSES)
 
 
-def test_missing_class_folder(root: Path) -> None:
-    with pytest.raises(SavltError, match="centre mixed has no folder for class 'mild'"):
-        scan_center(root, "mixed", [*CLASSES, "mild"])
-
-
-def test_empty_class_folder(root: Path) -> None:
+def test_missing_or_empty_class_is_a_warning_with_count_0(
+    root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hospital may have had no case of a class: it takes part without it."""
     empty = root / "mixed" / "images" / "mild"
     empty.mkdir()
     (empty / "readme.txt").write_text("no images")
-    with pytest.raises(SavltError, match="class 'mild' of centre mixed has no readable images"):
-        scan_center(root, "mixed", [*CLASSES, "mild"])
+    classes = [*CLASSES, "mild", "polyp"]  # "mild": empty folder, "polyp": no folder
+    with caplog.at_level(logging.WARNING, logger="savlt_model.data.folders"):
+        samples = scan_center(root, "mixed", classes)
+    assert len(samples) == 60 and sorted({s.label for s in samples}) == [0, 1, 2]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert warnings == [
+        f"centre mixed, class '{c}' has 0 images in {root}/mixed/images/<class>; "
+        "the centre takes part without it"
+        for c in ("mild", "polyp")
+    ]
+
+
+def test_centre_without_images_stops(root: Path) -> None:
+    for cls in CLASSES:
+        for f in (root / "mixed" / "images" / cls).iterdir():
+            f.unlink()
+    with pytest.raises(SavltError, match=r"centre mixed has no readable images in .*<class>"):
+        scan_center(root, "mixed", CLASSES)
 
 
 def test_extra_class_folder(root: Path) -> None:
@@ -251,7 +265,7 @@ def leaks(split: dict[str, list[Sample]]) -> int:
     parts: dict[str, set[str]] = {}
     for part, samples in split.items():
         for s in samples:
-            parts.setdefault(s.key.split("/")[1].split("_")[0], set()).add(part)
+            parts.setdefault(s.key.rsplit("/", 1)[1].split("_")[0], set()).add(part)
     return sum(len(v) > 1 for v in parts.values())
 
 
@@ -431,7 +445,9 @@ def test_imageset_eval_normalises_and_decodes_once(
     samples = [Sample(white, 1, "x/w.png"), Sample(black, 0, "x/b.png")]
     calls: list[Path] = []
     real = images.load_image
-    monkeypatch.setattr(images, "load_image", lambda p, s, i: calls.append(p) or real(p, s, i))
+    monkeypatch.setattr(
+        images, "load_image", lambda p, s, i, f: calls.append(p) or real(p, s, i, f)
+    )
     ds = ImageSet(samples, 16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.25, 0.5), train=False)
     again = ImageSet(samples, 16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.25, 0.5), train=True)
     for _ in range(3):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from savlt_model.config import Config, resolve_path
 from savlt_model.data.folders import Sample, load_sites, scan_center
+from savlt_model.data.manifest import CENTRE_FIELD, manifest_file, read_manifest
 from savlt_model.data.splits import (
     SPLIT_PARTS,
     few_shot,
@@ -55,9 +56,18 @@ def is_synthetic(root: Path) -> bool:
 
 
 def center_samples(cfg: Config, root: Path, center: str) -> list[Sample]:
-    """Every labelled sample of one centre, with its patient when the config can tell."""
-    return scan_center(
-        root, center, cfg.task.classes, cfg.data.on_bad_file, cfg.data.patient_pattern
+    """Every labelled sample of one centre, from its class folders or from ``data.manifest``,
+    with its patient when the data can tell."""
+    d = cfg.data
+    if d.manifest is None:
+        return scan_center(root, center, cfg.task.classes, d.on_bad_file, d.patient_pattern)
+    return read_manifest(
+        manifest_file(root, d.manifest, center),
+        center,
+        cfg.task.classes,
+        d.on_bad_file,
+        d.patient_pattern,
+        per_centre=CENTRE_FIELD in d.manifest,
     )
 
 
@@ -77,7 +87,8 @@ def split_parts(cfg: Config, root: Path, center: str) -> dict[str, list[Sample]]
     else:
         log.info(
             "centre %s: no patient ids, so the split is per image: one patient's B-scans "
-            "may be in train and test (set data.patient_pattern or a manifest patient column)",
+            "may be in train and test (set data.patient_pattern, a manifest patient column "
+            "or use DICOM files with PatientID)",
             center,
         )
     for label, name in enumerate(cfg.task.classes):
