@@ -200,7 +200,7 @@ def probe(cfg: Config, seed: int, extra: list[str]) -> dict[str, Any]:
             "predicted": np.bincount(probs.argmax(1), minlength=n_classes).tolist(),
             "true": np.bincount(labels, minlength=n_classes).tolist(),
             "metrics": {
-                k: m[k] for k in ("acc_5class", "auc_binary", "sensitivity", "specificity")
+                k: m[k] for k in ("acc_multiclass", "auc_binary", "sensitivity", "specificity")
             },
         }
     return {

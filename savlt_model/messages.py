@@ -28,12 +28,12 @@ TRAIN_METRIC_KEYS = frozenset(
         "class-counts",
         "anchor-agreement",
         "val-n",
-        "val-acc_5class",
+        "val-acc_multiclass",
         "val-acc_binary",
     }
 )
 # Metric names an evaluation reply may hold: the global model on the hospital's val set.
-EVALUATE_METRIC_KEYS = frozenset({"num-examples", "val-acc_5class", "val-acc_binary"})
+EVALUATE_METRIC_KEYS = frozenset({"num-examples", "val-acc_multiclass", "val-acc_binary"})
 
 
 def metric_record(metrics: dict, declared: frozenset[str]) -> MetricRecord:

@@ -197,7 +197,7 @@ def test_calibrate_to_a_new_site_and_evaluate_recentred(run, tmp_path, capsys):
     assert main([*evaluate, "--out", str(ev), "--recentre"]) == 0
     got = {r["method"]: r for r in json.loads((ev / "results.json").read_text())}
     assert set(got) == {"central", "central+cal"}
-    for key in ("acc_5class", "sensitivity", "specificity"):
+    for key in ("acc_multiclass", "sensitivity", "specificity"):
         assert got["central+cal"][key] == pytest.approx(want[key], abs=1e-6), key
     assert "label-free, transductive" in (ev / "report.md").read_text()
     images = sorted((root / "huaxi" / "images" / "cyst").iterdir())[:3]
@@ -216,7 +216,7 @@ def test_train_report_has_table_and_relative_image_links(run):
     _, run_dir, _ = run
     report = (run_dir / "report.md").read_text()
     assert report.startswith("# Centralised SAVLT") and "SYNTHETIC DATA" in report
-    assert "| method | center | K | seeds | acc_5class |" in report
+    assert "| method | center | K | seeds | acc_multiclass |" in report
     assert "No federated rounds" in report
     links = [
         line.split("](")[1].rstrip(")") for line in report.splitlines() if line.startswith("![")
@@ -239,7 +239,7 @@ def test_simulate_report_has_rounds_bytes_and_events(run, tmp_path):
         for r in (1, 2)
     ]
     curves = [
-        {"method": "fedavg", "center": "huaxi", "round": r, "acc_5class": 20.0 * r}
+        {"method": "fedavg", "center": "huaxi", "round": r, "acc_multiclass": 20.0 * r}
         for r in (0, 1, 2)
     ]
     event = {
