@@ -173,6 +173,36 @@ def test_evaluate_matches_the_run_and_writes_report(run, tmp_path, capsys):
         assert (out / "figures" / name).is_file() and f"(figures/{name})" in report
 
 
+def test_evaluate_bad_files_and_a_centre_without_high_risk_cases(run, tmp_path, capsys):
+    """evaluate takes --on-bad-file like training takes data.on_bad_file; a centre whose
+    classes are partly missing reports what exists and null (n/a) for the rest."""
+    root, _, model_dir = run
+    site = tmp_path / "DATA" / "site"
+    shutil.copytree(root / "huaxi", site)
+    for cls in ("cancer", "high-grade_squamous_intraepithelial_lesion"):
+        shutil.rmtree(site / "images" / cls)  # no high-risk case at this hospital
+    n = sum(1 for p in (site / "images").glob("*/*") if not p.name.startswith("."))
+    (site / "images" / "cyst" / "zz_broken.png").write_bytes(b"not a png")
+    argv = [
+        "evaluate",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(site),
+        "--out",
+        str(tmp_path / "e"),
+    ]
+    _one_line_error(capsys, argv, "zz_broken.png — replace or delete it, or use --on-bad-file skip")
+    assert main([*argv, "--on-bad-file", "skip"]) == 0
+    printed = capsys.readouterr().out
+    assert f"({n} images)" in printed
+    assert "auc_binary   n/a" in printed and "sensitivity  n/a" in printed
+    (got,) = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert got["n"] == n and got["auc_binary"] is None and got["sensitivity"] is None
+    assert got["specificity"] is not None and got["acc_multiclass"] is not None
+    assert "| site |" in (tmp_path / "e" / "report.md").read_text()
+
+
 def test_calibrate_to_a_new_site_and_evaluate_recentred(run, tmp_path, capsys):
     root, run_dir, model_dir = run
     site = tmp_path / "site"  # a hospital's unlabelled export: any layout, one hidden file

@@ -96,30 +96,27 @@ def _is_readable_image(path: Path) -> bool:
     return True
 
 
-def checked_samples(
-    listed: list[Listed],
-    center: str,
-    classes: Sequence[str],
-    source: str,
+def expand_files(
+    listed: Sequence[Listed],
+    where: str,
     on_bad_file: str = "stop",
     patient_pattern: str | None = None,
     skip_hint: str = SKIP_HINT,
 ) -> list[Sample]:
-    """The samples of the files a source lists, ordered by label then key: every check and
-    rule that does not depend on the source, in one place.
+    """Check every listed file and turn it into samples, in the order given.
 
     A missing or unreadable file stops (``on_bad_file="stop"``, the message ends with
-    ``skip_hint``) or is skipped with one warning per centre (``"skip"``), so one broken file
-    never crashes a long run half-way through. A DICOM volume becomes one sample per frame.
-    The patient is the first of: the source's (manifest column), ``patient_pattern`` on the
-    key, the DICOM PatientID. A class without images is a warning with a count of 0 (a
-    hospital may have had no such case); a centre without any image stops.
+    ``skip_hint``, the option of the command at hand) or is skipped with one warning for
+    the whole set, named ``where`` (``"skip"``), so one broken file never crashes a long run
+    half-way through. A DICOM volume becomes one sample per frame (key ``<key>#<frame>``).
+    The patient is the first of: the listing's (a manifest column), ``patient_pattern`` on
+    the key, the DICOM PatientID.
     """
     if on_bad_file not in ("stop", "skip"):
         raise SavltError(f"data.on_bad_file is {on_bad_file!r}; use 'stop' or 'skip'")
     samples: list[Sample] = []
     bad: list[str] = []
-    for item in sorted(listed, key=lambda i: (i.label, i.key)):
+    for item in listed:
         at = f" ({item.row})" if item.row else ""
         header = dicom_header(item.path) if is_dicom(item.path) else None
         if not item.path.is_file() or not (
@@ -137,7 +134,7 @@ def checked_samples(
         if item.patient is not None:
             patient = item.patient
         elif patient_pattern:
-            patient = patient_from_key(item.key, patient_pattern, f"centre {center}")
+            patient = patient_from_key(item.key, patient_pattern, where)
         if frames == 1:
             samples.append(Sample(item.path, item.label, item.key, patient))
         else:
@@ -145,9 +142,32 @@ def checked_samples(
                 Sample(item.path, item.label, f"{item.key}#{i}", patient, i) for i in range(frames)
             )
     if bad:
-        log.warning(
-            "centre %s: skipped %d unreadable image(s): %s", center, len(bad), short_list(bad)
-        )
+        log.warning("%s: skipped %d unreadable image(s): %s", where, len(bad), short_list(bad))
+    return samples
+
+
+def checked_samples(
+    listed: list[Listed],
+    center: str,
+    classes: Sequence[str],
+    source: str,
+    on_bad_file: str = "stop",
+    patient_pattern: str | None = None,
+    skip_hint: str = SKIP_HINT,
+) -> list[Sample]:
+    """A centre's samples from the files a source lists, ordered by label then key: every
+    check and rule that does not depend on the source (:func:`expand_files`), in one place.
+
+    A class without images is a warning with a count of 0 (a hospital may have had no such
+    case); a centre without any image stops.
+    """
+    samples = expand_files(
+        sorted(listed, key=lambda i: (i.label, i.key)),
+        f"centre {center}",
+        on_bad_file,
+        patient_pattern,
+        skip_hint,
+    )
     if not samples:
         raise SavltError(
             f"centre {center} has no readable images in {source} "
