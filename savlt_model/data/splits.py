@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -119,14 +119,19 @@ def _load_split(path: Path, samples: list[Sample]) -> dict[str, list[Sample]]:
 
 
 def _deal(
-    samples: list[Sample], fractions: tuple[float, float, float], seed: int, unit
+    samples: list[Sample],
+    fractions: tuple[float, float, float],
+    seed: int,
+    unit: Callable[[Sample], str],
 ) -> dict[str, set[str]]:
     """Shuffle each class's units (images, or patients) and cut them by ``fractions``.
 
     A unit's class is the most frequent label among its images (ties: the first class), so
     a patient counts once, in one class. Per image this is the original study's split, and
     per patient the same draw one level up: stratified, and every part gets a unit of each
-    class that has at least three.
+    class that has at least three. (scikit-learn's StratifiedGroupKFold needs 20 folds for
+    45/15/40 and, with ~2 patients per fold, left a class without any val patient on a
+    36-patient centre; GroupShuffleSplit does not stratify.)
     """
     rng = np.random.default_rng(seed)
     members: dict[str, list[Sample]] = {}
@@ -157,11 +162,11 @@ def split_center(
 ) -> dict[str, list[Sample]]:
     """Split a centre stratified by class into train/val/test, or reuse the saved split.
 
-    With patient ids the split is grouped by patient, else per image (:func:`_deal`).
-    The split is saved (default ``ROOT/<centre>/split.json``)
-    the first time, so every later run, seed and method sees the same test images; an
-    existing file always wins over ``fractions`` and ``seed``, but one that puts a patient
-    in two parts is refused. Each part keeps the order of ``samples``.
+    With patient ids the split is grouped by patient, else per image (:func:`_deal`). The
+    split is saved (default ``ROOT/<centre>/split.json``) the first time, so every later
+    run, seed and method sees the same test images; an existing file always wins over
+    ``fractions`` and ``seed``, but one that puts a patient in two parts is refused. Each
+    part keeps the order of ``samples``.
     """
     path = Path(split_file) if split_file is not None else Path(root) / center / "split.json"
     if path.is_file():
