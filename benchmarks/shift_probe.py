@@ -40,11 +40,10 @@ from PIL import Image
 from savlt_model.atomic import write_json, write_text
 from savlt_model.calibration import softmax
 from savlt_model.config import Config, load_config, resolve_path
-from savlt_model.data.folders import Sample, scan_center
+from savlt_model.data.folders import Sample
 from savlt_model.data.images import ImageSet, make_loader, to_rgb
 from savlt_model.data.intensity import GRAY, tissue_mask
-from savlt_model.data.protocol import external_test, is_synthetic, paper_protocol
-from savlt_model.data.splits import split_center
+from savlt_model.data.protocol import external_test, is_synthetic, paper_protocol, split_parts
 from savlt_model.metrics import compute_metrics
 from savlt_model.model.build import build_model, image_sets, pick_device
 from savlt_model.model.roi import roi_top
@@ -163,9 +162,7 @@ def centre_sets(
         print(f"added held-out centres {', '.join(added)} to {root}", file=sys.stderr)
     center, tests = paper_protocol(cfg, seed)
     name = cfg.data.train_center
-    samples = scan_center(root, name, cfg.task.classes, cfg.data.on_bad_file)
-    split_file = resolve_path(cfg.data.split_file) if cfg.data.split_file else None
-    parts = split_center(root, name, samples, tuple(cfg.data.split), split_file)
+    parts = split_parts(cfg, root, name)
     sets = {f"{name}_train": parts["train"], f"{name}_test": tests.pop(name), **tests}
     for c in extra:
         if c not in sets:
@@ -203,7 +200,7 @@ def probe(cfg: Config, seed: int, extra: list[str]) -> dict[str, Any]:
             "predicted": np.bincount(probs.argmax(1), minlength=n_classes).tolist(),
             "true": np.bincount(labels, minlength=n_classes).tolist(),
             "metrics": {
-                k: m[k] for k in ("acc_5class", "auc_binary", "sensitivity", "specificity")
+                k: m[k] for k in ("acc_multiclass", "auc_binary", "sensitivity", "specificity")
             },
         }
     return {

@@ -127,14 +127,14 @@ def _model_for(
 
 def _val_metrics(model: SavltModel, cfg: Config, hospital: Hospital) -> dict[str, float]:
     if not hospital.val:
-        return {"val-n": 0, "val-acc_5class": 0.0, "val-acc_binary": 0.0}
+        return {"val-n": 0, "val-acc_multiclass": 0.0, "val-acc_binary": 0.0}
     probs, labels, _ = predict(
         model, image_sets(cfg, {"v": hospital.val}, False)["v"], cfg.train.eval_batch_size
     )
     m = compute_metrics(probs, labels, model.positive)
     return {
         "val-n": len(labels),
-        "val-acc_5class": m["acc_5class"],
+        "val-acc_multiclass": m["acc_multiclass"],
         "val-acc_binary": m["acc_binary"],
     }
 

@@ -8,6 +8,7 @@ one line naming the key and what is expected. ``--set key=value`` overrides any 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -55,6 +56,13 @@ class DataConfig:
     split: list[float] = field(default_factory=lambda: [0.45, 0.15, 0.40])
     shots: int = 16
     on_bad_file: Literal["stop", "skip"] = "stop"
+    # CSV "path,label[,patient][,center]" listing the images instead of class folders;
+    # relative to root; "<center>/manifest.csv" gives every centre its own file
+    manifest: str | None = None
+    # regex that finds the patient id in an image key ("<class>/<file>", or a manifest's
+    # path): named group "patient", else group 1, else the whole match; splits are then
+    # grouped by patient (a manifest patient column or a DICOM PatientID also does this)
+    patient_pattern: str | None = None
     # per-B-scan standardisation at decode time (tissue p1/p99 -> fixed values), so a new
     # scanner's gain and dynamic range do not move the features (docs/scanner-shift.md)
     intensity: Literal["none", "percentile", "percentile-detrend"] = "percentile"
@@ -293,6 +301,13 @@ def validate(cfg: Config) -> Config:
         )
     if cfg.data.shots < 1:
         raise SavltError("config key 'data.shots' must be >= 1")
+    if cfg.data.patient_pattern is not None:
+        try:
+            re.compile(cfg.data.patient_pattern)
+        except re.error as err:
+            raise SavltError(
+                f"config key 'data.patient_pattern' is not a valid regular expression ({err})"
+            ) from err
     if not cfg.seeds:
         raise SavltError("config key 'seeds' must list at least one seed")
     if not 0.0 <= cfg.model.align_weight <= 1.0:

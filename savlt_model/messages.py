@@ -30,14 +30,14 @@ TRAIN_METRIC_KEYS = frozenset(
         "class-counts",
         "anchor-agreement",
         "val-n",
-        "val-acc_5class",
+        "val-acc_multiclass",
         "val-acc_binary",
         "feature-count",  # with fl.feature_centring: the train features' count and sum
         "feature-sum",  # under the incoming global model, for the next round's reference
     }
 )
 # Metric names an evaluation reply may hold: the global model on the hospital's val set.
-EVALUATE_METRIC_KEYS = frozenset({"num-examples", "val-acc_5class", "val-acc_binary"})
+EVALUATE_METRIC_KEYS = frozenset({"num-examples", "val-acc_multiclass", "val-acc_binary"})
 
 # The two calibration queries after the last round (server.calibration): sums over the
 # hospital's own scans under the final global model, never a scan or a single feature.

@@ -18,8 +18,10 @@ from sklearn.metrics import confusion_matrix, roc_auc_score
 
 from savlt_model.errors import SavltError
 
+# The C-class accuracy has one name for every task (the paper's 5 classes, retinal OCT's
+# 4, ...), so message keys, tables and plots never depend on the class list.
 METRIC_KEYS = (
-    "acc_5class",
+    "acc_multiclass",
     "acc_binary",
     "auc_binary",
     "sensitivity",
@@ -27,6 +29,10 @@ METRIC_KEYS = (
     "ppv",
     "npv",
 )
+
+# Names written by earlier versions -> today's: results.json files and curves from before
+# the rename still load, summarise and plot.
+LEGACY_METRIC_KEYS = {"acc_5class": "acc_multiclass"}
 
 _ROW_SUM_TOL = 1e-3  # loose enough for float16 softmax, tight enough to catch logits
 
@@ -62,6 +68,15 @@ def binary_scores(probs: np.ndarray, positive: Sequence[int]) -> np.ndarray:
     return probs[:, pos].sum(axis=1)
 
 
+def upgrade_keys(record: dict) -> dict:
+    """A record or curve point with its legacy metric names renamed (a copy)."""
+    out = dict(record)
+    for old, new in LEGACY_METRIC_KEYS.items():
+        if old in out and new not in out:
+            out[new] = out.pop(old)
+    return out
+
+
 def _pct(num: int, den: int) -> float | None:
     return None if den == 0 else round(100.0 * num / den, 4)
 
@@ -72,7 +87,8 @@ def compute_metrics(probs: np.ndarray, labels: np.ndarray, positive: Sequence[in
     A metric with a zero denominator is ``None``, never NaN, so results stay valid JSON:
     ``auc_binary`` when only one binary class is present, ``sensitivity`` with no positive
     case, ``specificity`` with no negative case, ``ppv`` with no positive prediction and
-    ``npv`` with no negative prediction. ``acc_5class`` is the C-class accuracy for any C.
+    ``npv`` with no negative prediction. ``acc_multiclass`` is the C-class accuracy for any C
+    (the paper's "5-class accuracy"; ``acc_5class`` in older results).
     """
     probs = _check_probs(probs)
     n, n_classes = probs.shape
@@ -98,7 +114,7 @@ def compute_metrics(probs: np.ndarray, labels: np.ndarray, positive: Sequence[in
         auc = round(100.0 * float(roc_auc_score(y_true, probs[:, pos].sum(axis=1))), 4)
 
     out: dict[str, Any] = {
-        "acc_5class": _pct(int(np.sum(pred == labels_arr)), n),
+        "acc_multiclass": _pct(int(np.sum(pred == labels_arr)), n),
         "acc_binary": _pct(tp + tn, n),
         "auc_binary": auc,
         "sensitivity": _pct(tp, tp + fn),

@@ -61,6 +61,6 @@ def main(grid: Grid, context: Context) -> None:
     for c in last:  # the server's score of the final global model, when it holds test data
         auc = "n/a" if c["auc_binary"] is None else f"{c['auc_binary']:.2f} %"
         print(
-            f"{method}, seed {job.seed}, {c['center']}: acc {c['acc_5class']:.2f} %, "
+            f"{method}, seed {job.seed}, {c['center']}: acc {c['acc_multiclass']:.2f} %, "
             f"binary acc {c['acc_binary']:.2f} %, AUC {auc}"
         )

@@ -120,10 +120,10 @@ def run_federated(grid: Grid, job: FederatedJob) -> dict:
                     "method": method,
                     "center": center,
                     "round": round_,
-                    **{k: s.metrics[k] for k in ("acc_5class", "acc_binary", "auc_binary")},
+                    **{k: s.metrics[k] for k in ("acc_multiclass", "acc_binary", "auc_binary")},
                 }
             )
-            flat[f"{center}-acc_5class"] = s.metrics["acc_5class"]
+            flat[f"{center}-acc_multiclass"] = s.metrics["acc_multiclass"]
         if server_round:  # persist the curves together with the state they describe
             save_checkpoint(job.checkpoint, arrays.to_torch_state_dict(), round_, history)
         return MetricRecord(flat)

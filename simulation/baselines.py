@@ -118,7 +118,7 @@ def _local(cfg: Config, partition: Partition, seed: int, out: Path) -> list[dict
             _mean_metrics(rs),
             partition=cfg.fl.partition,
             hospitals=[h.name for h in partition.hospitals],
-            per_hospital_acc_5class=[r["acc_5class"] for r in rs],
+            per_hospital_acc_multiclass=[r["acc_multiclass"] for r in rs],
             **({"calibration": rs[0]["calibration"]} if "calibration" in rs[0] else {}),
         )
         for (method, c), rs in per_hospital.items()

@@ -178,7 +178,7 @@ def plot_round_curves(
     history: Sequence[dict],
     path: str | Path,
     title: str,
-    metric: str = "acc_5class",
+    metric: str = "acc_multiclass",
     synthetic: bool = False,
 ) -> Path:
     """``metric`` per round, one panel per centre and one line per method; a loss row below
@@ -223,7 +223,7 @@ def plot_method_bars(
     summary_rows: Sequence[dict],
     path: str | Path,
     title: str,
-    metric: str = "acc_5class",
+    metric: str = "acc_multiclass",
     synthetic: bool = False,
 ) -> Path:
     """Grouped bars of ``<metric>_mean`` with ``<metric>_std`` error bars from

@@ -17,7 +17,7 @@ from savlt_model.atomic import write_text
 from savlt_model.config import resolve_path
 from savlt_model.data.protocol import is_synthetic
 from savlt_model.errors import SavltError
-from savlt_model.metrics import METRIC_KEYS
+from savlt_model.metrics import METRIC_KEYS, upgrade_keys
 from simulation.plots import plot_round_curves
 from simulation.results import CALIBRATION_KEYS, SYNTHETIC_LABEL, read_results, summarize
 
@@ -82,19 +82,22 @@ def _round_section(run_dir: Path, jobs: list[dict], synthetic: bool) -> list[str
     figures = run_dir / "figures"
     out = ["## Rounds", ""]
     curves_file = run_dir / "curves.json"
-    curves = (
-        _read_json(curves_file)
-        if curves_file.is_file()
-        else [c for j in jobs for c in j.get("curves", [])]
-    )
-    if any(c.get("acc_5class") is not None for c in curves):
+    curves = [
+        upgrade_keys(c)
+        for c in (
+            _read_json(curves_file)
+            if curves_file.is_file()
+            else [c for j in jobs for c in j.get("curves", [])]
+        )
+    ]
+    if any(c.get("acc_multiclass") is not None for c in curves):
         acc = plot_round_curves(
             curves,
             figures / "accuracy_per_round.png",
             "Global model accuracy per round",
             synthetic=synthetic,
         )
-        out += [_figure(acc, run_dir, "5-class accuracy per round"), ""]
+        out += [_figure(acc, run_dir, "multi-class accuracy per round"), ""]
     losses = [
         {"method": j["method"], "center": "hospitals", "round": r["round"], "train_loss": loss}
         for j in federated

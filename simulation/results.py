@@ -18,7 +18,7 @@ import numpy as np
 
 from savlt_model.atomic import write_json
 from savlt_model.errors import SavltError
-from savlt_model.metrics import METRIC_KEYS
+from savlt_model.metrics import METRIC_KEYS, upgrade_keys
 
 RECORD_KEYS = ("method", "center", "seed", "shots")
 SYNTHETIC_LABEL = "SYNTHETIC DATA — not clinical performance"
@@ -26,7 +26,7 @@ SYNTHETIC_LABEL = "SYNTHETIC DATA — not clinical performance"
 # results.json files lack them, so they are summarised where present.
 CALIBRATION_KEYS = ("ece", "brier", "shift_score")
 DEFAULT_TABLE_METRICS = (
-    "acc_5class",
+    "acc_multiclass",
     "acc_binary",
     "auc_binary",
     "sensitivity",
@@ -186,7 +186,8 @@ def write_summary(path: str | Path, records: Sequence[dict], meta: dict) -> None
 
 
 def read_results(path: str | Path) -> list[dict]:
-    """Load and check a results.json written by :func:`write_results`."""
+    """Load and check a results.json written by :func:`write_results` (by this version or
+    an earlier one: legacy metric names are renamed, see ``LEGACY_METRIC_KEYS``)."""
     path = Path(path)
     if not path.is_file():
         raise SavltError(f"results file {path} not found; run an experiment first")
@@ -199,6 +200,7 @@ def read_results(path: str | Path) -> list[dict]:
         raise SavltError(f"results file {path} is not valid JSON: {exc}") from exc
     if not isinstance(data, list):
         raise SavltError(f"results file {path} must hold a JSON list of records")
+    data = [upgrade_keys(rec) if isinstance(rec, dict) else rec for rec in data]
     for i, rec in enumerate(data):
         _check_record(rec, f"{path} record {i}")
     return data

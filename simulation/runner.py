@@ -185,8 +185,8 @@ def run_simulate(cfg: Config, out: Path, resume: bool = False) -> list[dict]:
     bar.close()
     plot_method_bars(
         summarize(records),
-        out / "figures" / "methods_acc_5class.png",
-        "5-class accuracy by method and centre",
+        out / "figures" / "methods_acc_multiclass.png",
+        f"{len(cfg.task.classes)}-class accuracy by method and centre",
         synthetic=synthetic,
     )
     plot_method_bars(

@@ -93,3 +93,18 @@ def test_simulate_command_and_resume(fed_data_root, tmp_path, capsys):
     before = (out / "results.json").read_text()
     assert main([*args, "--resume"]) == 0  # every job finished: reused, same results
     assert (out / "results.json").read_text() == before
+
+
+def test_predict_bad_file_points_at_its_own_option(tmp_path, capsys):
+    """predict checks the images before it loads the model, and names --on-bad-file."""
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    assert main(["predict", "--model", str(tmp_path / "model"), str(broken)]) == 2
+    line = _error_line(capsys)
+    assert "broken.png — replace or delete it, or use --on-bad-file skip" in line
+    assert "data.on_bad_file" not in line
+    argv = ["predict", "--model", str(tmp_path / "m"), str(broken), "--on-bad-file", "skip"]
+    assert main(argv) == 2
+    warning, error = capsys.readouterr().err.strip().splitlines()
+    assert "predict: skipped 1 unreadable image(s): " in warning and warning.endswith("broken.png")
+    assert error == "savlt: error: none of the given images is readable"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
+from savlt_model.config import load_config
 from savlt_model.data import images, splits
 from savlt_model.data.folders import Sample, load_sites, scan_center
 from savlt_model.data.images import ImageSet, load_image, make_loader
+from savlt_model.data.protocol import split_parts
 from savlt_model.data.splits import few_shot, split_center
 from savlt_model.errors import SavltError
 
@@ -69,17 +72,31 @@ def test_missing_images_dir(root: Path) -> None:
         scan_center(root, "xiangya", CLASSES)
 
 
-def test_missing_class_folder(root: Path) -> None:
-    with pytest.raises(SavltError, match="centre mixed has no folder for class 'mild'"):
-        scan_center(root, "mixed", [*CLASSES, "mild"])
-
-
-def test_empty_class_folder(root: Path) -> None:
+def test_missing_or_empty_class_is_a_warning_with_count_0(
+    root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hospital may have had no case of a class: it takes part without it."""
     empty = root / "mixed" / "images" / "mild"
     empty.mkdir()
     (empty / "readme.txt").write_text("no images")
-    with pytest.raises(SavltError, match="class 'mild' of centre mixed has no readable images"):
-        scan_center(root, "mixed", [*CLASSES, "mild"])
+    classes = [*CLASSES, "mild", "polyp"]  # "mild": empty folder, "polyp": no folder
+    with caplog.at_level(logging.WARNING, logger="savlt_model.data.folders"):
+        samples = scan_center(root, "mixed", classes)
+    assert len(samples) == 60 and sorted({s.label for s in samples}) == [0, 1, 2]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert warnings == [
+        f"centre mixed, class '{c}' has 0 images in {root}/mixed/images/<class>; "
+        "the centre takes part without it"
+        for c in ("mild", "polyp")
+    ]
+
+
+def test_centre_without_images_stops(root: Path) -> None:
+    for cls in CLASSES:
+        for f in (root / "mixed" / "images" / cls).iterdir():
+            f.unlink()
+    with pytest.raises(SavltError, match=r"centre mixed has no readable images in .*<class>"):
+        scan_center(root, "mixed", CLASSES)
 
 
 def test_extra_class_folder(root: Path) -> None:
@@ -189,30 +206,30 @@ def test_split_read_only_warns(
 
 def test_few_shot_determinism_and_order_independence(root: Path) -> None:
     samples = scan_center(root, "mixed", CLASSES)
-    a = few_shot(samples, 4, seed=5, num_classes=3)
+    a = few_shot(samples, 4, seed=5, classes=CLASSES)
     assert len(a) == 12 and all(sum(s.label == c for s in a) == 4 for c in range(3))
-    assert few_shot(samples, 4, seed=5, num_classes=3) == a
-    assert few_shot(list(reversed(samples)), 4, seed=5, num_classes=3) == a
-    assert few_shot(samples, 4, seed=42, num_classes=3) != a
+    assert few_shot(samples, 4, seed=5, classes=CLASSES) == a
+    assert few_shot(list(reversed(samples)), 4, seed=5, classes=CLASSES) == a
+    assert few_shot(samples, 4, seed=42, classes=CLASSES) != a
 
 
 def test_few_shot_cache_reused(root: Path, tmp_path: Path) -> None:
     samples = scan_center(root, "mixed", CLASSES)
     cache = tmp_path / "fs" / "seed5.json"
-    first = few_shot(samples, 2, seed=5, num_classes=3, cache=cache)
+    first = few_shot(samples, 2, seed=5, classes=CLASSES, cache=cache)
     saved = json.loads(cache.read_text())
     assert saved == {"seed": 5, "shots": 2, "keys": [s.key for s in first]}
     # Replace the cached keys with another valid set: the next call must return it.
     other = [s.key for s in samples if s.key not in saved["keys"]][:6]
     cache.write_text(json.dumps({**saved, "keys": other}))
-    assert [s.key for s in few_shot(samples, 2, seed=5, num_classes=3, cache=cache)] == sorted(
+    assert [s.key for s in few_shot(samples, 2, seed=5, classes=CLASSES, cache=cache)] == sorted(
         other
     )
     with pytest.raises(SavltError, match="drawn for seed 5 and 2 shots, not seed 6"):
-        few_shot(samples, 2, seed=6, num_classes=3, cache=cache)
+        few_shot(samples, 2, seed=6, classes=CLASSES, cache=cache)
     cache.write_text(json.dumps({**saved, "keys": ["cyst/gone.png"]}))
     with pytest.raises(SavltError, match=r"names 1 image.*cyst/gone.png — delete the file"):
-        few_shot(samples, 2, seed=5, num_classes=3, cache=cache)
+        few_shot(samples, 2, seed=5, classes=CLASSES, cache=cache)
 
 
 def test_few_shot_small_class_takes_all(root: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -220,9 +237,134 @@ def test_few_shot_small_class_takes_all(root: Path, caplog: pytest.LogCaptureFix
         s for s in scan_center(root, "mixed", CLASSES) if s.label != 1 or s.key < "cancer/img03"
     ]
     with caplog.at_level(logging.WARNING, logger="savlt_model.data.splits"):
-        chosen = few_shot(samples, 5, seed=1, num_classes=3)
+        chosen = few_shot(samples, 5, seed=1, classes=CLASSES)
     assert sum(s.label == 1 for s in chosen) == 3
-    assert "class 1 has 3 image(s), fewer than 5 shots" in caplog.text
+    assert "class 'cancer' has 3 image(s), fewer than 5 shots" in caplog.text
+
+
+# --- patients: grouped splits, leak refusal, patients-first draws ----------------------
+
+PATIENT = r"(?P<patient>P\d+)_"
+
+
+def make_patients(root: Path, center: str, patients: dict[str, int], scans: int) -> Path:
+    """``patients[cls]`` patients per class, ``scans`` B-scans each, named ``P<id>_s<j>``."""
+    pid = 0
+    for cls, n in patients.items():
+        folder = root / center / "images" / cls
+        folder.mkdir(parents=True, exist_ok=True)
+        for _ in range(n):
+            for j in range(scans):
+                Image.new("L", (40, 30), (pid * 7 + j) % 256).save(folder / f"P{pid:03d}_s{j}.png")
+            pid += 1
+    return root
+
+
+def leaks(split: dict[str, list[Sample]]) -> int:
+    """How many patients (read from the key) have images in more than one part."""
+    parts: dict[str, set[str]] = {}
+    for part, samples in split.items():
+        for s in samples:
+            parts.setdefault(s.key.rsplit("/", 1)[1].split("_")[0], set()).add(part)
+    return sum(len(v) > 1 for v in parts.values())
+
+
+def test_per_image_split_and_draw_unchanged(tmp_path: Path) -> None:
+    """Without patient ids the split and the K-shot draw are the original ones, key for key."""
+    root = make_center(tmp_path, "c", {"cyst": 7, "cancer": 5, "ectropion": 6})
+    samples = scan_center(root, "c", CLASSES)
+    assert all(s.patient is None for s in samples)
+    split = split_center(root, "c", samples, seed=7)
+    assert {p: [s.key.split("/")[1][3:5] for s in v] for p, v in split.items()} == {
+        "train": ["00", "05", "06", "02", "04", "00", "02", "03"],
+        "val": ["02", "03", "04"],
+        "test": ["01", "03", "04", "00", "01", "01", "05"],
+    }
+    assert [s.key for s in few_shot(samples, 3, 11, CLASSES)] == [
+        "cancer/img00.png", "cancer/img01.png", "cancer/img02.png",
+        "cyst/img00.png", "cyst/img05.png", "cyst/img06.png",
+        "ectropion/img01.png", "ectropion/img03.png", "ectropion/img04.png",
+    ]  # fmt: skip
+
+
+def test_patient_pattern_reads_ids(tmp_path: Path) -> None:
+    root = make_patients(tmp_path, "c", {"cyst": 1, "cancer": 1, "ectropion": 1}, scans=2)
+    samples = scan_center(root, "c", CLASSES, patient_pattern=PATIENT)
+    assert [s.patient for s in samples] == ["P000", "P000", "P001", "P001", "P002", "P002"]
+    assert scan_center(root, "c", CLASSES, patient_pattern=r"P(\d+)")[2].patient == "001"
+    with pytest.raises(SavltError, match=r"centre c: data.patient_pattern 'Q\\d' does not match "):
+        scan_center(root, "c", CLASSES, patient_pattern=r"Q\d")
+
+
+def test_grouped_split_keeps_every_patient_in_one_part(tmp_path: Path) -> None:
+    """Several B-scans per patient: the per-image split leaks, the grouped one never does."""
+    root = make_patients(tmp_path, "c", {"cyst": 12, "cancer": 10, "ectropion": 14}, scans=4)
+    plain = scan_center(root, "c", CLASSES)
+    grouped = scan_center(root, "c", CLASSES, patient_pattern=PATIENT)
+    per_image = [
+        leaks(split_center(root, "c", plain, split_file=tmp_path / f"i{seed}.json", seed=seed))
+        for seed in range(10)
+    ]
+    assert min(per_image) > 10  # of 36 patients: the original split leaks at every seed
+    for seed in range(10):
+        split = split_center(root, "c", grouped, split_file=tmp_path / f"g{seed}.json", seed=seed)
+        assert leaks(split) == 0
+        assert sorted(s.key for p in split.values() for s in p) == sorted(s.key for s in grouped)
+        for label, n in enumerate((12, 10, 14)):  # stratified: every class in every part,
+            sizes = [sum(s.label == label for s in split[p]) // 4 for p in split]
+            assert all(k >= 1 for k in sizes), sizes  # near 45/15/40 % of its patients
+            assert abs(sizes[0] - 0.45 * n) <= 2 and abs(sizes[2] - 0.40 * n) <= 2, sizes
+    # Reloaded from the file it wrote: the same grouped split.
+    again = split_center(root, "c", grouped, split_file=tmp_path / "g3.json", seed=99)
+    assert again == split_center(root, "c", grouped, split_file=tmp_path / "g3.json")
+
+
+def test_split_file_with_a_leaking_patient_refused(tmp_path: Path) -> None:
+    root = make_patients(tmp_path, "c", {"cyst": 4, "cancer": 4, "ectropion": 4}, scans=2)
+    plain = scan_center(root, "c", CLASSES)
+    grouped = scan_center(root, "c", CLASSES, patient_pattern=PATIENT)
+    path = tmp_path / "split.json"
+    split = split_center(root, "c", plain, split_file=path, seed=0)  # per image: it leaks
+    assert leaks(split) > 0
+    with pytest.raises(SavltError, match=r"split file .*split.json puts patient P\d+ in \w+ and"):
+        split_center(root, "c", grouped, split_file=path)
+    raw = {"train": [s.key for s in grouped[2:]], "val": [], "test": [grouped[1].key]}
+    raw["val"] = [grouped[0].key]  # P000's two scans in val and test
+    path.write_text(json.dumps(raw))
+    with pytest.raises(SavltError, match=r"puts patient P000 in val and test \(e.g. cyst/P000_s1"):
+        split_center(root, "c", grouped, split_file=path)
+
+
+def test_run_log_says_how_the_split_was_made(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = make_patients(tmp_path / "D", "c", {"cyst": 5, "cancer": 2, "ectropion": 4}, scans=2)
+    sets = ["data.synthetic.enabled=false", f"data.root={root}", f"task.classes={CLASSES}"]
+    sets.append("task.positive=[cancer]")
+    with caplog.at_level(logging.INFO, logger="savlt_model.data.protocol"):
+        split_parts(load_config(None, sets), root, "c")
+    assert "centre c: no patient ids, so the split is per image" in caplog.text
+    (root / "c" / "split.json").unlink()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="savlt_model.data.protocol"):
+        parts = split_parts(
+            load_config(None, [*sets, f"data.patient_pattern={PATIENT}"]), root, "c"
+        )
+    assert "centre c: split by patient (11 patients): train 4, val 2, test 5" in caplog.text
+    assert "centre c, class 'cancer' has no image in val" in caplog.text  # 2 patients only
+    assert leaks(parts) == 0
+
+
+def test_few_shot_takes_different_patients_first(tmp_path: Path) -> None:
+    root = make_patients(tmp_path, "c", {"cyst": 6, "cancer": 3, "ectropion": 9}, scans=4)
+    samples = scan_center(root, "c", CLASSES, patient_pattern=PATIENT)
+    for seed in range(5):
+        chosen = few_shot(samples, 5, seed, CLASSES)
+        per_class = [[s.patient for s in chosen if s.label == c] for c in range(3)]
+        assert [len(set(p)) for p in per_class] == [5, 3, 5]  # cancer: 3 patients, 5 shots
+        assert sorted(Counter(per_class[1]).values()) == [1, 2, 2]
+    assert few_shot(samples, 5, 0, CLASSES) != few_shot(samples, 5, 1, CLASSES)
+    assert few_shot(list(reversed(samples)), 5, 3, CLASSES) == few_shot(samples, 5, 3, CLASSES)
 
 
 # --- load_image ------------------------------------------------------------------------
@@ -303,7 +445,9 @@ def test_imageset_eval_normalises_and_decodes_once(
     samples = [Sample(white, 1, "x/w.png"), Sample(black, 0, "x/b.png")]
     calls: list[Path] = []
     real = images.load_image
-    monkeypatch.setattr(images, "load_image", lambda p, s, i: calls.append(p) or real(p, s, i))
+    monkeypatch.setattr(
+        images, "load_image", lambda p, s, i, f: calls.append(p) or real(p, s, i, f)
+    )
     ds = ImageSet(samples, 16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.25, 0.5), train=False)
     again = ImageSet(samples, 16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.25, 0.5), train=True)
     for _ in range(3):

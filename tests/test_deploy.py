@@ -73,7 +73,7 @@ def test_tls_deployment_trains_and_refuses_an_unregistered_supernode(tmp_path):
     assert len(meta["centre_calibration"]["reference"]) == state["prototypes"].shape[1]
     row = summary["history"][0]
     assert row["hospitals"] == 2 and summary["events"] == []
-    assert 0.0 <= row["hospitals-val-acc_5class"] <= 100.0
+    assert 0.0 <= row["hospitals-val-acc_multiclass"] <= 100.0
     assert math.isfinite(row["train-loss"])
 
 

@@ -173,6 +173,36 @@ def test_evaluate_matches_the_run_and_writes_report(run, tmp_path, capsys):
         assert (out / "figures" / name).is_file() and f"(figures/{name})" in report
 
 
+def test_evaluate_bad_files_and_a_centre_without_high_risk_cases(run, tmp_path, capsys):
+    """evaluate takes --on-bad-file like training takes data.on_bad_file; a centre whose
+    classes are partly missing reports what exists and null (n/a) for the rest."""
+    root, _, model_dir = run
+    site = tmp_path / "DATA" / "site"
+    shutil.copytree(root / "huaxi", site)
+    for cls in ("cancer", "high-grade_squamous_intraepithelial_lesion"):
+        shutil.rmtree(site / "images" / cls)  # no high-risk case at this hospital
+    n = sum(1 for p in (site / "images").glob("*/*") if not p.name.startswith("."))
+    (site / "images" / "cyst" / "zz_broken.png").write_bytes(b"not a png")
+    argv = [
+        "evaluate",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(site),
+        "--out",
+        str(tmp_path / "e"),
+    ]
+    _one_line_error(capsys, argv, "zz_broken.png — replace or delete it, or use --on-bad-file skip")
+    assert main([*argv, "--on-bad-file", "skip"]) == 0
+    printed = capsys.readouterr().out
+    assert f"({n} images)" in printed
+    assert "auc_binary   n/a" in printed and "sensitivity  n/a" in printed
+    (got,) = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert got["n"] == n and got["auc_binary"] is None and got["sensitivity"] is None
+    assert got["specificity"] is not None and got["acc_multiclass"] is not None
+    assert "| site |" in (tmp_path / "e" / "report.md").read_text()
+
+
 def test_calibrate_to_a_new_site_and_evaluate_recentred(run, tmp_path, capsys):
     root, run_dir, model_dir = run
     site = tmp_path / "site"  # a hospital's unlabelled export: any layout, one hidden file
@@ -197,7 +227,7 @@ def test_calibrate_to_a_new_site_and_evaluate_recentred(run, tmp_path, capsys):
     assert main([*evaluate, "--out", str(ev), "--recentre"]) == 0
     got = {r["method"]: r for r in json.loads((ev / "results.json").read_text())}
     assert set(got) == {"central", "central+cal"}
-    for key in ("acc_5class", "sensitivity", "specificity"):
+    for key in ("acc_multiclass", "sensitivity", "specificity"):
         assert got["central+cal"][key] == pytest.approx(want[key], abs=1e-6), key
     assert "label-free, transductive" in (ev / "report.md").read_text()
     images = sorted((root / "huaxi" / "images" / "cyst").iterdir())[:3]
@@ -216,7 +246,7 @@ def test_train_report_has_table_and_relative_image_links(run):
     _, run_dir, _ = run
     report = (run_dir / "report.md").read_text()
     assert report.startswith("# Centralised SAVLT") and "SYNTHETIC DATA" in report
-    assert "| method | center | K | seeds | acc_5class |" in report
+    assert "| method | center | K | seeds | acc_multiclass |" in report
     assert "No federated rounds" in report
     links = [
         line.split("](")[1].rstrip(")") for line in report.splitlines() if line.startswith("![")
@@ -239,7 +269,7 @@ def test_simulate_report_has_rounds_bytes_and_events(run, tmp_path):
         for r in (1, 2)
     ]
     curves = [
-        {"method": "fedavg", "center": "huaxi", "round": r, "acc_5class": 20.0 * r}
+        {"method": "fedavg", "center": "huaxi", "round": r, "acc_multiclass": 20.0 * r}
         for r in (0, 1, 2)
     ]
     event = {

@@ -50,7 +50,7 @@ def test_matches_sklearn(seed: int, n: int, c: int, positive: list[int]) -> None
     scores = probs[:, positive].sum(axis=1)
 
     expected = {
-        "acc_5class": accuracy_score(labels, pred),
+        "acc_multiclass": accuracy_score(labels, pred),
         "acc_binary": accuracy_score(y, yp),
         "auc_binary": roc_auc_score(y, scores),
         "sensitivity": recall_score(y, yp, pos_label=1),
@@ -75,7 +75,7 @@ def test_undefined_values_are_none() -> None:
     assert m["ppv"] is None
     assert m["specificity"] == 100.0
     assert m["npv"] == 100.0
-    assert m["acc_5class"] == pytest.approx(100.0)
+    assert m["acc_multiclass"] == pytest.approx(100.0)
     json.dumps(m, allow_nan=False)
 
     # Only positive cases, all predicted positive: no AUC, specificity or NPV.

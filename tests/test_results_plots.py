@@ -33,7 +33,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def _metrics(acc: float, auc: float | None = 80.0) -> dict:
     m = dict.fromkeys(METRIC_KEYS, 50.0)
-    m["acc_5class"] = acc
+    m["acc_multiclass"] = acc
     m["auc_binary"] = auc
     return m
 
@@ -62,13 +62,13 @@ def test_summarize_by_hand() -> None:
     fed = rows[0]
     assert fed["n_seeds"] == 3 and fed["seeds"] == [5, 42, 123]
     # acc 60, 70, 80: mean 70, population std sqrt(200/3)
-    assert fed["acc_5class_mean"] == pytest.approx(70.0)
-    assert fed["acc_5class_std"] == pytest.approx(8.1650, abs=1e-4)
+    assert fed["acc_multiclass_mean"] == pytest.approx(70.0)
+    assert fed["acc_multiclass_std"] == pytest.approx(8.1650, abs=1e-4)
     # auc 70, None, 90: the None is skipped -> mean 80, std 10, n 2
     assert fed["auc_binary_mean"] == pytest.approx(80.0)
     assert fed["auc_binary_std"] == pytest.approx(10.0)
     assert fed["auc_binary_n"] == 2
-    assert rows[1]["acc_5class_std"] == 0.0 and rows[1]["n_seeds"] == 1
+    assert rows[1]["acc_multiclass_std"] == 0.0 and rows[1]["n_seeds"] == 1
 
 
 def test_summarize_keeps_shots_apart_and_rejects_repeated_seed() -> None:
@@ -95,7 +95,7 @@ def test_make_record_keeps_extras_and_checks_keys() -> None:
     assert rec["confusion"] == [[1, 0, 0], [0, 0, 0], [0, 0, 1]]
     assert rec["protocol"] == "fl" and rec["n"] == 2 and rec["seed"] == 42
     with pytest.raises(SavltError, match="lack keys"):
-        make_record("m", "c", 1, 16, {"acc_5class": 1.0})
+        make_record("m", "c", 1, 16, {"acc_multiclass": 1.0})
     with pytest.raises(SavltError, match="clash"):
         make_record("m", "c", 1, 16, {**_metrics(1.0), "seed": 3})
 
@@ -137,7 +137,7 @@ def test_write_refuses_nan(tmp_path: Path) -> None:
         ("{not json", "not valid JSON"),
         ('{"records": []}', "JSON list"),
         ('[{"method": "m"}]', "lacks keys"),
-        ('[{"method": "m", "center": "c", "seed": 1, "shots": 16, "acc_5class": NaN}]', "NaN"),
+        ('[{"method": "m", "center": "c", "seed": 1, "shots": 16, "acc_multiclass": NaN}]', "NaN"),
     ],
 )
 def test_read_results_errors(tmp_path: Path, text: str, match: str) -> None:
@@ -145,6 +145,33 @@ def test_read_results_errors(tmp_path: Path, text: str, match: str) -> None:
     bad.write_text(text)
     with pytest.raises(SavltError, match=match):
         read_results(bad)
+
+
+def test_results_json_from_before_the_rename_still_reports(tmp_path: Path) -> None:
+    """A 5-class run's results.json and curves.json written with ``acc_5class`` load,
+    summarise and report as ``acc_multiclass``."""
+    from simulation.report import write_report
+
+    old = [
+        {("acc_5class" if k == "acc_multiclass" else k): v for k, v in r.items()}
+        for r in _records()
+    ]
+    (tmp_path / "results.json").write_text(json.dumps(old))
+    curves = [
+        {"method": "fedavg", "center": "mixed", "round": r, "acc_5class": 50.0 + r} for r in (1, 2)
+    ]
+    (tmp_path / "curves.json").write_text(json.dumps(curves))
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "jobs" / "fedavg_seed5.json").write_text(
+        json.dumps({"method": "fedavg", "seed": 5, "history": [{"round": 1}], "curves": curves})
+    )
+    records = read_results(tmp_path / "results.json")
+    assert all("acc_5class" not in r for r in records)
+    assert summarize(records)[0]["acc_multiclass_mean"] == pytest.approx(70.0)
+    report = write_report(tmp_path).read_text()
+    assert "| fedavg | mixed | 16 | 3 | 70.00 ± 8.16 |" in report
+    assert "| fedavg | huaxi | 16 | 1 | 55.50 ± 0.00 | 50.00 ± 0.00 | 80.00 ± 0.00 |" in report
+    assert (tmp_path / "figures" / "accuracy_per_round.png").read_bytes()[:8] == PNG_MAGIC
 
 
 def test_read_results_missing(tmp_path: Path) -> None:
@@ -184,7 +211,7 @@ def test_plots_write_png(tmp_path: Path) -> None:
     _check_png(plot_roc(curves, tmp_path / "roc.png", "ROC", synthetic=True))
 
     history = [
-        {"method": m, "center": c, "round": r, "acc_5class": 40 + r + i, "loss": 1 / (r + 1)}
+        {"method": m, "center": c, "round": r, "acc_multiclass": 40 + r + i, "loss": 1 / (r + 1)}
         for i, m in enumerate(["fedavg", "savlt"])
         for c in ["mixed", "xiangya"]
         for r in range(1, 6)

@@ -65,6 +65,17 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="run directory for results")
 
 
+def _bad_file_arg(p: argparse.ArgumentParser) -> None:
+    """The inference commands' bad-file policy (training reads it from data.on_bad_file)."""
+    p.add_argument(
+        "--on-bad-file",
+        choices=("stop", "skip"),
+        default="stop",
+        help="a missing or unreadable image stops the command (default) or is skipped, "
+        "counted and warned about",
+    )
+
+
 def cmd_synth(args: argparse.Namespace) -> None:
     from simulation.synth import generate
 
@@ -140,7 +151,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from savlt_model.atomic import write_text
     from tools.inference import predict_images
 
-    rows = predict_images(args.model, args.images)
+    rows = predict_images(args.model, args.images, args.on_bad_file)
     header = ["file", "class", "probability", "high_risk"]
     cells = [
         [r["file"], r["class"], f"{r['probability']:.4f}", f"{r['high_risk']:.4f}"] for r in rows
@@ -161,7 +172,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from tools.inference import evaluate_folder
 
     out = args.out or args.model / f"eval_{args.data.name}"
-    metrics = evaluate_folder(args.model, args.data, out, recentre=args.recentre)
+    metrics = evaluate_folder(
+        args.model, args.data, out, recentre=args.recentre, on_bad_file=args.on_bad_file
+    )
     print(f"{args.data} ({metrics['n']} images):")
     for key in METRIC_KEYS:
         value = metrics[key]
@@ -172,7 +185,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_calibrate(args: argparse.Namespace) -> None:
     from tools.inference import calibrate_model
 
-    done = calibrate_model(args.model, args.data, args.out)
+    done = calibrate_model(args.model, args.data, args.out, on_bad_file=args.on_bad_file)
     score = done["shift_score"]
     print(
         f"Calibrated to {done['scans']} unlabelled scans of {args.data} "
@@ -268,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, required=True, help="directory from savlt export")
     p.add_argument("images", type=Path, nargs="+", metavar="IMAGE")
     p.add_argument("--csv", type=Path, help="also write the predictions (with every class) here")
+    _bad_file_arg(p)
     p.set_defaults(func=cmd_predict, log_dir=None)
 
     p = sub.add_parser("evaluate", help="score an exported model on a labelled centre folder")
@@ -279,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also score re-centred on this folder's own scans (label-free, transductive)",
     )
+    _bad_file_arg(p)
     p.set_defaults(func=cmd_evaluate, log_dir=None)
 
     p = sub.add_parser(
@@ -288,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, required=True, help="directory from savlt export")
     p.add_argument("--data", type=Path, required=True, help="folder of the site's scans")
     p.add_argument("--out", type=Path, required=True, help="calibrated model directory")
+    _bad_file_arg(p)
     p.set_defaults(func=cmd_calibrate, log_dir=None)
 
     p = sub.add_parser(

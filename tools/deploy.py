@@ -503,7 +503,7 @@ def print_summary(summary: dict, out: Path) -> None:
         "round",
         "hospitals",
         "train-loss",
-        "hospitals-val-acc_5class",
+        "hospitals-val-acc_multiclass",
         "hospitals-val-acc_binary",
     ]
     print(

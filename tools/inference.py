@@ -23,7 +23,7 @@ from savlt_model.calibration import (
     calibration_to_dict,
     shift_score,
 )
-from savlt_model.data.folders import IMAGE_SUFFIXES, Sample, scan_center
+from savlt_model.data.folders import SCAN_SUFFIXES, Listed, Sample, expand_files, scan_center
 from savlt_model.data.images import ImageSet
 from savlt_model.data.protocol import is_synthetic
 from savlt_model.errors import SavltError
@@ -37,6 +37,8 @@ from simulation.results import write_results, write_summary
 from tools.export import HEAD_JSON, load_exported
 
 BATCH = 32
+# Missing or unreadable images: these commands' own option (training uses data.on_bad_file).
+SKIP_HINT = "use --on-bad-file skip"
 log = logging.getLogger(__name__)
 
 
@@ -81,35 +83,37 @@ def warn_on_score(info: dict, score: float, where: str) -> None:
         )
 
 
-def predict_images(model_dir: Path, paths: Sequence[Path]) -> list[dict]:
-    """Per image: ``file``, ``class``, ``probability`` (of that class), ``high_risk`` (summed
-    probability of the positive classes) and ``probs`` (class -> probability).
+def predict_images(model_dir: Path, paths: Sequence[Path], on_bad_file: str = "stop") -> list[dict]:
+    """Per image (per frame of a DICOM volume): ``file``, ``class``, ``probability`` (of that
+    class), ``high_risk`` (summed probability of the positive classes) and ``probs``
+    (class -> probability).
 
-    Images go through the same decoding and normalisation as in training (an ImageSet of
-    unlabelled samples) and the same evaluation loop (:func:`savlt_model.evaluation.predict`);
-    the probabilities are the model's calibrated ones (temperature, and the site's
-    re-centring after ``savlt calibrate``). A shift warning is logged for the whole set.
+    Images go through the same checks, decoding and normalisation as in training (an
+    ImageSet of unlabelled samples) and the same evaluation loop
+    (:func:`savlt_model.evaluation.predict`); a missing or unreadable file stops or, with
+    ``on_bad_file="skip"``, is left out with a warning. The probabilities are the model's
+    calibrated ones (temperature, and the site's re-centring after ``savlt calibrate``). A
+    shift warning is logged for the whole set.
     """
-    paths = [Path(p) for p in paths]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise SavltError(f"image file(s) not found: {', '.join(missing)}")
     if not paths:
         raise SavltError("no images given")
+    listed = [Listed(Path(p), 0, str(p)) for p in paths]  # the label is unused here
+    samples = expand_files(listed, "predict", on_bad_file, skip_hint=SKIP_HINT)
+    if not samples:
+        raise SavltError("none of the given images is readable")
     model, info = _load(model_dir)
-    samples = [Sample(p, 0, p.name) for p in paths]  # the label is unused here
     probs, _, feats = predict(model, _images(info, samples), BATCH)
-    warn_if_shifted(info, feats, f"{len(paths)} image(s)")
+    warn_if_shifted(info, feats, f"{len(samples)} image(s)")
     cal = _calibration(info)
     if cal is not None:
         probs = cal.probs(feats, model.classifier().cpu().numpy())
     high = binary_scores(probs, model.positive)
     rows: list[dict] = []
-    for path, p, h in zip(paths, probs, high, strict=True):
+    for sample, p, h in zip(samples, probs, high, strict=True):
         best = int(np.argmax(p))
         rows.append(
             {
-                "file": str(path),
+                "file": sample.key,
                 "class": model.classes[best],
                 "probability": float(p[best]),
                 "high_risk": float(h),
@@ -120,9 +124,14 @@ def predict_images(model_dir: Path, paths: Sequence[Path]) -> list[dict]:
 
 
 def evaluate_folder(
-    model_dir: Path, center_dir: Path, out_dir: Path, recentre: bool = False
+    model_dir: Path,
+    center_dir: Path,
+    out_dir: Path,
+    recentre: bool = False,
+    on_bad_file: str = "stop",
 ) -> dict:
-    """Score the model on a labelled centre folder ``ROOT/<centre>`` (``images/<class>/...``).
+    """Score the model on a labelled centre folder ``ROOT/<centre>`` (``images/<class>/...``;
+    missing or unreadable images stop, or are skipped with ``on_bad_file="skip"``).
 
     Writes ``results.json``, ``summary.json``, confusion, ROC and reliability PNGs under
     ``figures/`` and ``report.md`` into ``out_dir``; returns the metrics (seven keys,
@@ -132,7 +141,8 @@ def evaluate_folder(
     center_dir, out_dir = Path(center_dir), Path(out_dir)
     model, info = _load(model_dir)
     root, center = center_dir.parent, center_dir.name
-    dataset = _images(info, scan_center(root, center, model.classes))
+    samples = scan_center(root, center, model.classes, on_bad_file, skip_hint=SKIP_HINT)
+    dataset = _images(info, samples)
     synthetic = is_synthetic(root)
     method, seed = str(info["method"]), int(info["seed"])
     tag = f"{method}_seed{seed}"
@@ -153,8 +163,9 @@ def evaluate_folder(
     return scores[center].metrics
 
 
-def unlabelled_scans(folder: Path) -> list[Sample]:
-    """Every readable image below ``folder`` (any layout, hidden files ignored), sorted."""
+def unlabelled_scans(folder: Path, on_bad_file: str = "stop") -> list[Sample]:
+    """Every readable image below ``folder`` (any layout, hidden files ignored, a DICOM
+    volume frame by frame), sorted."""
     folder = Path(folder)
     if not folder.is_dir():
         raise SavltError(f"--data {folder} is not a folder; give this site's folder of scans")
@@ -162,18 +173,21 @@ def unlabelled_scans(folder: Path) -> list[Sample]:
         p
         for p in folder.rglob("*")
         if p.is_file()
-        and p.suffix.lower() in IMAGE_SUFFIXES
+        and p.suffix.lower() in SCAN_SUFFIXES
         and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
     if not files:
         raise SavltError(
-            f"--data {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
+            f"--data {folder} holds no images ({', '.join(sorted(SCAN_SUFFIXES))}); "
             "point it at the site's scans"
         )
-    return [Sample(p, 0, str(p.relative_to(folder))) for p in files]
+    listed = [Listed(p, 0, str(p.relative_to(folder))) for p in files]
+    return expand_files(listed, str(folder), on_bad_file, skip_hint=SKIP_HINT)
 
 
-def calibrate_model(model_dir: Path, folder: Path, out: Path, min_scans: int = 10) -> dict:
+def calibrate_model(
+    model_dir: Path, folder: Path, out: Path, min_scans: int = 10, on_bad_file: str = "stop"
+) -> dict:
     """Write ``out``: a copy of MODEL_DIR calibrated to one site's unlabelled scans.
 
     Its features are re-centred from this site's mean onto the training hospitals'
@@ -188,7 +202,7 @@ def calibrate_model(model_dir: Path, folder: Path, out: Path, min_scans: int = 1
             f"{model_dir} has no centre calibration (exported before it existed, or trained "
             "with calibration.recentre: false); re-export it from its run"
         )
-    samples = unlabelled_scans(folder)
+    samples = unlabelled_scans(folder, on_bad_file)
     if len(samples) < min_scans:
         raise SavltError(
             f"--data {folder} has {len(samples)} scan(s); calibration needs at least "

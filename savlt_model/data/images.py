@@ -1,4 +1,5 @@
-"""Decode any supported image once, and batch decoded images (with training augmentation)."""
+"""Decode any supported image (raster files, DICOM frames) once, and batch decoded images
+(with training augmentation)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode, v2
 
 from savlt_model.data.augment import ScannerAugment
+from savlt_model.data.dicom import dicom_frame, is_dicom
 from savlt_model.data.folders import Sample
 from savlt_model.data.intensity import standardise_rgb
 from savlt_model.errors import SavltError
@@ -19,28 +21,33 @@ from savlt_model.errors import SavltError
 _WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
-def _wide_to_uint8(img: Image.Image) -> np.ndarray:
-    """Map a 16-bit, 32-bit or float grey image to uint8.
+def _wide_to_uint8(values: np.ndarray, unit_float: bool = False) -> np.ndarray:
+    """Map 16-bit, 32-bit or float grey values to uint8.
 
     The scale is the smallest common detector range that holds the image's maximum:
     8-bit (≤ 255, 8-bit data saved in a 16-bit file), 12-bit (≤ 4095) or 16-bit (≤ 65535);
-    a float image with values ≤ 1 is taken as [0, 1]; a 32-bit image beyond 65535 uses its
-    own maximum. Scaling by the range rather than by each image's own maximum keeps the
-    brightness of images comparable within a data set. Negative values clip to 0.
+    a float image (``unit_float``) with values ≤ 1 is taken as [0, 1]; a 32-bit image
+    beyond 65535 uses its own maximum. Scaling by the range rather than by each image's own
+    maximum keeps the brightness of images comparable within a data set. Negative values
+    clip to 0.
     """
-    a = np.asarray(img, dtype=np.float64)
+    a = np.asarray(values, dtype=np.float64)
     peak = float(a.max(initial=0.0))
-    if img.mode == "F" and peak <= 1.0:
+    if unit_float and peak <= 1.0:
         full = 1.0
     else:
         full = next((r for r in (255.0, 4095.0, 65535.0) if peak <= r), peak)
     return np.round(np.clip(a / full, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
+def _grey_rgb(grey: np.ndarray) -> np.ndarray:
+    return np.repeat(grey[..., None], 3, axis=2)
+
+
 def to_rgb(img: Image.Image) -> np.ndarray:
     """Any PIL mode to an HxWx3 uint8 array; transparency is composited on black."""
     if img.mode in _WIDE_MODES:
-        return np.repeat(_wide_to_uint8(img)[..., None], 3, axis=2)
+        return _grey_rgb(_wide_to_uint8(np.asarray(img), unit_float=img.mode == "F"))
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
         img.mode == "P" and "transparency" in img.info
     ):
@@ -50,33 +57,54 @@ def to_rgb(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
-def load_image(path: Path, size: int, intensity: str = "none") -> torch.Tensor:
-    """Decode any supported image to a uint8 (3, size, size) tensor.
+def dicom_rgb(pixels: np.ndarray, photometric: str) -> np.ndarray:
+    """A DICOM frame to HxWx3 uint8: 8-bit as is, wider data by :func:`_wide_to_uint8`
+    (the same ranges as a 16-bit PNG), MONOCHROME1 (white is zero) inverted."""
+    if photometric == "RGB":
+        return np.asarray(pixels, dtype=np.uint8)
+    grey = pixels if pixels.dtype == np.uint8 else _wide_to_uint8(pixels)
+    return _grey_rgb(255 - grey if photometric == "MONOCHROME1" else grey)
+
+
+def _read_rgb(path: Path, frame: int | None) -> np.ndarray:
+    if is_dicom(path):
+        return dicom_rgb(*dicom_frame(path, frame))
+    with Image.open(path) as img:
+        return to_rgb(img)
+
+
+def load_image(
+    path: Path, size: int, intensity: str = "none", frame: int | None = None
+) -> torch.Tensor:
+    """Decode any supported image (or one frame of a DICOM file) to a uint8 (3, size, size)
+    tensor.
 
     ``intensity`` standardises the B-scan at its own resolution first
     (:func:`savlt_model.data.intensity.standardise_rgb`). The image is then squashed to a
     square with antialiased bicubic resampling rather than cropped: OCT B-scans are wide
     and their whole width is tissue.
     """
+    where = path if frame is None else f"{path} frame {frame}"
     try:
-        with Image.open(path) as img:
-            rgb = standardise_rgb(to_rgb(img), intensity)
-    except Exception as err:  # PIL raises many types for broken files
+        rgb = standardise_rgb(_read_rgb(path, frame), intensity)
+    except SavltError:
+        raise
+    except Exception as err:  # PIL and pydicom raise many types for broken files
         raise SavltError(
-            f"cannot decode image {path} ({err}) — replace or delete the file"
+            f"cannot decode image {where} ({err}) — replace or delete the file"
         ) from err
     resized = Image.fromarray(rgb).resize((size, size), Image.Resampling.BICUBIC)
     return torch.from_numpy(np.array(resized, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
-_DECODED: dict[tuple[Path, int, str], torch.Tensor] = {}
+_DECODED: dict[tuple[Path, int | None, int, str], torch.Tensor] = {}
 
 
-def _decoded(path: Path, size: int, intensity: str) -> torch.Tensor:
+def _decoded(sample: Sample, size: int, intensity: str) -> torch.Tensor:
     """Process-wide cache: seeds and methods reuse the same images without decoding again."""
-    key = (Path(path), size, intensity)
+    key = (Path(sample.path), sample.frame, size, intensity)
     if key not in _DECODED:
-        _DECODED[key] = load_image(path, size, intensity)
+        _DECODED[key] = load_image(sample.path, size, intensity, sample.frame)
     return _DECODED[key]
 
 
@@ -101,7 +129,7 @@ class ImageSet(Dataset):
     ) -> None:
         self.samples = list(samples)
         self.labels = [s.label for s in self.samples]
-        self.images = [_decoded(s.path, size, intensity) for s in self.samples]
+        self.images = [_decoded(s, size, intensity) for s in self.samples]
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
         self.augment = (

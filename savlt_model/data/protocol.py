@@ -8,15 +8,24 @@ is scored on the same test data.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from savlt_model.config import Config, resolve_path
 from savlt_model.data.folders import Sample, load_sites, scan_center
-from savlt_model.data.splits import few_shot, split_center
+from savlt_model.data.manifest import CENTRE_FIELD, manifest_file, read_manifest
+from savlt_model.data.splits import (
+    SPLIT_PARTS,
+    few_shot,
+    has_patients,
+    patient_of,
+    split_center,
+)
 from savlt_model.errors import SavltError
 
 VAL_SHOTS_MAX = 16
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -46,25 +55,87 @@ def is_synthetic(root: Path) -> bool:
     return (root / "synth.json").is_file()
 
 
+def center_samples(cfg: Config, root: Path, center: str) -> list[Sample]:
+    """Every labelled sample of one centre, from its class folders or from ``data.manifest``,
+    with its patient when the data can tell."""
+    d = cfg.data
+    if d.manifest is None:
+        return scan_center(root, center, cfg.task.classes, d.on_bad_file, d.patient_pattern)
+    return read_manifest(
+        manifest_file(root, d.manifest, center),
+        center,
+        cfg.task.classes,
+        d.on_bad_file,
+        d.patient_pattern,
+        per_centre=CENTRE_FIELD in d.manifest,
+    )
+
+
+def split_parts(cfg: Config, root: Path, center: str) -> dict[str, list[Sample]]:
+    """One centre's train/val/test split (saved and reused), grouped by patient when the
+    samples have patient ids; the log says which, so a per-image split is never silent."""
+    samples = center_samples(cfg, root, center)
+    split_file = resolve_path(cfg.data.split_file) if cfg.data.split_file else None
+    parts = split_center(root, center, samples, tuple(cfg.data.split), split_file)
+    if has_patients(samples):
+        log.info(
+            "centre %s: split by patient (%d patients): %s",
+            center,
+            len({patient_of(s) for s in samples}),
+            ", ".join(f"{p} {len({patient_of(s) for s in parts[p]})}" for p in SPLIT_PARTS),
+        )
+    else:
+        log.info(
+            "centre %s: no patient ids, so the split is per image: one patient's B-scans "
+            "may be in train and test (set data.patient_pattern, a manifest patient column "
+            "or use DICOM files with PatientID)",
+            center,
+        )
+    for label, name in enumerate(cfg.task.classes):
+        empty = [p for p in SPLIT_PARTS if not any(s.label == label for s in parts[p])]
+        if empty and any(s.label == label for s in samples):
+            log.warning(
+                "centre %s, class '%s' has no image in %s (too few patients or images)",
+                center,
+                name,
+                "/".join(empty),
+            )
+    return parts
+
+
 def prepare_center(
     cfg: Config, root: Path, center: str, seed: int, with_sites: bool = False
 ) -> CenterData:
     """Split one centre (split saved and reused) and draw the seeded K-shot train and val sets."""
-    samples = scan_center(root, center, cfg.task.classes, cfg.data.on_bad_file)
-    split_file = resolve_path(cfg.data.split_file) if cfg.data.split_file else None
-    parts = split_center(root, center, samples, tuple(cfg.data.split), split_file)
-    k, n_classes = cfg.data.shots, len(cfg.task.classes)
+    parts = split_parts(cfg, root, center)
+    k, classes = cfg.data.shots, cfg.task.classes
     cache = root / center / "few_shot"
-    train = few_shot(parts["train"], k, seed, n_classes, cache / f"train_k{k}_seed{seed}.json")
+    train = few_shot(
+        parts["train"],
+        k,
+        seed,
+        classes,
+        cache / f"train_k{k}_seed{seed}.json",
+        where=f"centre {center} train split",
+    )
     val_k = min(k, VAL_SHOTS_MAX)
-    val = few_shot(parts["val"], val_k, seed, n_classes, cache / f"val_k{val_k}_seed{seed}.json")
-    sites = load_sites(root, center, samples) if with_sites else None
+    val = few_shot(
+        parts["val"],
+        val_k,
+        seed,
+        classes,
+        cache / f"val_k{val_k}_seed{seed}.json",
+        where=f"centre {center} val split",
+    )
+    sites = (
+        load_sites(root, center, [s for p in SPLIT_PARTS for s in parts[p]]) if with_sites else None
+    )
     return CenterData(center, train, val, parts["test"], sites)
 
 
 def external_test(cfg: Config, root: Path, center: str) -> list[Sample]:
     """External centres are test-only: every image counts."""
-    return scan_center(root, center, cfg.task.classes, cfg.data.on_bad_file)
+    return center_samples(cfg, root, center)
 
 
 def paper_protocol(

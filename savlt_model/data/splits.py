@@ -1,9 +1,15 @@
-"""Train/val/test splits of a centre (saved, reused) and seeded K-shot draws (cached)."""
+"""Train/val/test splits of a centre (saved, reused) and seeded K-shot draws (cached).
+
+With patient ids (:attr:`Sample.patient`) the split is grouped by patient, so no patient's
+B-scans sit in two splits, and the K-shot draw takes different patients first. Without
+them the split is per image, exactly as in the original study.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +22,16 @@ from savlt_model.errors import SavltError
 log = logging.getLogger(__name__)
 
 SPLIT_PARTS = ("train", "val", "test")
+
+
+def has_patients(samples: Sequence[Sample]) -> bool:
+    return any(s.patient is not None for s in samples)
+
+
+def patient_of(sample: Sample) -> str:
+    """The sample's patient; an image without one is its own patient (NUL never occurs in
+    an id read from a file name, a CSV cell or a DICOM tag)."""
+    return sample.patient if sample.patient is not None else f"\0{sample.key}"
 
 
 def _save_or_warn(path: Path, obj: Any, what: str) -> None:
@@ -82,11 +98,58 @@ def _load_split(path: Path, samples: list[Sample]) -> dict[str, list[Sample]]:
             f"split file {path} misses {len(missing)} image(s): {short_list(missing)} — "
             f"{REGENERATE}"
         )
+    part_of: dict[str, str] = {}
+    for part in SPLIT_PARTS:
+        for k in raw[part]:
+            sample = by_key[k]
+            if sample.patient is None:
+                continue
+            first = part_of.setdefault(sample.patient, part)
+            if first != part:
+                raise SavltError(
+                    f"split file {path} puts patient {sample.patient} in {first} and {part} "
+                    f"(e.g. {k}) — {REGENERATE} grouped by patient, or move the patient's "
+                    "images into one part"
+                )
     order = {s.key: i for i, s in enumerate(samples)}
     return {
         part: sorted((by_key[k] for k in raw[part]), key=lambda s: order[s.key])
         for part in SPLIT_PARTS
     }
+
+
+def _deal(
+    samples: list[Sample],
+    fractions: tuple[float, float, float],
+    seed: int,
+    unit: Callable[[Sample], str],
+) -> dict[str, set[str]]:
+    """Shuffle each class's units (images, or patients) and cut them by ``fractions``.
+
+    A unit's class is the most frequent label among its images (ties: the first class), so
+    a patient counts once, in one class. Per image this is the original study's split, and
+    per patient the same draw one level up: stratified, and every part gets a unit of each
+    class that has at least three. (scikit-learn's StratifiedGroupKFold needs 20 folds for
+    45/15/40 and, with ~2 patients per fold, left a class without any val patient on a
+    36-patient centre; GroupShuffleSplit does not stratify.)
+    """
+    rng = np.random.default_rng(seed)
+    members: dict[str, list[Sample]] = {}
+    for s in samples:
+        members.setdefault(unit(s), []).append(s)
+    label_of = {
+        u: min(Counter(s.label for s in ms).items(), key=lambda kv: (-kv[1], kv[0]))[0]
+        for u, ms in members.items()
+    }
+    chosen: dict[str, set[str]] = {part: set() for part in SPLIT_PARTS}
+    for label in sorted(set(label_of.values())):
+        units = sorted(u for u, lab in label_of.items() if lab == label)
+        shuffled = [units[i] for i in rng.permutation(len(units))]
+        start = 0
+        for part, size in zip(SPLIT_PARTS, _part_sizes(len(units), fractions), strict=True):
+            chosen[part].update(s.key for u in shuffled[start : start + size] for s in members[u])
+            start += size
+    return chosen
 
 
 def split_center(
@@ -97,25 +160,20 @@ def split_center(
     split_file: Path | None = None,
     seed: int = 1,
 ) -> dict[str, list[Sample]]:
-    """Split a centre per class into train/val/test, or reuse the saved split.
+    """Split a centre stratified by class into train/val/test, or reuse the saved split.
 
-    The split is saved (default ``ROOT/<centre>/split.json``) the first time, so every
-    later run, seed and method sees the same test images; an existing file always wins
-    over ``fractions`` and ``seed``. Each part keeps the order of ``samples``.
+    With patient ids the split is grouped by patient, else per image (:func:`_deal`). The
+    split is saved (default ``ROOT/<centre>/split.json``) the first time, so every later
+    run, seed and method sees the same test images; an existing file always wins over
+    ``fractions`` and ``seed``, but one that puts a patient in two parts is refused. Each
+    part keeps the order of ``samples``.
     """
     path = Path(split_file) if split_file is not None else Path(root) / center / "split.json"
     if path.is_file():
         return _load_split(path, samples)
     fractions = _check_fractions(fractions)
-    rng = np.random.default_rng(seed)
-    chosen: dict[str, set[str]] = {part: set() for part in SPLIT_PARTS}
-    for label in sorted({s.label for s in samples}):
-        keys = sorted(s.key for s in samples if s.label == label)
-        shuffled = [keys[i] for i in rng.permutation(len(keys))]
-        start = 0
-        for part, size in zip(SPLIT_PARTS, _part_sizes(len(keys), fractions), strict=True):
-            chosen[part].update(shuffled[start : start + size])
-            start += size
+    unit = patient_of if has_patients(samples) else (lambda s: s.key)
+    chosen = _deal(samples, fractions, seed, unit)
     split = {part: [s for s in samples if s.key in chosen[part]] for part in SPLIT_PARTS}
     _save_or_warn(path, {part: [s.key for s in split[part]] for part in SPLIT_PARTS}, "split")
     return split
@@ -125,17 +183,21 @@ def few_shot(
     samples: list[Sample],
     shots: int,
     seed: int,
-    num_classes: int,
+    classes: Sequence[str],
     cache: Path | None = None,
+    where: str = "",
 ) -> list[Sample]:
     """Draw ``shots`` images per class, deterministically from ``seed``.
 
-    The draw sorts by key first, so it does not depend on the order of ``samples``. A class
-    with fewer than ``shots`` images contributes all of them (with a warning). With
-    ``cache`` the chosen keys are saved there and reused on the next call, as the original
-    study caches its few-shot sets per seed. The protocol reduces the validation split the
-    same way: callers use ``few_shot(val, min(shots, 16), seed, num_classes)``. The result
-    is sorted by key.
+    The draw sorts by key first, so it does not depend on the order of ``samples``. With
+    patient ids it takes one image from each of as many different patients as it can
+    before a second image of any patient (:func:`_patients_first`), so K shots span K
+    patients when the class has them. A class with fewer than ``shots`` images contributes
+    all of them (with a warning naming ``where`` and the class). With ``cache`` the chosen
+    keys are saved there and reused on the next call, as the original study caches its
+    few-shot sets per seed. The protocol reduces the validation split the same way:
+    callers use ``few_shot(val, min(shots, 16), seed, classes)``. The result is sorted by
+    key.
     """
     if shots < 1:
         raise SavltError(f"data.shots is {shots} — use at least 1 image per class")
@@ -144,18 +206,22 @@ def few_shot(
         return _load_few_shot(Path(cache), by_key, shots, seed)
     rng = np.random.default_rng(seed)
     ordered = sorted(samples, key=lambda s: s.key)
+    grouped = has_patients(ordered)
     chosen: list[Sample] = []
-    for label in range(num_classes):
+    for label, name in enumerate(classes):
         pool = [s for s in ordered if s.label == label]
         if len(pool) <= shots:
             if len(pool) < shots:
                 log.warning(
-                    "class %d has %d image(s), fewer than %d shots; using all of them",
-                    label,
+                    "%sclass '%s' has %d image(s), fewer than %d shots; using all of them",
+                    f"{where}, " if where else "",
+                    name,
                     len(pool),
                     shots,
                 )
             chosen.extend(pool)
+        elif grouped:
+            chosen.extend(_patients_first(pool, shots, rng))
         else:
             chosen.extend(pool[i] for i in sorted(rng.choice(len(pool), shots, replace=False)))
     chosen.sort(key=lambda s: s.key)
@@ -166,6 +232,18 @@ def few_shot(
             "few-shot set",
         )
     return chosen
+
+
+def _patients_first(pool: list[Sample], shots: int, rng: np.random.Generator) -> list[Sample]:
+    """``shots`` of ``pool`` in a random order that ranks every patient's first image before
+    any patient's second one, so the draw covers as many patients as possible."""
+    seen: Counter[str] = Counter()
+    ranked = []
+    for position, i in enumerate(rng.permutation(len(pool))):
+        patient = patient_of(pool[i])
+        ranked.append((seen[patient], position, int(i)))
+        seen[patient] += 1
+    return [pool[i] for i in sorted(i for _, _, i in sorted(ranked)[:shots])]
 
 
 def _load_few_shot(path: Path, by_key: dict[str, Sample], shots: int, seed: int) -> list[Sample]:
