@@ -85,8 +85,14 @@ def sample_weights(stats: HospitalStats, fl: FederatedConfig) -> tuple[np.ndarra
 def text_anchored_weights(
     stats: HospitalStats, fl: FederatedConfig
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Shared tensors by n_k exp(lambda mean_c a_kc); prototype row c by n_k exp(lambda a_kc)
-    over the hospitals that hold class c (a hospital without class c does not drag it)."""
+    """Shared tensors by n_k exp(lambda mean_c a_kc); prototype row c by n_kc exp(lambda a_kc).
+
+    Row c is learnt from class-c images, so it is weighted by how many a hospital holds: one
+    without class c does not drag it, and one with 1 image weighs 1/25 of one with 25.
+    lambda = 0: shared tensors are exactly FedAvg (bitwise, see :func:`_softweights`) and
+    prototype row c is the class-c sample-weighted average, which equals FedAvg's only when
+    every hospital has the same class mix. A class nobody holds keeps the shared weights.
+    """
     counts, n = stats.class_counts, stats.examples
     present = counts > 0
     if not present.any(axis=1).all():
@@ -95,7 +101,9 @@ def text_anchored_weights(
     shared_logits = fl.anchor_lambda * (agreement.sum(axis=1) / present.sum(axis=1))
     shared = _softweights(n, shared_logits, np.ones(len(n), dtype=bool))
     nobody = ~present.any(axis=0)  # no client has class c: fall back to the shared weights
-    proto = _softweights(n[:, None], fl.anchor_lambda * agreement, present | nobody)
+    proto = _softweights(
+        np.where(nobody, 1.0, counts), fl.anchor_lambda * agreement, present | nobody
+    )
     return shared, np.where(nobody, shared[:, None], proto)
 
 

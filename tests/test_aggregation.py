@@ -79,17 +79,79 @@ def test_weights_sum_to_one() -> None:
     np.testing.assert_array_equal(proto[:, 1], shared)  # no client has class 1: shared fallback
 
 
-def test_lambda_zero_is_fedavg_bitwise() -> None:
+def _class_average(updates: list[ClientUpdate], c: int) -> torch.Tensor:
+    """Prototype row c as the class-c sample-weighted average: sum_k n_kc P_kc / sum_k n_kc."""
+    n = torch.tensor([float(u.class_counts[c]) for u in updates], dtype=torch.float64)
+    rows = torch.stack([u.state["prototypes"][c].double() for u in updates])
+    return (n / n.sum()) @ rows
+
+
+def test_lambda_zero_same_class_mix_is_fedavg() -> None:
+    """Every hospital holds every class in the same mix: lambda = 0 is FedAvg for every tensor
+    (shared ones bitwise; prototypes up to float rounding, n_kc / sum n_kc == n_k / sum n_k)."""
+    mix = [1, 2, 3, 4]
     updates = _updates(k=4)
+    for u, scale in zip(updates, (3, 5, 11, 7), strict=True):
+        u.class_counts = [scale * m for m in mix]
+        u.num_examples = sum(u.class_counts)
     glob = _global()
     for mode in ("naive", "fedex"):
         fed, _ = aggregate(updates, glob, "fedavg", _fl(0.0, mode), SCALINGS)
         anchored, _ = aggregate(updates, glob, "text-anchored", _fl(0.0, mode), SCALINGS)
         assert fed.keys() == anchored.keys()
         for key in fed:
-            assert torch.equal(fed[key], anchored[key]), key
+            if key != "prototypes":
+                assert torch.equal(fed[key], anchored[key]), key
+        torch.testing.assert_close(anchored["prototypes"], fed["prototypes"], rtol=0, atol=1e-6)
     for key in ("prototypes", "clip.visual.proj"):
         torch.testing.assert_close(fed[key], _fedavg(updates, key).float(), rtol=0, atol=1e-6)
+    shared, proto = client_weights(updates, "text-anchored", _fl(0.0))
+    np.testing.assert_allclose(proto, np.repeat(shared[:, None], C, axis=1), rtol=1e-12)
+    np.testing.assert_array_equal(shared, [30 / 260, 50 / 260, 110 / 260, 70 / 260])
+
+
+def test_lambda_zero_with_a_missing_class_is_the_per_class_average() -> None:
+    """Hospital 1 lacks class 2 and the mixes differ: shared tensors stay exactly FedAvg, each
+    prototype row is the class's own sample-weighted average, which FedAvg's is not."""
+    counts = [[25, 5, 5, 5], [1, 10, 0, 29], [4, 4, 4, 8]]
+    updates = _updates(counts=counts)
+    for u in updates:
+        u.num_examples = sum(u.class_counts)  # 40, 40, 20
+    glob = _global()
+    fed, _ = aggregate(updates, glob, "fedavg", _fl(0.0), {})
+    anchored, report = aggregate(updates, glob, "text-anchored", _fl(0.0), {})
+    for key in fed:
+        if key != "prototypes":
+            assert torch.equal(fed[key], anchored[key]), key
+    np.testing.assert_array_equal(report["weights"], [0.4, 0.4, 0.2])
+    expected_proto = [[25 / 30, 1 / 30, 4 / 30], [5 / 19, 10 / 19, 4 / 19], [5 / 9, 0, 4 / 9]]
+    expected_proto.append([5 / 42, 29 / 42, 8 / 42])
+    np.testing.assert_allclose(report["prototype_weights"], np.array(expected_proto).T, rtol=1e-15)
+    for c in range(C):
+        torch.testing.assert_close(
+            anchored["prototypes"][c], _class_average(updates, c).float(), rtol=0, atol=1e-6
+        )
+        assert not torch.allclose(anchored["prototypes"][c], fed["prototypes"][c], atol=1e-3)
+
+
+def test_prototype_rows_are_weighted_by_class_counts() -> None:
+    """Two hospitals of equal size with 1 and 25 images of class 0: weights 1/26 and 25/26,
+    times exp(lambda a_kc); the shared weights stay n_k exp(lambda mean_c a_kc)."""
+    counts = [[1, 9, 10, 10], [25, 1, 2, 2]]
+    agreement = [[0.2, 0.4, 0.4, 0.4], [0.5, 0.1, 0.1, 0.1]]
+    updates = _updates(k=2, counts=counts, agreement=agreement)
+    for u in updates:
+        u.num_examples = 30
+    shared, proto = client_weights(updates, "text-anchored", _fl(2.0))
+    raw = np.array(counts, dtype=float) * np.exp(2.0 * np.array(agreement))
+    np.testing.assert_allclose(proto, raw / raw.sum(axis=0), rtol=1e-14)
+    np.testing.assert_allclose(
+        proto[:, 0], [np.exp(0.4), 25 * np.exp(1.0)] / (np.exp(0.4) + 25 * np.exp(1.0)), rtol=1e-14
+    )
+    means = np.array(agreement).mean(axis=1)
+    np.testing.assert_allclose(shared, np.exp(2 * means) / np.exp(2 * means).sum(), rtol=1e-14)
+    _, proto0 = client_weights(updates, "text-anchored", _fl(0.0))
+    np.testing.assert_array_equal(proto0[:, 0], [1 / 26, 25 / 26])
 
 
 def test_higher_agreement_gets_more_weight() -> None:
@@ -113,7 +175,7 @@ def test_client_without_class_does_not_drag_prototype() -> None:
     new, _ = aggregate(updates, _global(), "text-anchored", _fl(3.0, "naive"), {})
     others = [updates[0], updates[2]]
     w = np.array(
-        [u.num_examples * np.exp(3.0 * a) for u, a in zip(others, (0.3, 0.5), strict=True)]
+        [u.class_counts[1] * np.exp(3.0 * a) for u, a in zip(others, (0.3, 0.5), strict=True)]
     )
     w /= w.sum()
     expected = sum(wk * u.state["prototypes"][1].double() for wk, u in zip(w, others, strict=True))
