@@ -25,7 +25,7 @@ from savlt_model.config import Config
 from savlt_model.data.partition import Hospital, Partition, build_partition
 from savlt_model.data.protocol import prepare_center
 from savlt_model.errors import SavltError
-from savlt_model.evaluation import anchor_agreement, predict
+from savlt_model.evaluation import predict
 from savlt_model.messages import (
     ARRAYS,
     CONFIG,
@@ -143,15 +143,13 @@ def train(msg: Message, context: Context) -> Message:
         prox_mu=plan.loss_terms.prox_mu,
         anchor_weight=plan.loss_terms.anchor_weight,
     )
-    counts, agreement = anchor_agreement(
-        model, image_sets(cfg, {"t": hospital.train}, False)["t"], cfg.train.eval_batch_size
-    )
+    # the server computes the anchor agreement from the uploaded prototypes: not sent
+    counts = np.bincount([s.label for s in hospital.train], minlength=len(model.classes))
     metrics = {
         "num-examples": len(hospital.train),
         "train-loss": stats.loss,
         "train-steps": stats.steps,
-        "class-counts": counts,
-        "anchor-agreement": agreement,
+        "class-counts": counts.tolist(),
         **_val_metrics(model, cfg, hospital),
     }
     log.info("hospital %s round %d: loss %.4f", hospital.name, plan.round, stats.loss)

@@ -128,6 +128,8 @@ class FederatedConfig:
     prox_mu: float = 0.01
     anchor_lambda: float = 5.0
     anchor_loss_weight: float = 0.1
+    # text-anchored: no hospital weighs more than this multiple of its lambda = 0 share
+    max_weight_ratio: float = 2.0
     lora_aggregation: Literal["naive", "fedex"] = "fedex"
     server_eval: bool = True  # score the global model on the test centres after every round
     client_eval: bool = False  # hospitals score the global model on their own val split
@@ -321,6 +323,10 @@ def validate(cfg: Config) -> Config:
     if (cfg.fl.leave_one_out or cfg.fl.held_out) and cfg.fl.partition != "centers":
         raise SavltError(
             "config keys 'fl.leave_one_out' / 'fl.held_out' need fl.partition: centers"
+        )
+    if not cfg.fl.max_weight_ratio >= 1.0:
+        raise SavltError(
+            "config key 'fl.max_weight_ratio' must be >= 1 (1: lambda = 0 weights; .inf: no cap)"
         )
     bad = [m for m in cfg.fl.methods if m not in METHODS]
     if bad:

@@ -26,7 +26,6 @@ TRAIN_METRIC_KEYS = frozenset(
         "train-loss",
         "train-steps",
         "class-counts",
-        "anchor-agreement",
         "val-n",
         "val-acc_5class",
         "val-acc_binary",
