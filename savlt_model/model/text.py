@@ -130,7 +130,10 @@ def sentence_encoder(folder: Path) -> nn.Module:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder: nothing to fetch
     from sentence_transformers import SentenceTransformer  # heavy: only when chosen
 
-    return SentenceTransformer(str(folder), device="cpu", local_files_only=True).eval()
+    # Loading may draw from the global RNG (weight init before the file is read): keep
+    # it out of the seeded trainable initialisation of the model being built.
+    with torch.random.fork_rng(devices=[]):
+        return SentenceTransformer(str(folder), device="cpu", local_files_only=True).eval()
 
 
 def frozen_embedding(vectors: torch.Tensor, dim: int, seed: int = PROJECTION_SEED) -> torch.Tensor:
