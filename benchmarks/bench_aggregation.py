@@ -48,6 +48,12 @@ def _shapes(blocks: int, width: int, embed: int) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _anchors(embed: int) -> torch.Tensor:
+    """The server's frozen text anchors (unit rows) for the agreement of the uploads."""
+    gen = torch.Generator().manual_seed(1)
+    return torch.nn.functional.normalize(torch.randn(CLASSES, embed, generator=gen), dim=-1)
+
+
 def _random(key: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
     """peft-like scale for A (1/sqrt(in)); 0.01 for B and everything else."""
     scale = shape[-1] ** -0.5 if key.endswith(".lora_A.weight") else 0.01
@@ -70,7 +76,6 @@ def _round(
             state={k: t + own[k] * _random(k, t.shape, gen) for k, t in glob.items()},
             num_examples=int(rng.integers(50, 500)),
             class_counts=rng.integers(1, 100, CLASSES).tolist(),
-            agreement=rng.uniform(0.1, 0.5, CLASSES).tolist(),
         )
         for k in range(clients)
     ]
@@ -93,7 +98,8 @@ def main() -> None:
         for clients in (3, 10, 50):
             glob, updates = _round(shapes, clients, 1.0, seed=clients)
             for method, mode in MODES:
-                step = partial(aggregate, updates, glob, method, 1.0, mode, scalings)
+                fl = FederatedConfig(anchor_lambda=1.0, lora_aggregation=mode)
+                step = partial(aggregate, updates, glob, method, fl, scalings, _anchors(dims[2]))
                 ms = median_ms({"aggregate": step}, device, 1, repeats)["aggregate"]
                 rows.append((name, clients, f"{method}-{mode}", ms, mb))
     errors = []
@@ -103,7 +109,7 @@ def main() -> None:
         for first, drift in ((True, 0.05), (True, 0.2), (False, 0.1), (False, 0.3), (False, 1.0)):
             glob, updates = _round(shapes, clients, drift, 7, first)
             naive = FederatedConfig(lora_aggregation="naive")
-            _, rep = aggregate(updates, glob, "fedavg", naive, {})
+            _, rep = aggregate(updates, glob, "fedavg", naive, {}, _anchors(MODELS[name][2]))
             label = "first" if first else "later"
             mean, worst = rep["lora_naive_rel_error"], rep["lora_max_rel_error"]
             errors.append((name, clients, label, drift, mean, worst))

@@ -35,7 +35,6 @@ from common import machine, parser, report, setup, table
 import server.federation as federation
 from client.app import _val_metrics, hospital_data
 from savlt_model.config import Config, load_config
-from savlt_model.evaluation import anchor_agreement
 from savlt_model.model.adapters import trainable_state
 from savlt_model.model.build import build_model, image_sets
 from savlt_model.train import train_steps
@@ -136,9 +135,6 @@ def _client_pieces(cfg: Config, n: int) -> dict[str, float]:
     train = clock("image_sets", lambda: image_sets(cfg, {"t": hospital.train}, True)["t"])
     steps = federation.local_steps(cfg)
     clock("train_steps", lambda: train_steps(model, train, cfg, steps, seed))
-    plain = clock("image_sets", lambda: image_sets(cfg, {"t": hospital.train}, False)["t"])
-    bs = cfg.train.eval_batch_size
-    clock("anchor_agreement", lambda: anchor_agreement(model, plain, bs))
     clock("val_metrics", lambda: _val_metrics(model, cfg, hospital))
     clock("trainable_state", lambda: trainable_state(model))
     return out

@@ -26,12 +26,7 @@ from savlt_model.config import Config
 from savlt_model.data.partition import Hospital, Partition, build_partition
 from savlt_model.data.protocol import prepare_center
 from savlt_model.errors import SavltError
-from savlt_model.evaluation import (
-    anchor_agreement,
-    predict,
-    site_calibration_stats,
-    site_feature_stats,
-)
+from savlt_model.evaluation import predict, site_calibration_stats, site_feature_stats
 from savlt_model.messages import (
     ARRAYS,
     CALIBRATION_STATS_KEYS,
@@ -143,10 +138,10 @@ def _val_metrics(model: SavltModel, cfg: Config, hospital: Hospital) -> dict[str
 def train(msg: Message, context: Context) -> Message:
     plan, cfg, index, hospital, model = _model_for(msg, context)
     seed = int(np.random.SeedSequence([plan.seed, plan.round, index]).generate_state(1)[0])
-    plain = image_sets(cfg, {"t": hospital.train}, False)["t"]
     centring: dict = {}
     shift = None
     if plan.feature_centring:  # this hospital's mean under the incoming global model
+        plain = image_sets(cfg, {"t": hospital.train}, False)["t"]
         own = site_feature_stats(model, [plain], cfg.train.eval_batch_size)
         centring = feature_stats_metrics(own)
         if plan.reference is not None:
@@ -163,14 +158,14 @@ def train(msg: Message, context: Context) -> Message:
         anchor_weight=plan.loss_terms.anchor_weight,
         feature_shift=shift,
     )
-    counts, agreement = anchor_agreement(model, plain, cfg.train.eval_batch_size)
+    # the server computes the anchor agreement from the uploaded prototypes: not sent
+    counts = np.bincount([s.label for s in hospital.train], minlength=len(model.classes))
     metrics = {
         **centring,
         "num-examples": len(hospital.train),
         "train-loss": stats.loss,
         "train-steps": stats.steps,
-        "class-counts": counts,
-        "anchor-agreement": agreement,
+        "class-counts": counts.tolist(),
         **_val_metrics(model, cfg, hospital),
     }
     log.info("hospital %s round %d: loss %.4f", hospital.name, plan.round, stats.loss)

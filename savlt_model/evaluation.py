@@ -1,4 +1,4 @@
-"""The one evaluation loop: predictions, per-class anchor agreement and per-centre scores."""
+"""The one evaluation loop: predictions and per-centre scores."""
 
 from __future__ import annotations
 
@@ -39,21 +39,6 @@ def predict(
         feats.append(out.features.float().cpu())
         labels.append(y)
     return torch.cat(probs).numpy(), torch.cat(labels).numpy(), torch.cat(feats).numpy()
-
-
-@torch.no_grad()
-def anchor_agreement(
-    model: SavltModel, dataset: ImageSet, batch_size: int
-) -> tuple[list[int], list[float]]:
-    """Per-class counts n_c and mean cos(f(x), T_c) over the class-c images (0 when absent)."""
-    _, labels, feats = predict(model, dataset, batch_size)
-    anchors = model.anchors.float().cpu().numpy()
-    counts, agreement = [], []
-    for c in range(len(model.classes)):
-        mask = labels == c
-        counts.append(int(mask.sum()))
-        agreement.append(float((feats[mask] @ anchors[c]).mean()) if mask.any() else 0.0)
-    return counts, agreement
 
 
 @dataclass

@@ -28,7 +28,6 @@ TRAIN_METRIC_KEYS = frozenset(
         "train-loss",
         "train-steps",
         "class-counts",
-        "anchor-agreement",
         "val-n",
         "val-acc_multiclass",
         "val-acc_binary",

@@ -39,7 +39,9 @@ class HospitalStats:
 
     examples: np.ndarray  # (K,) n_k > 0
     class_counts: np.ndarray  # (K, C) n_kc >= 0
-    agreement: np.ndarray  # (K, C) a_kc in [-1, 1]; meaningless where n_kc == 0
+    # (K, C) a_kc in [-1, 1], computed by the server from the upload (never self-reported);
+    # meaningless where n_kc == 0
+    agreement: np.ndarray
 
 
 # (stats, fl config) -> (shared weights (K,), prototype-row weights (K, C)), each summing to 1
@@ -82,11 +84,42 @@ def sample_weights(stats: HospitalStats, fl: FederatedConfig) -> tuple[np.ndarra
     return shared, proto
 
 
+def cap_weights(weights: np.ndarray, base: np.ndarray, max_ratio: float) -> np.ndarray:
+    """``weights`` (summing to 1 along axis 0) with no entry above ``max_ratio * base``.
+
+    Water-filling per column: entries over their bound are set to it and the mass they lose
+    goes to the others in proportion to their weights, until none is over. The result still
+    sums to 1 (``base`` sums to 1 and ``max_ratio >= 1``; ``inf``: no cap), the uncapped
+    hospitals keep their relative weights, and weights already within the bounds are
+    returned untouched (bitwise).
+    """
+    if max_ratio == np.inf:
+        return weights
+    out = weights.astype(np.float64, copy=True).reshape(weights.shape[0], -1)
+    bounds = (max_ratio * base).reshape(out.shape)
+    for col, bound in zip(out.T, bounds.T, strict=True):  # views into ``out``
+        capped = np.zeros(len(col), dtype=bool)
+        while (over := (col > bound) & ~capped).any():
+            capped |= over
+            col[capped] = bound[capped]
+            free = col[~capped].sum()
+            col[~capped] *= (1.0 - col[capped].sum()) / free if free > 0 else 0.0
+    return out.reshape(weights.shape)
+
+
 def text_anchored_weights(
     stats: HospitalStats, fl: FederatedConfig
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Shared tensors by n_k exp(lambda mean_c a_kc); prototype row c by n_k exp(lambda a_kc)
-    over the hospitals that hold class c (a hospital without class c does not drag it)."""
+    """Shared tensors by n_k exp(lambda mean_c a_kc); prototype row c by n_kc exp(lambda a_kc).
+
+    Row c is learnt from class-c images, so it is weighted by how many a hospital holds: one
+    without class c does not drag it, and one with 1 image weighs 1/25 of one with 25.
+    lambda = 0: shared tensors are exactly FedAvg (bitwise, see :func:`_softweights`) and
+    prototype row c is the class-c sample-weighted average, which equals FedAvg's only when
+    every hospital has the same class mix. A class nobody holds keeps the shared weights.
+    Then :func:`cap_weights`: no hospital gets more than ``fl.max_weight_ratio`` times its
+    lambda = 0 share, however well its upload agrees with the anchors.
+    """
     counts, n = stats.class_counts, stats.examples
     present = counts > 0
     if not present.any(axis=1).all():
@@ -94,8 +127,11 @@ def text_anchored_weights(
     agreement = np.where(present, stats.agreement, 0.0)  # NaN for absent classes must not leak
     shared_logits = fl.anchor_lambda * (agreement.sum(axis=1) / present.sum(axis=1))
     shared = _softweights(n, shared_logits, np.ones(len(n), dtype=bool))
+    shared = cap_weights(shared, n / n.sum(), fl.max_weight_ratio)
     nobody = ~present.any(axis=0)  # no client has class c: fall back to the shared weights
-    proto = _softweights(n[:, None], fl.anchor_lambda * agreement, present | nobody)
+    n_kc = np.where(nobody, 1.0, counts)
+    proto = _softweights(n_kc, fl.anchor_lambda * agreement, present | nobody)
+    proto = cap_weights(proto, _normalise(n_kc), fl.max_weight_ratio)
     return shared, np.where(nobody, shared[:, None], proto)
 
 
@@ -120,7 +156,7 @@ METHODS: dict[str, Method] = {
             True,
             text_anchored_weights,
             loss_terms=lambda fl: LossTerms(anchor_weight=fl.anchor_loss_weight),
-            config_keys=("anchor_lambda", "anchor_loss_weight"),
+            config_keys=("anchor_lambda", "anchor_loss_weight", "max_weight_ratio"),
             data_dependent_weights=True,
         ),
     )

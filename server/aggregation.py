@@ -6,6 +6,13 @@ and logs the report (SAVLT_METHOD.md §4).
 
 - the client weights come from the method's entry in :mod:`savlt_model.methods`
   (FedAvg's n_k, text-anchored's anchor agreement, ...); this module checks and applies them.
+- the anchor agreement a_kc = cos(P_kc, T_c) is computed here, from the prototypes the
+  hospital uploads and the frozen anchors T the server builds itself
+  (:func:`prototype_agreement`). A hospital cannot report it: a self-reported number could
+  not be checked (the server has no images to recompute a feature mean) and would let one
+  hospital buy up to e^(2 lambda) times the weight. Gaming the upload instead (sending
+  P_k = T) is bounded by the method's weight cap, and the prototype it sends is the one
+  averaged.
 - LoRA ``naive`` averages A and B separately (mean(B) mean(A) != mean(B A): the error is
   measured and reported); ``fedex`` (FedEx-LoRA) also sends the dense difference as
   ``residual.<prefix>``, which clients add to their frozen weights, so the merged effective
@@ -19,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from savlt_model.config import FederatedConfig
 from savlt_model.errors import SavltError
@@ -28,8 +36,6 @@ from savlt_model.model.adapters import lora_pairs
 LORA_MODES = ("naive", "fedex")
 RESIDUAL = "residual."
 PROTOTYPES = "prototypes"
-# a_kc is a mean cosine; anything outside [-1, 1] is a bug or an attempt to buy weight.
-_COSINE_SLACK = 1e-4
 
 
 @dataclass
@@ -40,7 +46,6 @@ class ClientUpdate:
     state: dict[str, torch.Tensor]
     num_examples: int
     class_counts: list[int]  # n_kc
-    agreement: list[float]  # a_kc = mean cos(f(x), T_c) over class-c images; ignored if n_kc == 0
 
 
 def _payload_keys(state: dict[str, torch.Tensor]) -> list[str]:
@@ -77,36 +82,43 @@ def check_update(
     if update.num_examples <= 0:
         return f"num_examples is {update.num_examples}"
     n_classes = reference[PROTOTYPES].shape[0] if PROTOTYPES in reference else None
-    counts, agreement = update.class_counts, update.agreement
+    counts = update.class_counts
     if n_classes is not None and len(counts) != n_classes:
         return f"class_counts has {len(counts)} entries, expected {n_classes}"
-    if len(agreement) != len(counts):
-        return f"agreement has {len(agreement)} entries, expected {len(counts)}"
     if any(n < 0 for n in counts) or sum(counts) == 0:
         return f"class_counts {list(counts)} must be non-negative with a positive total"
-    for c, (n, a) in enumerate(zip(counts, agreement, strict=True)):
-        if n > 0 and not (math.isfinite(a) and abs(a) <= 1 + _COSINE_SLACK):
-            return f"agreement[{c}] is {a}, expected a cosine in [-1, 1]"
     return None
 
 
-def hospital_stats(updates: list[ClientUpdate]) -> HospitalStats:
-    """The numbers a weighting rule may use, checked for consistency across hospitals."""
+def prototype_agreement(prototypes: torch.Tensor, anchors: torch.Tensor) -> np.ndarray:
+    """(C,) a_c = cos(P_c, T_c) in float64: how close each uploaded prototype is to its anchor.
+
+    The prototypes are what the fused classifier uses next to T, and the local anchoring
+    term pulls them toward T, so a hospital whose class-c images fit the shared reference
+    leaves P_c near T_c.
+    """
+    p, t = F.normalize(prototypes.double(), dim=-1), F.normalize(anchors.double(), dim=-1)
+    return (p * t).sum(dim=-1).numpy()
+
+
+def hospital_stats(updates: list[ClientUpdate], anchors: torch.Tensor) -> HospitalStats:
+    """The numbers a weighting rule may use, checked for consistency across hospitals;
+    the agreement comes from each upload's prototypes and the server's ``anchors``."""
     if not updates:
         raise SavltError("no client updates to aggregate")
-    n_classes = {len(u.class_counts) for u in updates} | {len(u.agreement) for u in updates}
+    n_classes = {len(u.class_counts) for u in updates} | {anchors.shape[0]}
     if len(n_classes) != 1:
         raise SavltError(f"clients disagree on the number of classes: {sorted(n_classes)}")
     n = np.array([float(u.num_examples) for u in updates])
     if (n <= 0).any():
         raise SavltError(f"every client needs num_examples > 0, got {n.astype(int).tolist()}")
     counts = np.array([u.class_counts for u in updates], dtype=np.float64).reshape(len(updates), -1)
-    agreement = np.array([u.agreement for u in updates], dtype=np.float64).reshape(counts.shape)
+    agreement = np.stack([prototype_agreement(u.state[PROTOTYPES], anchors) for u in updates])
     return HospitalStats(n, counts, agreement)
 
 
 def client_weights(
-    updates: list[ClientUpdate], method: str, fl: FederatedConfig
+    updates: list[ClientUpdate], method: str, fl: FederatedConfig, anchors: torch.Tensor
 ) -> tuple[np.ndarray, np.ndarray]:
     """(shared weights (K,), prototype weights (K, C)) by the method's registered rule.
 
@@ -118,7 +130,7 @@ def client_weights(
         raise SavltError(f"method {method!r} is not federated; it has no aggregation weights")
     if not math.isfinite(fl.anchor_lambda):
         raise SavltError(f"anchor_lambda must be finite, got {fl.anchor_lambda}")
-    stats = hospital_stats(updates)
+    stats = hospital_stats(updates, anchors)
     shared, proto = entry.weighting(stats, fl)
     k, c = stats.class_counts.shape
     for name, w, shape in (("shared", shared, (k,)), ("prototype", proto, (k, c))):
@@ -156,9 +168,11 @@ def aggregate(
     method: str,
     fl: FederatedConfig,
     scalings: dict[str, float],
+    anchors: torch.Tensor,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """New global state (float32, CPU) and a report for the round's log line.
 
+    ``anchors`` is the server's own frozen T (C x d), for the agreement of the uploads.
     Report: ``weights`` (shared, per client), ``prototype_weights`` (K lists of C),
     ``lora_naive_rel_error`` / ``lora_max_rel_error``: mean / max over LoRA layers of
     ||sum_k w_k B_k A_k - B̄ Ā||_F / ||sum_k w_k B_k A_k||_F (the scaling cancels), i.e. how
@@ -167,7 +181,7 @@ def aggregate(
     lora_mode = fl.lora_aggregation
     if lora_mode not in LORA_MODES:
         raise SavltError(f"unknown lora_mode {lora_mode!r}; choose one of {LORA_MODES}")
-    shared_np, proto_np = client_weights(updates, method, fl)
+    shared_np, proto_np = client_weights(updates, method, fl, anchors)
     keys = _payload_keys(global_state)
     for u in updates:
         if sorted(u.state) != keys:

@@ -131,6 +131,7 @@ def run_federated(grid: Grid, job: FederatedJob) -> dict:
     strategy = SavltStrategy(
         plan_for=plan_for,
         scalings=lora_scalings(reference),
+        anchors=reference.anchors.detach().cpu(),
         checkpoint=job.checkpoint,
         start_round=done,
         history=history,

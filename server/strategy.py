@@ -63,6 +63,7 @@ class SavltStrategy(FedAvg):
         self,
         plan_for: Callable[[int], RoundPlan],
         scalings: dict[str, float],
+        anchors: torch.Tensor,
         checkpoint: Path,
         start_round: int,
         history: RoundLog,
@@ -82,6 +83,7 @@ class SavltStrategy(FedAvg):
         )
         self.plan_for = plan_for
         self.scalings = scalings
+        self.anchors = anchors  # the server's own frozen T: agreement is computed, not reported
         self.checkpoint = checkpoint
         self.offset = start_round  # rounds completed before this process started
         self.history = history
@@ -142,7 +144,6 @@ class SavltStrategy(FedAvg):
                     state=record.to_torch_state_dict(),
                     num_examples=int(metrics["num-examples"]),
                     class_counts=[int(v) for v in metrics["class-counts"]],
-                    agreement=[float(v) for v in metrics["anchor-agreement"]],
                 )
                 loss = float(metrics["train-loss"])
                 stats = feature_stats_from(metrics, dim) if plan.feature_centring else None
@@ -184,6 +185,7 @@ class SavltStrategy(FedAvg):
             plan.method,
             cfg.fl,
             self.scalings,
+            self.anchors,
         )
         total = sum(u.num_examples for u in updates)
         row = {
@@ -305,8 +307,8 @@ def privacy_statement(cfg: Config) -> str:
         f"multiplier {p.noise_multiplier:g} at hospital level (any change to one hospital's "
         "data, so also to any one image). No epsilon is accounted: the loss composes over "
         f"{cfg.fl.rounds} rounds. The server sees the clipped updates before noise (it is "
-        "trusted), and the metrics sent in clear (example and class counts, anchor agreement, "
-        "losses, val accuracy, the calibration's feature and validation sums) are not covered."
+        "trusted), and the metrics sent in clear (example and class counts, losses, val accuracy, "
+        "the calibration's feature and validation sums) are not covered."
     )
 
 

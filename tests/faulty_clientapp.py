@@ -9,7 +9,10 @@ evaluation and calibration queries).
 
 Kinds: ``crash`` (raises), ``nan`` (a tensor of NaN), ``keys`` (an unexpected tensor name),
 ``shape`` (a tensor of the wrong shape), ``norm`` (+1000 on every tensor), ``prompts=PATH``
-(the hospital's own prompts file differs from the server's).
+(the hospital's own prompts file differs from the server's), ``outlier`` (a hospital
+gaming text-anchored weights: it reports an anchor agreement of 1.0 in its metrics,
+uploads its prototypes equal to the text anchors, the best agreement an upload can earn,
+and adds +10 to every other tensor).
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ from flwr.clientapp import ClientApp
 from client.app import calibration_stats as real_calibration_stats
 from client.app import evaluate as real_evaluate
 from client.app import feature_stats as real_feature_stats
+from client.app import local_config
 from client.app import train as real_train
-from savlt_model.messages import ARRAYS, CONFIG
+from savlt_model.messages import ARRAYS, CONFIG, METRICS, RoundPlan
+from savlt_model.model.build import cached_model
 
 FAULTS_KEY = "test-faults"
 app = ClientApp()
@@ -41,6 +46,17 @@ def _fault_for(msg: Message, context: Context) -> tuple[str, str]:
             name, _, arg = kind.partition("=")
             return name, arg
     return "", ""
+
+
+def _outlier(msg: Message, context: Context, reply: Message) -> Message:
+    plan = RoundPlan.from_record(msg.content[CONFIG])
+    cfg = local_config(plan.config, dict(context.node_config))
+    anchors = cached_model(cfg, plan.seed).anchors.detach().cpu()  # built by the real train
+    state = reply.content[ARRAYS].to_torch_state_dict()
+    state = {k: anchors.clone() if k == "prototypes" else v + 10.0 for k, v in state.items()}
+    reply.content[ARRAYS] = ArrayRecord(state)
+    reply.content[METRICS]["anchor-agreement"] = [1.0] * len(anchors)
+    return reply
 
 
 def _tamper(reply: Message, kind: str) -> Message:
@@ -67,6 +83,8 @@ def train(msg: Message, context: Context) -> Message:
         context = copy.copy(context)
         context.node_config = {**context.node_config, "prompts": arg}
     reply = real_train(msg, context)
+    if kind == "outlier":
+        return _outlier(msg, context, reply)
     return _tamper(reply, kind) if kind in ("nan", "keys", "shape", "norm") else reply
 
 

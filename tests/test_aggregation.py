@@ -8,7 +8,14 @@ import torch
 
 from savlt_model.config import FederatedConfig
 from savlt_model.errors import SavltError
-from server.aggregation import ClientUpdate, aggregate, check_update, client_weights
+from savlt_model.methods import cap_weights
+from server.aggregation import (
+    ClientUpdate,
+    aggregate,
+    check_update,
+    client_weights,
+    prototype_agreement,
+)
 
 C = 4
 LAYERS = {"clip.blk0.attn": (24, 16), "clip.blk1.attn.out_proj": (16, 16)}  # prefix: (out, in)
@@ -28,24 +35,46 @@ def _state(gen: torch.Generator) -> dict[str, torch.Tensor]:
     return state
 
 
+# The server's frozen text anchors T (C x 8), unit rows.
+ANCHORS = torch.nn.functional.normalize(
+    torch.randn(C, 8, generator=torch.Generator().manual_seed(7)), dim=-1
+)
+
+
+def _prototypes(agreement: list[float], gen: torch.Generator) -> torch.Tensor:
+    """Prototype rows whose cosine with their anchor is exactly ``agreement`` (any norm)."""
+    rows = []
+    for t, a in zip(ANCHORS.double(), agreement, strict=True):
+        u = torch.randn(8, generator=gen).double()
+        u = torch.nn.functional.normalize(u - (u @ t) * t, dim=0)  # unit, orthogonal to T_c
+        a = 0.0 if np.isnan(a) else a
+        rows.append(3.0 * (a * t + np.sqrt(1 - a * a) * u))
+    return torch.stack(rows).float()
+
+
 def _updates(
     k: int = 3,
     seed: int = 0,
     counts: list[list[int]] | None = None,
     agreement: list[list[float]] | None = None,
 ) -> list[ClientUpdate]:
+    """K updates; with ``agreement``, hospital k's prototypes sit at cos a_kc to T_c."""
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
-    return [
-        ClientUpdate(
-            node=f"n{i}",
-            state=_state(gen),
-            num_examples=int(rng.integers(10, 100)),
-            class_counts=counts[i] if counts else [5] * C,
-            agreement=agreement[i] if agreement else rng.uniform(0.1, 0.6, C).tolist(),
+    updates = []
+    for i in range(k):
+        state = _state(gen)
+        if agreement:
+            state["prototypes"] = _prototypes(agreement[i], gen)
+        updates.append(
+            ClientUpdate(
+                node=f"n{i}",
+                state=state,
+                num_examples=int(rng.integers(10, 100)),
+                class_counts=counts[i] if counts else [5] * C,
+            )
         )
-        for i in range(k)
-    ]
+    return updates
 
 
 def _global(seed: int = 99, residual: bool = False) -> dict[str, torch.Tensor]:
@@ -57,8 +86,13 @@ def _global(seed: int = 99, residual: bool = False) -> dict[str, torch.Tensor]:
     return state
 
 
-def _fl(anchor_lambda: float, lora: str = "naive") -> FederatedConfig:
-    return FederatedConfig(anchor_lambda=anchor_lambda, lora_aggregation=lora)  # type: ignore[arg-type]
+def _fl(anchor_lambda: float, lora: str = "naive", cap: float = np.inf) -> FederatedConfig:
+    """Weighting maths without the cap unless asked (the cap has its own tests)."""
+    return FederatedConfig(
+        anchor_lambda=anchor_lambda,
+        lora_aggregation=lora,  # type: ignore[arg-type]
+        max_weight_ratio=cap,
+    )
 
 
 def _fedavg(updates: list[ClientUpdate], key: str) -> torch.Tensor:
@@ -71,36 +105,98 @@ def test_weights_sum_to_one() -> None:
     counts = [[5, 0, 3, 1], [0, 0, 2, 7], [1, 0, 4, 0]]  # nobody has class 1
     updates = _updates(counts=counts)
     for method in ("fedavg", "fedprox", "text-anchored"):
-        shared, proto = client_weights(updates, method, _fl(2.0))
+        shared, proto = client_weights(updates, method, _fl(2.0), ANCHORS)
         assert shared.shape == (3,) and proto.shape == (3, C)
         np.testing.assert_allclose(shared.sum(), 1.0, rtol=1e-12)
         np.testing.assert_allclose(proto.sum(axis=0), np.ones(C), rtol=1e-12)
-    shared, proto = client_weights(updates, "text-anchored", _fl(2.0))
+    shared, proto = client_weights(updates, "text-anchored", _fl(2.0), ANCHORS)
     np.testing.assert_array_equal(proto[:, 1], shared)  # no client has class 1: shared fallback
 
 
-def test_lambda_zero_is_fedavg_bitwise() -> None:
+def _class_average(updates: list[ClientUpdate], c: int) -> torch.Tensor:
+    """Prototype row c as the class-c sample-weighted average: sum_k n_kc P_kc / sum_k n_kc."""
+    n = torch.tensor([float(u.class_counts[c]) for u in updates], dtype=torch.float64)
+    rows = torch.stack([u.state["prototypes"][c].double() for u in updates])
+    return (n / n.sum()) @ rows
+
+
+def test_lambda_zero_same_class_mix_is_fedavg() -> None:
+    """Every hospital holds every class in the same mix: lambda = 0 is FedAvg for every tensor
+    (shared ones bitwise; prototypes up to float rounding, n_kc / sum n_kc == n_k / sum n_k)."""
+    mix = [1, 2, 3, 4]
     updates = _updates(k=4)
+    for u, scale in zip(updates, (3, 5, 11, 7), strict=True):
+        u.class_counts = [scale * m for m in mix]
+        u.num_examples = sum(u.class_counts)
     glob = _global()
     for mode in ("naive", "fedex"):
-        fed, _ = aggregate(updates, glob, "fedavg", _fl(0.0, mode), SCALINGS)
-        anchored, _ = aggregate(updates, glob, "text-anchored", _fl(0.0, mode), SCALINGS)
+        fed, _ = aggregate(updates, glob, "fedavg", _fl(0.0, mode), SCALINGS, ANCHORS)
+        anchored, _ = aggregate(updates, glob, "text-anchored", _fl(0.0, mode), SCALINGS, ANCHORS)
         assert fed.keys() == anchored.keys()
         for key in fed:
-            assert torch.equal(fed[key], anchored[key]), key
+            if key != "prototypes":
+                assert torch.equal(fed[key], anchored[key]), key
+        torch.testing.assert_close(anchored["prototypes"], fed["prototypes"], rtol=0, atol=1e-6)
     for key in ("prototypes", "clip.visual.proj"):
         torch.testing.assert_close(fed[key], _fedavg(updates, key).float(), rtol=0, atol=1e-6)
+    shared, proto = client_weights(updates, "text-anchored", _fl(0.0), ANCHORS)
+    np.testing.assert_allclose(proto, np.repeat(shared[:, None], C, axis=1), rtol=1e-6)
+    np.testing.assert_array_equal(shared, [30 / 260, 50 / 260, 110 / 260, 70 / 260])
+
+
+def test_lambda_zero_with_a_missing_class_is_the_per_class_average() -> None:
+    """Hospital 1 lacks class 2 and the mixes differ: shared tensors stay exactly FedAvg, each
+    prototype row is the class's own sample-weighted average, which FedAvg's is not."""
+    counts = [[25, 5, 5, 5], [1, 10, 0, 29], [4, 4, 4, 8]]
+    updates = _updates(counts=counts)
+    for u in updates:
+        u.num_examples = sum(u.class_counts)  # 40, 40, 20
+    glob = _global()
+    fed, _ = aggregate(updates, glob, "fedavg", _fl(0.0), {}, ANCHORS)
+    anchored, report = aggregate(updates, glob, "text-anchored", _fl(0.0), {}, ANCHORS)
+    for key in fed:
+        if key != "prototypes":
+            assert torch.equal(fed[key], anchored[key]), key
+    np.testing.assert_array_equal(report["weights"], [0.4, 0.4, 0.2])
+    expected_proto = [[25 / 30, 1 / 30, 4 / 30], [5 / 19, 10 / 19, 4 / 19], [5 / 9, 0, 4 / 9]]
+    expected_proto.append([5 / 42, 29 / 42, 8 / 42])
+    np.testing.assert_allclose(report["prototype_weights"], np.array(expected_proto).T, rtol=1e-15)
+    for c in range(C):
+        torch.testing.assert_close(
+            anchored["prototypes"][c], _class_average(updates, c).float(), rtol=0, atol=1e-6
+        )
+        assert not torch.allclose(anchored["prototypes"][c], fed["prototypes"][c], atol=1e-3)
+
+
+def test_prototype_rows_are_weighted_by_class_counts() -> None:
+    """Two hospitals of equal size with 1 and 25 images of class 0: weights 1/26 and 25/26,
+    times exp(lambda a_kc); the shared weights stay n_k exp(lambda mean_c a_kc)."""
+    counts = [[1, 9, 10, 10], [25, 1, 2, 2]]
+    agreement = [[0.2, 0.4, 0.4, 0.4], [0.5, 0.1, 0.1, 0.1]]
+    updates = _updates(k=2, counts=counts, agreement=agreement)
+    for u in updates:
+        u.num_examples = 30
+    shared, proto = client_weights(updates, "text-anchored", _fl(2.0), ANCHORS)
+    raw = np.array(counts, dtype=float) * np.exp(2.0 * np.array(agreement))
+    np.testing.assert_allclose(proto, raw / raw.sum(axis=0), rtol=1e-6)  # float32 P
+    np.testing.assert_allclose(
+        proto[:, 0], [np.exp(0.4), 25 * np.exp(1.0)] / (np.exp(0.4) + 25 * np.exp(1.0)), rtol=1e-6
+    )
+    means = np.array(agreement).mean(axis=1)
+    np.testing.assert_allclose(shared, np.exp(2 * means) / np.exp(2 * means).sum(), rtol=1e-6)
+    _, proto0 = client_weights(updates, "text-anchored", _fl(0.0), ANCHORS)
+    np.testing.assert_array_equal(proto0[:, 0], [1 / 26, 25 / 26])
 
 
 def test_higher_agreement_gets_more_weight() -> None:
     updates = _updates(k=2, agreement=[[0.2] * C, [0.6] * C])
     for u in updates:
         u.num_examples = 50
-    shared, proto = client_weights(updates, "text-anchored", _fl(5.0))
+    shared, proto = client_weights(updates, "text-anchored", _fl(5.0), ANCHORS)
     assert shared[1] > shared[0]
-    np.testing.assert_allclose(shared[1] / shared[0], np.exp(5.0 * 0.4), rtol=1e-12)
+    np.testing.assert_allclose(shared[1] / shared[0], np.exp(5.0 * 0.4), rtol=1e-6)
     assert (proto[1] > proto[0]).all()
-    shared, _ = client_weights(updates, "fedavg", _fl(5.0))  # lambda is ignored by FedAvg
+    shared, _ = client_weights(updates, "fedavg", _fl(5.0), ANCHORS)  # lambda is ignored by FedAvg
     np.testing.assert_array_equal(shared, [0.5, 0.5])
 
 
@@ -108,12 +204,12 @@ def test_client_without_class_does_not_drag_prototype() -> None:
     counts = [[5, 5, 5, 5], [5, 0, 5, 5], [5, 5, 5, 5]]
     agreement = [[0.3] * C, [0.9, float("nan"), 0.9, 0.9], [0.5] * C]  # NaN where n_kc == 0
     updates = _updates(counts=counts, agreement=agreement)
-    _, proto = client_weights(updates, "text-anchored", _fl(3.0))
+    _, proto = client_weights(updates, "text-anchored", _fl(3.0), ANCHORS)
     assert proto[1, 1] == 0.0
-    new, _ = aggregate(updates, _global(), "text-anchored", _fl(3.0, "naive"), {})
+    new, _ = aggregate(updates, _global(), "text-anchored", _fl(3.0, "naive"), {}, ANCHORS)
     others = [updates[0], updates[2]]
     w = np.array(
-        [u.num_examples * np.exp(3.0 * a) for u, a in zip(others, (0.3, 0.5), strict=True)]
+        [u.class_counts[1] * np.exp(3.0 * a) for u, a in zip(others, (0.3, 0.5), strict=True)]
     )
     w /= w.sum()
     expected = sum(wk * u.state["prototypes"][1].double() for wk, u in zip(w, others, strict=True))
@@ -126,8 +222,8 @@ def test_client_without_class_does_not_drag_prototype() -> None:
 def test_fedex_is_exact(method: str, old_residual: bool) -> None:
     updates = _updates(k=5, seed=3)
     glob = _global(residual=old_residual)
-    new, report = aggregate(updates, glob, method, _fl(1.5, "fedex"), SCALINGS)
-    shared, _ = client_weights(updates, method, _fl(1.5))
+    new, report = aggregate(updates, glob, method, _fl(1.5, "fedex"), SCALINGS, ANCHORS)
+    shared, _ = client_weights(updates, method, _fl(1.5), ANCHORS)
     assert report["weights"] == shared.tolist()
     for prefix, shape in LAYERS.items():
         s = SCALINGS[prefix]
@@ -150,19 +246,19 @@ def test_fedex_is_exact(method: str, old_residual: bool) -> None:
 
 
 def test_naive_error_reported() -> None:
-    new, report = aggregate(_updates(seed=1), _global(), "fedavg", _fl(0.0, "naive"), {})
+    new, report = aggregate(_updates(seed=1), _global(), "fedavg", _fl(0.0, "naive"), {}, ANCHORS)
     assert not any(k.startswith("residual.") for k in new)
     assert report["lora_naive_rel_error"] > 0.3  # random factors: the product is badly wrong
     assert report["lora_max_rel_error"] >= report["lora_naive_rel_error"]
     glob = _global(residual=True)
-    kept, _ = aggregate(_updates(seed=1), glob, "fedavg", _fl(0.0, "naive"), {})
+    kept, _ = aggregate(_updates(seed=1), glob, "fedavg", _fl(0.0, "naive"), {}, ANCHORS)
     for prefix in LAYERS:  # naive mode leaves an earlier exact round's residual as it was
         assert torch.equal(kept[f"residual.{prefix}"], glob[f"residual.{prefix}"])
 
     same = _updates(seed=1)
     for u in same[1:]:
         u.state = {k: v.clone() for k, v in same[0].state.items()}
-    _, report = aggregate(same, _global(), "text-anchored", _fl(1.0, "fedex"), SCALINGS)
+    _, report = aggregate(same, _global(), "text-anchored", _fl(1.0, "fedex"), SCALINGS, ANCHORS)
     assert report["lora_naive_rel_error"] == pytest.approx(0.0, abs=1e-6)
     assert report["lora_max_rel_error"] == pytest.approx(0.0, abs=1e-6)
 
@@ -170,13 +266,13 @@ def test_naive_error_reported() -> None:
 def test_aggregate_refuses_bad_arguments() -> None:
     updates, glob = _updates(), _global()
     with pytest.raises(SavltError, match="method"):
-        aggregate(updates, glob, "fedmedian", _fl(0.0, "naive"), {})
+        aggregate(updates, glob, "fedmedian", _fl(0.0, "naive"), {}, ANCHORS)
     with pytest.raises(SavltError, match="lora_mode"):
-        aggregate(updates, glob, "fedavg", _fl(0.0, "flora"), {})
+        aggregate(updates, glob, "fedavg", _fl(0.0, "flora"), {}, ANCHORS)
     with pytest.raises(SavltError, match="no client updates"):
-        aggregate([], glob, "fedavg", _fl(0.0, "naive"), {})
+        aggregate([], glob, "fedavg", _fl(0.0, "naive"), {}, ANCHORS)
     with pytest.raises(SavltError, match="scaling"):
-        aggregate(updates, glob, "fedavg", _fl(0.0, "fedex"), {"clip.blk0.attn": 1.0})
+        aggregate(updates, glob, "fedavg", _fl(0.0, "fedex"), {"clip.blk0.attn": 1.0}, ANCHORS)
 
 
 def _poked(shape: tuple[int, ...], value: float) -> torch.Tensor:
@@ -219,8 +315,60 @@ def test_check_update() -> None:
     assert "num_examples" in _reason(glob, num_examples=0)
     assert "class_counts has 5" in _reason(glob, class_counts=[1] * (C + 1))
     assert "class_counts" in _reason(glob, class_counts=[3, -1, 2, 2])
-    assert "agreement has 3" in _reason(glob, agreement=[0.1] * (C - 1))
-    assert "agreement[2]" in _reason(glob, agreement=[0.1, 0.1, float("nan"), 0.1])
-    assert "agreement[0]" in _reason(glob, agreement=[7.0, 0.1, 0.1, 0.1])  # not a cosine
-    # NaN agreement for a class the client lacks is fine: a mean over no images
-    assert _reason(glob, class_counts=[3, 0, 2, 2], agreement=[0.1, float("nan"), 0.1, 0.1]) is None
+    assert _reason(glob, class_counts=[3, 0, 2, 2]) is None  # a hospital may lack a class
+
+
+def test_agreement_is_computed_from_the_uploaded_prototypes() -> None:
+    """a_kc = cos(P_kc, T_c) from the upload and the server's anchors, whatever the norm; the
+    weights follow it, and a hospital that uploads P = T gets exactly what that earns."""
+    agreement = [[0.1, 0.2, 0.3, 0.4], [0.5, -0.5, 0.0, 0.9]]
+    updates = _updates(k=2, agreement=agreement)
+    for u, a in zip(updates, agreement, strict=True):
+        np.testing.assert_allclose(
+            prototype_agreement(u.state["prototypes"], ANCHORS), a, atol=1e-6
+        )
+    liar = _updates(k=3, agreement=[[0.3] * C] * 3)
+    for u in liar:
+        u.num_examples = 20
+    liar[0].state["prototypes"] = 5.0 * ANCHORS  # the best an upload can do: a_kc = 1
+    shared, proto = client_weights(liar, "text-anchored", _fl(5.0), ANCHORS)
+    earned = np.exp(5.0 * np.array([1.0, 0.3, 0.3]))
+    np.testing.assert_allclose(shared, earned / earned.sum(), rtol=1e-6)
+    np.testing.assert_allclose(proto, np.repeat(shared[:, None], C, axis=1), rtol=1e-6)
+    assert shared[0] == pytest.approx(0.943, abs=1e-3)  # uncapped: the upload buys 94 %
+
+
+def test_cap_bounds_every_share_and_keeps_the_sum() -> None:
+    """With the default cap of 2, the P = T hospital weighs at most twice its lambda = 0
+    share; the rest is shared by the others in their own proportions."""
+    liar = _updates(k=3, agreement=[[0.3] * C, [0.3] * C, [0.5] * C])
+    for u, n in zip(liar, (20, 40, 40), strict=True):
+        u.num_examples = n
+        u.class_counts = [n // 4] * C
+    liar[0].state["prototypes"] = 5.0 * ANCHORS
+    capped = FederatedConfig(anchor_lambda=5.0)  # the default cap
+    assert capped.max_weight_ratio == 2.0
+    shared, proto = client_weights(liar, "text-anchored", capped, ANCHORS)
+    free, _ = client_weights(liar, "text-anchored", _fl(5.0), ANCHORS)
+    assert free[0] > 0.7  # without the cap: 0.77
+    np.testing.assert_allclose(shared[0], 2 * 0.2, rtol=1e-12)
+    np.testing.assert_allclose(shared[1:] / shared[1:].sum(), free[1:] / free[1:].sum(), rtol=1e-12)
+    np.testing.assert_allclose(shared.sum(), 1.0, rtol=1e-12)
+    np.testing.assert_allclose(proto, np.repeat(shared[:, None], C, axis=1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("ratio", [1.0, 1.5, 3.0])
+def test_cap_weights_water_fills(ratio: float) -> None:
+    rng = np.random.default_rng(0)
+    base = np.array([[0.1, 0.5], [0.2, 0.0], [0.3, 0.25], [0.4, 0.25]])
+    weights = np.array([[0.7, 0.9], [0.2, 0.0], [0.05, 0.05], [0.05, 0.05]])
+    out = cap_weights(weights, base, ratio)
+    np.testing.assert_allclose(out.sum(axis=0), [1.0, 1.0], rtol=1e-12)
+    assert (out <= ratio * base + 1e-15).all() and (out >= 0).all()
+    assert out[1, 1] == 0.0  # a hospital without the class stays at zero
+    if ratio == 1.0:
+        np.testing.assert_allclose(out, base, rtol=1e-12)
+    within = rng.dirichlet(np.ones(4), size=1).T * 0 + base  # already within the bounds
+    assert np.array_equal(cap_weights(within, base, ratio), within)
+    if ratio == 1.5:  # column 0: 0.7 -> 0.15, 0.2 -> 0.3 bound, the rest split 0.05 : 0.05
+        np.testing.assert_allclose(out[:, 0], [0.15, 0.3, 0.275, 0.275], rtol=1e-12)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 from flwr.simulation import run_simulation
@@ -24,6 +25,7 @@ from savlt_model.methods import LossTerms
 from savlt_model.model.backbone import load_backbone
 from savlt_model.model.savlt import SavltModel
 from server import strategy as strategy_module
+from server.aggregation import client_weights, prototype_agreement
 from server.federation import FederatedJob
 from simulation.runner import server_app_for
 from tests.faulty_clientapp import FAULTS_KEY
@@ -32,8 +34,10 @@ from tests.faulty_clientapp import app as faulty_app
 pytestmark = pytest.mark.slow
 
 
-def _run(cfg, out, faults: str, monkeypatch) -> tuple[dict, dict[str, torch.Tensor]]:
-    """One fedavg job whose hospitals misbehave as ``faults`` says; (summary, final adapter)."""
+def _run(
+    cfg, out, faults: str, monkeypatch, method: str = "fedavg"
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """One job whose hospitals misbehave as ``faults`` says; (summary, final adapter)."""
     original = strategy_module.SavltStrategy._plan_record
 
     def with_faults(self, server_round, config):
@@ -42,14 +46,14 @@ def _run(cfg, out, faults: str, monkeypatch) -> tuple[dict, dict[str, torch.Tens
         return record
 
     monkeypatch.setattr(strategy_module.SavltStrategy, "_plan_record", with_faults)
-    job = FederatedJob(cfg, "fedavg", 42, out)
+    job = FederatedJob(cfg, method, 42, out)
     run_simulation(
         server_app=server_app_for(job),
         client_app=faulty_app,
         num_supernodes=cfg.fl.hospitals,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
     )
-    state, _ = load_adapter(out / "adapters" / "fedavg_seed42.safetensors")
+    state, _ = load_adapter(out / "adapters" / f"{method}_seed42.safetensors")
     return json.loads(job.result_file.read_text()), state
 
 
@@ -116,3 +120,51 @@ def test_backbone_and_class_list_mismatches_are_named():
     fewer_classes = SavltModel(four, load_backbone("savlt-tiny"))
     with pytest.raises(SavltError, match="class list"):
         check_fingerprints(fewer_classes, plan, "h2")
+
+
+def test_a_gaming_hospital_gets_what_its_upload_earns_and_no_more_than_the_cap(
+    fed_config, tmp_path, monkeypatch, train_replies
+):
+    """Hospital 0 reports agreement 1.0, uploads P = T and shifts every other tensor by +10.
+
+    The server ignores the reported number, computes a_kc from the upload (1.0: the best an
+    upload can earn), and the cap (default 2) holds its share at twice its FedAvg share;
+    measured on the aggregate itself, the outlier's pull is exactly that capped share.
+    """
+    calls: list[tuple] = []
+    real = strategy_module.aggregate
+
+    def spy(*args):
+        state, report = real(*args)
+        calls.append((args, state, report))
+        return state, report
+
+    monkeypatch.setattr(strategy_module, "aggregate", spy)
+    cfg = fed_config("fl.rounds=1", "fl.anchor_lambda=20")
+    summary, final = _run(cfg, tmp_path, "0:1:outlier", monkeypatch, "text-anchored")
+    assert summary["events"] == []
+    (((updates, _, _, fl, _, anchors), state, report),) = calls
+    lied = [m for m in train_replies if "anchor-agreement" in m.content.metric_records["metrics"]]
+    assert len(lied) == 1 and list(lied[0].content["metrics"]["anchor-agreement"]) == [1.0] * 5
+    agreement = np.stack([prototype_agreement(u.state["prototypes"], anchors) for u in updates])
+    (j,) = np.flatnonzero(agreement.min(axis=1) > 1 - 1e-6)  # the outlier's upload: a_kc = 1
+    assert agreement[np.arange(3) != j].max() < 0.9  # honest uploads earn less
+
+    shared, _ = client_weights(updates, "text-anchored", fl, anchors)
+    np.testing.assert_array_equal(report["weights"], shared)  # from uploads only
+    n = np.array([u.num_examples for u in updates], dtype=float)
+    uncapped, _ = client_weights(
+        updates, "text-anchored", dataclasses.replace(fl, max_weight_ratio=np.inf), anchors
+    )
+    assert uncapped[j] > 0.99  # what the upload alone would buy with lambda = 20
+    assert shared[j] == pytest.approx(2 * n[j] / n.sum(), rel=1e-12)
+
+    key = "roi_pool.query"  # a shared tensor: the aggregate's pull toward the outlier
+    x = torch.stack([u.state[key].double() for u in updates])
+    others = torch.from_numpy(np.delete(shared, j) / np.delete(shared, j).sum())
+    honest = (others[:, None] * torch.cat([x[:j], x[j + 1 :]])).sum(0)
+    pull = final[key].double() - honest
+    share = float(pull @ (x[j] - honest) / (x[j] - honest).square().sum())
+    assert share == pytest.approx(shared[j], abs=1e-6)
+    assert share <= 2 * n[j] / n.sum() + 1e-6
+    assert torch.equal(final[key], state[key])

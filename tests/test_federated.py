@@ -24,28 +24,48 @@ from tests.conftest import check_declared_replies
 pytestmark = pytest.mark.slow
 
 
-def _final(out, method: str) -> dict[str, torch.Tensor]:
+def _final(out, method: str, rounds: int = 2) -> dict[str, torch.Tensor]:
     state, meta = load_adapter(out / "adapters" / f"{method}_seed42.safetensors")
-    assert meta["rounds"] == 2
+    assert meta["rounds"] == rounds
     return state
 
 
-def test_lambda_zero_text_anchored_equals_fedavg(fed_config, tmp_path):
-    cfg = fed_config("fl.anchor_lambda=0", "fl.anchor_loss_weight=0")
+def test_lambda_zero_text_anchored_is_fedavg_with_per_class_prototypes(
+    fed_config, tmp_path, train_replies
+):
+    """lambda = 0 through Flower: shared tensors bit for bit FedAvg's, prototype row c the
+    class-c sample-weighted average of the replies (the centres' class mixes differ)."""
+    cfg = fed_config("fl.anchor_lambda=0", "fl.anchor_loss_weight=0", "fl.rounds=1")
     run_job(cfg, "fedavg", 42, tmp_path / "a", resume=False)
     run_job(cfg, "text-anchored", 42, tmp_path / "b", resume=False)
-    fedavg, anchored = _final(tmp_path / "a", "fedavg"), _final(tmp_path / "b", "text-anchored")
+    fedavg, anchored = (
+        _final(tmp_path / "a", "fedavg", 1),
+        _final(tmp_path / "b", "text-anchored", 1),
+    )
     assert fedavg.keys() == anchored.keys()
     for key in fedavg:
-        assert torch.equal(fedavg[key], anchored[key]), key
+        if key != "prototypes":
+            assert torch.equal(fedavg[key], anchored[key]), key
+    replies = train_replies[3:]  # the text-anchored run's
+    counts = torch.tensor(
+        [list(m.content.metric_records["metrics"]["class-counts"]) for m in replies],
+        dtype=torch.float64,
+    )
+    assert len({tuple((row / row.sum()).tolist()) for row in counts}) == 3  # mixes differ
+    protos = torch.stack(
+        [m.content.array_records["arrays"].to_torch_state_dict()["prototypes"] for m in replies]
+    ).double()
+    expected = torch.einsum("kc,kcd->cd", counts / counts.sum(0), protos)
+    torch.testing.assert_close(anchored["prototypes"].double(), expected, rtol=0, atol=1e-6)
+    assert not torch.allclose(anchored["prototypes"], fedavg["prototypes"], atol=1e-4)
     # ... and the federation really trained: the global adapter moved away from the start
     start = trainable_state(build_model(cfg, 42))
     assert any(not torch.equal(start[k], fedavg[k]) for k in start)
-    # a positive lambda changes the aggregate
-    cfg5 = fed_config("fl.anchor_lambda=50", "fl.anchor_loss_weight=0")
+    # a positive lambda changes the shared aggregate
+    cfg5 = fed_config("fl.anchor_lambda=50", "fl.anchor_loss_weight=0", "fl.rounds=1")
     run_job(cfg5, "text-anchored", 42, tmp_path / "c", resume=False)
-    other = _final(tmp_path / "c", "text-anchored")
-    assert any(not torch.equal(other[k], fedavg[k]) for k in fedavg)
+    other = _final(tmp_path / "c", "text-anchored", 1)
+    assert any(not torch.equal(other[k], fedavg[k]) for k in fedavg if k != "prototypes")
 
 
 def test_replies_hold_only_declared_tensors_and_numbers(fed_config, tmp_path, train_replies):

@@ -109,8 +109,9 @@ def load_backbone(
         ) from exc
     if weights == "random" and not model_id.startswith("hf-hub:"):
         log.warning(
-            "No pretrained weights: %s is randomly initialised (seed %d). Text anchors then "
-            "carry no language meaning; set model.pretrained for real CLIP weights.",
+            "No pretrained weights: %s is randomly initialised (seed %d). Its text anchors "
+            "carry no language meaning; set model.pretrained for real CLIP weights or "
+            "model.text_tower: minilm for a pretrained offline text tower.",
             model_id,
             init_seed,
         )

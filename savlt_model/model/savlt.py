@@ -26,7 +26,7 @@ from savlt_model.model.roi import (
     patch_keep_mask,
     roi_top,
 )
-from savlt_model.model.text import TextEncoder, load_descriptions
+from savlt_model.model.text import TextEncoder, load_descriptions, sentence_anchors
 
 
 @dataclass
@@ -61,13 +61,19 @@ class SavltModel(nn.Module):
         self.num_prefix = tower.num_prefix_tokens
 
         tokens = backbone.tokenizer(self.descriptions)
-        with torch.no_grad():  # before LoRA exists: T comes from the frozen text tower only
-            anchors = F.normalize(clip.encode_text(tokens), dim=-1)
+        with torch.no_grad():  # before LoRA exists: T comes from a frozen text tower only
+            if m.text_tower == "minilm":
+                dim = tower.project(torch.zeros(1, tower.width)).shape[-1]
+                anchors, text_id = sentence_anchors(self.descriptions, dim)
+            else:
+                anchors = F.normalize(clip.encode_text(tokens), dim=-1)
+                text_id = tokens.numpy().tobytes()
         self.register_buffer("anchors", anchors)  # frozen T: the centre-invariant reference
-        # T is a function of the frozen weights and the tokenised descriptions: hash those
-        # (exact on any hardware) rather than T's floats (which differ in the last bits).
+        # T is a function of frozen weights and the descriptions: hash those (the text
+        # tower's weights hash and the descriptions, or the backbone and the tokens: exact on
+        # any hardware) rather than T's floats (which differ in the last bits).
         digest = hashlib.sha256(f"{backbone.fingerprint}|{'|'.join(self.classes)}|".encode())
-        digest.update(tokens.numpy().tobytes())
+        digest.update(text_id.encode() if isinstance(text_id, str) else text_id)
         self.anchor_fingerprint = digest.hexdigest()[:16]
 
         self.clip = inject_lora(clip, tower, m.lora)
