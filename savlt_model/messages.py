@@ -77,14 +77,13 @@ def val_stats_from(metrics, n_classes: int) -> tuple[ValStats, ValStats]:
     counts = _finite(metrics["class-counts"], (n_classes,))
     if (counts < 0).any():
         raise ValueError("class-counts has a negative count")
-    return tuple(  # type: ignore[return-value]
-        ValStats(
-            _finite(metrics[f"nll-{kind}"], (g,)),
-            _finite(metrics[f"posterior-{kind}"], (g * n_classes,)).reshape(g, n_classes),
-            counts,
-        )
-        for kind in ("plain", "recentred")
-    )
+
+    def read(kind: str) -> ValStats:
+        nll = _finite(metrics[f"nll-{kind}"], (g,))
+        posterior = _finite(metrics[f"posterior-{kind}"], (g * n_classes,))
+        return ValStats(nll, posterior.reshape(g, n_classes), counts)
+
+    return read("plain"), read("recentred")
 
 
 def _finite(values, shape: tuple[int, ...]) -> np.ndarray:
