@@ -125,12 +125,18 @@ def client_weights(
     Whatever the rule, the weights must be finite and non-negative, and the vector and each
     column must sum to 1, or the aggregate would silently be no average at all.
     """
+    return _weights(hospital_stats(updates, anchors), method, fl)
+
+
+def _weights(
+    stats: HospitalStats, method: str, fl: FederatedConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`client_weights` from the hospitals' numbers already gathered."""
     entry = get_method(method)
     if entry.weighting is None:
         raise SavltError(f"method {method!r} is not federated; it has no aggregation weights")
     if not math.isfinite(fl.anchor_lambda):
         raise SavltError(f"anchor_lambda must be finite, got {fl.anchor_lambda}")
-    stats = hospital_stats(updates, anchors)
     shared, proto = entry.weighting(stats, fl)
     k, c = stats.class_counts.shape
     for name, w, shape in (("shared", shared, (k,)), ("prototype", proto, (k, c))):
@@ -174,6 +180,7 @@ def aggregate(
 
     ``anchors`` is the server's own frozen T (C x d), for the agreement of the uploads.
     Report: ``weights`` (shared, per client), ``prototype_weights`` (K lists of C),
+    ``agreement`` (K lists of C: a_kc, whatever the method, so FedAvg runs show it too),
     ``lora_naive_rel_error`` / ``lora_max_rel_error``: mean / max over LoRA layers of
     ||sum_k w_k B_k A_k - B̄ Ā||_F / ||sum_k w_k B_k A_k||_F (the scaling cancels), i.e. how
     wrong naive averaging is this round, whichever mode was used.
@@ -181,7 +188,8 @@ def aggregate(
     lora_mode = fl.lora_aggregation
     if lora_mode not in LORA_MODES:
         raise SavltError(f"unknown lora_mode {lora_mode!r}; choose one of {LORA_MODES}")
-    shared_np, proto_np = client_weights(updates, method, fl, anchors)
+    stats = hospital_stats(updates, anchors)
+    shared_np, proto_np = _weights(stats, method, fl)
     keys = _payload_keys(global_state)
     for u in updates:
         if sorted(u.state) != keys:
@@ -223,6 +231,7 @@ def aggregate(
     report = {
         "weights": shared_np.tolist(),
         "prototype_weights": proto_np.tolist(),
+        "agreement": stats.agreement.tolist(),
         "lora_naive_rel_error": float(np.mean(errors)) if errors else 0.0,
         "lora_max_rel_error": max(errors, default=0.0),
     }

@@ -188,6 +188,7 @@ class SavltStrategy(FedAvg):
             self.anchors,
         )
         total = sum(u.num_examples for u in updates)
+        fedavg_share = [u.num_examples / total for u in updates]
         row = {
             "round": round_,
             "hospitals": len(updates),
@@ -198,6 +199,12 @@ class SavltStrategy(FedAvg):
             "lora-naive-rel-error": report["lora_naive_rel_error"],
             "upload-bytes": self.upload_bytes,
             "download-bytes": self.download_bytes,
+            # how far the method's weights moved from FedAvg's n_k / n (total variation, 0..1)
+            "weight-shift": 0.5
+            * sum(abs(w - f) for w, f in zip(report["weights"], fedavg_share, strict=True)),
+            "weights": report["weights"],
+            "fedavg-weights": fedavg_share,
+            "agreement": report["agreement"],
         }
         self.history.rows.append(row)
         if features:  # order-free integer count; the float sum in content order (see above)

@@ -168,3 +168,9 @@ def test_a_gaming_hospital_gets_what_its_upload_earns_and_no_more_than_the_cap(
     assert share == pytest.approx(shared[j], abs=1e-6)
     assert share <= 2 * n[j] / n.sum() + 1e-6
     assert torch.equal(final[key], state[key])
+
+    (row,) = summary["history"]  # the round's log carries what the weighting saw and gave
+    assert row["weights"] == shared.tolist()
+    np.testing.assert_allclose(row["agreement"], agreement, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(row["fedavg-weights"], n / n.sum(), rtol=1e-12)
+    assert row["weight-shift"] == pytest.approx(shared[j] - n[j] / n.sum(), rel=1e-9)
