@@ -145,7 +145,10 @@ class FederatedConfig:
     # each hospital trains on its features moved from its own mean onto the federation's
     # reference, as every scored centre is re-centred at use (docs/scanner-shift.md)
     feature_centring: bool = False
-    server_eval: bool = True  # score the global model on the test centres after every round
+    server_eval: bool = True  # score the global model on the test centres
+    eval_every: int = (
+        1  # with server_eval: every N rounds (round 0 included) and the last; 0: last only
+    )
     client_eval: bool = False  # hospitals score the global model on their own val split
     round_timeout: float = 600.0
     max_update_norm: float = 0.0  # 0: no bound
@@ -277,7 +280,13 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     if "=" not in item:
         raise SavltError(f"--set {item!r}: expected key=value, e.g. --set train.lr=0.0005")
     key, text = item.split("=", 1)
-    value = yaml.safe_load(text) if text else None
+    try:
+        value = yaml.safe_load(text) if text else None
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or "not valid YAML"
+        raise SavltError(
+            f"--set {key}: value {text!r} is {problem}; quote strings, e.g. --set 'x=[a, b]'"
+        ) from None
     node = raw
     parts = key.strip().split(".")
     for part in parts[:-1]:
@@ -349,6 +358,10 @@ def validate(cfg: Config) -> Config:
     if (cfg.fl.leave_one_out or cfg.fl.held_out) and cfg.fl.partition != "centers":
         raise SavltError(
             "config keys 'fl.leave_one_out' / 'fl.held_out' need fl.partition: centers"
+        )
+    if cfg.fl.eval_every < 0:
+        raise SavltError(
+            "config key 'fl.eval_every' must be >= 0 (N: every N rounds; 0: after the last only)"
         )
     if not cfg.fl.max_weight_ratio >= 1.0:
         raise SavltError(

@@ -110,6 +110,9 @@ def run_federated(grid: Grid, job: FederatedJob) -> dict:
         round_ = done + server_round
         if server_round == 0 and done:  # already scored before the restart
             return None
+        every = cfg.fl.eval_every
+        if round_ != cfg.fl.rounds and (every == 0 or round_ % every):
+            return None  # curves at the rounds asked for; the last round is always scored
         model = cached_model(cfg, seed)
         model.load_global_state(arrays.to_torch_state_dict())
         scores = score_centers(model, tests, cfg.train.eval_batch_size)

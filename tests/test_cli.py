@@ -52,6 +52,8 @@ def test_synth_then_roi_train(tmp_path, capsys):
             "does not exist",
         ),
         (["oops"], "expected key=value"),
+        (["fl.eval_every=-1"], "config key 'fl.eval_every' must be >= 0"),
+        (["fl.rounds={3"], "--set fl.rounds"),
     ],
 )
 def test_bad_config_is_one_line_naming_the_key(tmp_path, capsys, overrides, message):
