@@ -1,0 +1,180 @@
+"""Text anchoring measured: random vs language-bearing anchors, FedAvg vs text-anchored, lambda.
+
+Issue #12's study on the synthetic data (SYNTHETIC, not clinical performance). Each cell of
+the grid is one ``savlt simulate`` of the default config per seed, written under
+``runs/anchor-study/<cell>-s<seed>``; a finished cell is skipped, so the study resumes.
+
+    python benchmarks/anchor_study.py run                 # every cell, every seed
+    python benchmarks/anchor_study.py run --cell paper-minilm --seed 42
+    python benchmarks/anchor_study.py table               # markdown tables + anchor_study.json
+
+``table`` reads every finished run: accuracy and AUC per centre (mean +- std over seeds),
+text-anchored minus FedAvg paired by seed, and what the aggregation did (the round logs'
+weight-shift: the total-variation distance of the method's weights from FedAvg's, and the
+spread of the server-computed agreement between hospitals).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "runs" / "anchor-study"
+SEEDS = (5, 42, 123)
+CONFIG = "configs/default.yaml"
+COMMON = ("fl.eval_every=0",)  # score after the last round only: the study needs no curves
+
+# cell -> overrides; "fedavg" and "text-anchored" (lambda 5) share a cell (one process)
+CELLS: dict[str, tuple[str, ...]] = {
+    f"{partition}-{tower}": (
+        f"fl.partition={partition}",
+        f"model.text_tower={tower}",
+        "fl.methods=[fedavg,text-anchored]",
+        "fl.anchor_lambda=5",
+    )
+    for partition in ("paper", "centers")
+    for tower in ("backbone", "minilm")
+}
+CELLS |= {
+    f"paper-minilm-lambda{lam:g}": (
+        "fl.partition=paper",
+        "model.text_tower=minilm",
+        "fl.methods=[text-anchored]",
+        f"fl.anchor_lambda={lam:g}",
+    )
+    for lam in (0, 1, 10)
+}
+METRICS = ("acc_multiclass", "auc_binary")
+
+
+def run(cells: list[str], seeds: list[int]) -> None:
+    for cell in cells:
+        for seed in seeds:
+            out = OUT / f"{cell}-s{seed}"
+            if (out / "results.json").exists():
+                print(f"{out.name}: done, skipped", flush=True)
+                continue
+            sets = [*COMMON, *CELLS[cell], f"seeds=[{seed}]"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "tools.cli",
+                "simulate",
+                "--config",
+                "configs/default.yaml",
+            ]
+            cmd += [a for s in sets for a in ("--set", s)] + ["--out", str(out)]
+            print(" ".join(cmd), flush=True)
+            subprocess.run(cmd, cwd=ROOT, check=True)
+
+
+def _label(cell: str, method: str) -> str:
+    if "lambda" in cell:
+        return f"text-anchored λ={cell.rsplit('lambda', 1)[1]}"
+    return "fedavg" if method == "fedavg" else "text-anchored λ=5"
+
+
+def collect() -> tuple[dict, dict]:
+    """{(partition, tower, label, variant, centre): {seed: {metric: value}}} and the logs'
+    {(partition, tower, label): [(weight-shift, agreement spread) per round and seed]}."""
+    scores: dict = {}
+    logs: dict = {}
+    for run_dir in sorted(OUT.glob("*-s*")):
+        if not (run_dir / "results.json").exists():
+            continue
+        cell, seed = run_dir.name.rsplit("-s", 1)
+        partition, tower = cell.split("-")[:2]
+        for rec in json.loads((run_dir / "results.json").read_text()):
+            method, _, variant = rec["method"].partition("+")
+            key = (partition, tower, _label(cell, method), variant or "raw", rec["center"])
+            scores.setdefault(key, {})[int(seed)] = {m: rec[m] for m in METRICS}
+        for job in (run_dir / "jobs").glob("*.json"):
+            summary = json.loads(job.read_text())
+            label = _label(cell, summary["method"])
+            for row in summary["history"]:
+                mean_agreement = np.mean(row["agreement"], axis=1)
+                spread = float(mean_agreement.max() - mean_agreement.min())
+                logs.setdefault((partition, tower, label), []).append((row["weight-shift"], spread))
+    return scores, logs
+
+
+def _cell(values: list[float]) -> str:
+    return f"{np.mean(values):.1f} ± {np.std(values):.1f}" if values else "–"
+
+
+def table() -> str:
+    scores, logs = collect()
+    lines = ["SYNTHETIC DATA — not clinical performance. Mean ± std over seeds " + str(SEEDS)]
+    groups = sorted({k[:2] for k in scores})
+    for partition, tower in groups:
+        centres = sorted({k[4] for k in scores if k[:2] == (partition, tower)}, key=_centre_order)
+        for variant in ("raw", "cal"):
+            labels = sorted(
+                {k[2] for k in scores if k[:2] == (partition, tower) and k[3] == variant}
+            )
+            if not labels:
+                continue
+            lines += [
+                "",
+                f"**{partition} partition, {tower} anchors, "
+                f"{'default calibration' if variant == 'cal' else 'uncalibrated'}** "
+                "(5-class accuracy / binary AUC, %)",
+                "",
+                "| method | " + " | ".join(centres) + " | weight-shift | agreement spread |",
+                "|---" * (len(centres) + 3) + "|",
+            ]
+            for label in labels:
+                cells = []
+                for c in centres:
+                    runs = scores.get((partition, tower, label, variant, c), {})
+                    cells.append(" / ".join(_cell([r[m] for r in runs.values()]) for m in METRICS))
+                log = np.array(logs.get((partition, tower, label), [(np.nan, np.nan)]))
+                shift, spread = np.nanmean(log, axis=0)
+                lines.append(
+                    f"| {label} | " + " | ".join(cells) + f" | {shift:.4f} | {spread:.3f} |"
+                )
+            lines.append(_paired(scores, partition, tower, variant, centres))
+    return "\n".join(lines)
+
+
+def _paired(scores: dict, partition: str, tower: str, variant: str, centres: list[str]) -> str:
+    """Text-anchored (lambda 5) minus FedAvg, paired by seed: mean ± std of the difference."""
+    parts = []
+    for c in centres:
+        a = scores.get((partition, tower, "text-anchored λ=5", variant, c), {})
+        b = scores.get((partition, tower, "fedavg", variant, c), {})
+        seeds = sorted(set(a) & set(b))
+        if not seeds:
+            continue
+        diffs = [_cell([a[s][m] - b[s][m] for s in seeds]).replace(" ± ", "±") for m in METRICS]
+        parts.append(f"{c} {' / '.join(diffs)}")
+    return "\nText-anchored − FedAvg (paired by seed): " + "; ".join(parts) if parts else ""
+
+
+def _centre_order(centre: str) -> tuple[int, str]:
+    known = ["mixed", "xiangya", "huaxi", "scanner_hr", "scanner_lc"]
+    return (known.index(centre) if centre in known else len(known), centre)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run_p = sub.add_parser("run", help="run the grid's missing cells")
+    run_p.add_argument("--cell", choices=sorted(CELLS), action="append")
+    run_p.add_argument("--seed", type=int, action="append")
+    sub.add_parser("table", help="print the tables from the finished runs")
+    args = parser.parse_args()
+    if args.command == "run":
+        run(args.cell or list(CELLS), args.seed or list(SEEDS))
+    else:
+        print(table())
+
+
+if __name__ == "__main__":
+    main()
