@@ -30,6 +30,7 @@ from savlt_model.calibration import FeatureStats
 from savlt_model.checkpoint import load_adapter, save_adapter
 from savlt_model.config import Config, check_privacy
 from savlt_model.messages import ARRAYS, CONFIG, METRICS, RoundPlan, feature_stats_from
+from savlt_model.metrics import upgrade_keys
 from savlt_model.model.backbone import fingerprint_tensors
 from server.aggregation import PROTOTYPES, ClientUpdate, aggregate, check_update
 
@@ -346,7 +347,8 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], int, RoundLog]
     if not path.is_file():
         return None
     state, meta = load_adapter(path)
+    evals = [upgrade_keys(e) for e in meta["evals"]]  # a checkpoint from before a rename
     history = RoundLog(
-        meta["rows"], meta["events"], meta["evals"], meta.get("calibration"), meta.get("reference")
+        meta["rows"], meta["events"], evals, meta.get("calibration"), meta.get("reference")
     )
     return state, int(meta["round"]), history

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from sklearn.metrics import (
     accuracy_score,
     confusion_matrix,
@@ -16,6 +17,7 @@ from sklearn.metrics import (
 
 from savlt_model.errors import SavltError
 from savlt_model.metrics import METRIC_KEYS, binary_scores, compute_metrics
+from server.strategy import RoundLog, load_checkpoint, save_checkpoint
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -122,3 +124,17 @@ def test_bad_input_raises(probs: np.ndarray, labels: np.ndarray, positive: list[
 def test_binary_scores_rejects_bad_positive() -> None:
     with pytest.raises(SavltError):
         binary_scores(np.full((2, 3), 1 / 3), [5])
+
+
+def test_a_checkpoint_from_before_the_metric_rename_resumes(tmp_path):
+    """Curves saved as acc_5class come back as acc_multiclass, which the server prints."""
+    old = {"method": "fedavg", "center": "mixed", "round": 1, "acc_5class": 40.0}
+    path = tmp_path / "ckpt.safetensors"
+    save_checkpoint(path, {"w": torch.zeros(2)}, 1, RoundLog(evals=[old]))
+    loaded = load_checkpoint(path)
+    assert loaded is not None
+    _, round_, history = loaded
+    assert round_ == 1
+    assert history.evals == [
+        {"method": "fedavg", "center": "mixed", "round": 1, "acc_multiclass": 40.0}
+    ]
