@@ -10,8 +10,10 @@ the grid is one ``savlt simulate`` of the default config per seed, written under
 
 ``table`` reads every finished run: accuracy and AUC per centre (mean +- std over seeds),
 text-anchored minus FedAvg paired by seed, and what the aggregation did (the round logs'
-weight-shift: the total-variation distance of the method's weights from FedAvg's, and the
-spread of the server-computed agreement between hospitals).
+weight-shift: the total-variation distance of the method's weights from FedAvg's; the
+server-computed agreement a_kc averaged over classes and hospitals, and its spread: the
+largest minus the smallest hospital's mean, i.e. what exp(lambda * a) can tell apart; and
+how far the final global prototypes moved from their seeded start).
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ CELLS |= {
     )
     for lam in (0, 1, 10)
 }
+# what would change the null: prototypes that learn (they barely leave their start at lr x 1)
+CELLS["paper-minilm-protolr10"] = (*CELLS["paper-minilm"], "train.prototype_lr_scale=10")
 METRICS = ("acc_multiclass", "auc_binary")
 
 
@@ -77,7 +81,22 @@ def run(cells: list[str], seeds: list[int]) -> None:
 def _label(cell: str, method: str) -> str:
     if "lambda" in cell:
         return f"text-anchored λ={cell.rsplit('lambda', 1)[1]}"
-    return "fedavg" if method == "fedavg" else "text-anchored λ=5"
+    label = "fedavg" if method == "fedavg" else "text-anchored λ=5"
+    return label + (", prototype lr ×10" if cell.endswith("protolr10") else "")
+
+
+def _prototype_drift(run_dir: Path, method: str, seed: int) -> float:
+    """Mean over classes of cos(P_final, P_start): 1 = the prototypes never moved."""
+    import torch.nn.functional as F
+
+    from savlt_model.checkpoint import load_adapter
+    from savlt_model.config import load_config
+    from savlt_model.model.build import build_model
+
+    start = build_model(load_config(run_dir / "config.yaml"), seed).prototypes.detach()
+    final = load_adapter(run_dir / "adapters" / f"{method}_seed{seed}.safetensors")[0]
+    cos = F.cosine_similarity(final["prototypes"].double(), start.double(), dim=-1)
+    return float(cos.mean())
 
 
 def collect() -> tuple[dict, dict]:
@@ -97,10 +116,13 @@ def collect() -> tuple[dict, dict]:
         for job in (run_dir / "jobs").glob("*.json"):
             summary = json.loads(job.read_text())
             label = _label(cell, summary["method"])
+            drift = _prototype_drift(run_dir, summary["method"], int(seed))
             for row in summary["history"]:
-                mean_agreement = np.mean(row["agreement"], axis=1)
-                spread = float(mean_agreement.max() - mean_agreement.min())
-                logs.setdefault((partition, tower, label), []).append((row["weight-shift"], spread))
+                per_hospital = np.mean(row["agreement"], axis=1)
+                spread = float(per_hospital.max() - per_hospital.min())
+                logs.setdefault((partition, tower, label), []).append(
+                    (row["weight-shift"], float(per_hospital.mean()), spread, drift)
+                )
     return scores, logs
 
 
@@ -126,18 +148,23 @@ def table() -> str:
                 f"{'default calibration' if variant == 'cal' else 'uncalibrated'}** "
                 "(5-class accuracy / binary AUC, %)",
                 "",
-                "| method | " + " | ".join(centres) + " | weight-shift | agreement spread |",
-                "|---" * (len(centres) + 3) + "|",
+                "| method | seeds | "
+                + " | ".join(centres)
+                + " | weight-shift | agreement | agreement spread | cos(P, P start) |",
+                "|---" * (len(centres) + 6) + "|",
             ]
             for label in labels:
-                cells = []
+                cells, seeds = [], set()
                 for c in centres:
                     runs = scores.get((partition, tower, label, variant, c), {})
+                    seeds |= set(runs)
                     cells.append(" / ".join(_cell([r[m] for r in runs.values()]) for m in METRICS))
-                log = np.array(logs.get((partition, tower, label), [(np.nan, np.nan)]))
-                shift, spread = np.nanmean(log, axis=0)
+                log = np.array(logs.get((partition, tower, label), [(np.nan,) * 4]))
+                shift, agreement, spread, drift = np.nanmean(log, axis=0)
                 lines.append(
-                    f"| {label} | " + " | ".join(cells) + f" | {shift:.4f} | {spread:.3f} |"
+                    f"| {label} | {len(seeds)} | "
+                    + " | ".join(cells)
+                    + f" | {shift:.4f} | {agreement:.3f} | {spread:.4f} | {drift:.3f} |"
                 )
             lines.append(_paired(scores, partition, tower, variant, centres))
     return "\n".join(lines)
@@ -145,16 +172,19 @@ def table() -> str:
 
 def _paired(scores: dict, partition: str, tower: str, variant: str, centres: list[str]) -> str:
     """Text-anchored (lambda 5) minus FedAvg, paired by seed: mean ± std of the difference."""
-    parts = []
-    for c in centres:
-        a = scores.get((partition, tower, "text-anchored λ=5", variant, c), {})
-        b = scores.get((partition, tower, "fedavg", variant, c), {})
-        seeds = sorted(set(a) & set(b))
-        if not seeds:
-            continue
-        diffs = [_cell([a[s][m] - b[s][m] for s in seeds]).replace(" ± ", "±") for m in METRICS]
-        parts.append(f"{c} {' / '.join(diffs)}")
-    return "\nText-anchored − FedAvg (paired by seed): " + "; ".join(parts) if parts else ""
+    lines = []
+    for suffix in ("", ", prototype lr ×10"):
+        parts = []
+        for c in centres:
+            a = scores.get((partition, tower, "text-anchored λ=5" + suffix, variant, c), {})
+            b = scores.get((partition, tower, "fedavg" + suffix, variant, c), {})
+            seeds = sorted(set(a) & set(b))
+            if seeds:
+                diffs = [_cell([a[s][m] - b[s][m] for s in seeds]) for m in METRICS]
+                parts.append(f"{c} {' / '.join(d.replace(' ± ', '±') for d in diffs)}")
+        if parts:
+            lines.append(f"\nText-anchored − FedAvg{suffix} (paired by seed): " + "; ".join(parts))
+    return "\n".join(lines)
 
 
 def _centre_order(centre: str) -> tuple[int, str]:

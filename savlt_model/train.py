@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from savlt_model.config import Config
 from savlt_model.data.images import ImageSet, make_loader
-from savlt_model.model.adapters import payload_parameters
+from savlt_model.model.adapters import PROTOTYPES, payload_parameters
 from savlt_model.model.build import autocast
 from savlt_model.model.savlt import SavltModel
 
@@ -57,7 +57,16 @@ def train_steps(
     total = total_steps or steps
     device = next(model.parameters()).device
     params = payload_parameters(model)
-    optimizer = torch.optim.AdamW(params.values(), lr=t.lr, weight_decay=t.weight_decay)
+    groups = [
+        {"params": [p for k, p in params.items() if k != PROTOTYPES], "lr_scale": 1.0},
+        {
+            "params": [p for k, p in params.items() if k == PROTOTYPES],
+            "lr_scale": t.prototype_lr_scale,
+        },
+    ]
+    optimizer = torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=t.lr, weight_decay=t.weight_decay
+    )
     start = {k: p.detach().clone() for k, p in params.items()} if prox_mu else {}
     shift = None if feature_shift is None else torch.as_tensor(feature_shift, device=device).float()
     batch = min(t.batch_size, len(dataset))
@@ -83,8 +92,9 @@ def train_steps(
             except StopIteration:
                 epoch_iter = iter(loader)
                 continue
+            lr = cosine_lr(start_step + done, total, t.lr, t.min_lr)
             for group in optimizer.param_groups:
-                group["lr"] = cosine_lr(start_step + done, total, t.lr, t.min_lr)
+                group["lr"] = lr * group["lr_scale"]
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             with autocast(device, t.amp):

@@ -31,11 +31,10 @@ import torch.nn.functional as F
 from savlt_model.config import FederatedConfig
 from savlt_model.errors import SavltError
 from savlt_model.methods import HospitalStats, get_method
-from savlt_model.model.adapters import lora_pairs
+from savlt_model.model.adapters import PROTOTYPES, lora_pairs
 
 LORA_MODES = ("naive", "fedex")
 RESIDUAL = "residual."
-PROTOTYPES = "prototypes"
 
 
 @dataclass

@@ -224,3 +224,28 @@ def test_server_scalings_match_what_the_model_applies(tiny):
     plain.load_global_state(without_lora)
     images = torch.randn(2, 3, 128, 128)
     torch.testing.assert_close(model(images).logits, plain(images).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_prototype_lr_scale_moves_only_the_prototypes_faster(tiny):
+    """One AdamW step: the prototypes move lr_scale times as far (Adam's first step is
+    lr * g / |g| per element), every other tensor exactly as with the shared lr."""
+    from torch.utils.data import TensorDataset
+
+    from savlt_model.train import train_steps
+
+    images = torch.rand(8, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    data = TensorDataset(images, torch.arange(8) % 5)
+    moved = {}
+    for scale in (1.0, 50.0):
+        cfg = _cfg(f"train.prototype_lr_scale={scale}", "train.batch_size=8")
+        torch.manual_seed(0)  # the same prototypes and projection start for both
+        model = SavltModel(cfg, tiny)
+        before = trainable_state(model)
+        train_steps(model, data, cfg, steps=1, seed=0)
+        after = trainable_state(model)
+        moved[scale] = {k: after[k] - before[k] for k in before}
+    ratio = moved[50.0]["prototypes"].abs().mean() / moved[1.0]["prototypes"].abs().mean()
+    assert ratio == pytest.approx(50.0, rel=0.02)
+    for key, delta in moved[1.0].items():
+        if key != "prototypes":
+            assert torch.equal(delta, moved[50.0][key]), key

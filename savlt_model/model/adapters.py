@@ -23,6 +23,9 @@ from savlt_model.model.backbone import VisionTower
 ADAPTER = "default"
 
 
+PROTOTYPES = "prototypes"  # payload key of the visual prototypes (class-wise rows)
+
+
 def _alternation(names: list[str]) -> str:
     return "(?:" + "|".join(re.escape(n) for n in names) + ")"
 
