@@ -109,12 +109,18 @@ def collect() -> tuple[dict, dict]:
             continue
         cell, seed = run_dir.name.rsplit("-s", 1)
         partition, tower = cell.split("-")[:2]
+        jobs = [json.loads(j.read_text()) for j in sorted((run_dir / "jobs").glob("*.json"))]
+        broken = [j["method"] for j in jobs if len(j["history"]) != j["rounds"] or j["events"]]
+        if broken:  # a skipped round or a refused hospital: not the protocol, not averaged in
+            print(
+                f"{run_dir.name}: {broken} had skipped rounds or events; left out", file=sys.stderr
+            )
+            continue
         for rec in json.loads((run_dir / "results.json").read_text()):
             method, _, variant = rec["method"].partition("+")
             key = (partition, tower, _label(cell, method), variant or "raw", rec["center"])
             scores.setdefault(key, {})[int(seed)] = {m: rec[m] for m in METRICS}
-        for job in (run_dir / "jobs").glob("*.json"):
-            summary = json.loads(job.read_text())
+        for summary in jobs:
             label = _label(cell, summary["method"])
             drift = _prototype_drift(run_dir, summary["method"], int(seed))
             for row in summary["history"]:
