@@ -19,14 +19,16 @@ def fed_data_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def fed_config(fed_data_root) -> Callable[..., Config]:
+def fed_config(fed_data_root, tmp_path_factory) -> Callable[..., Config]:
     """The smallest real federation: 3 centres as hospitals, 2 rounds of 1 step, batch 8."""
+    work = tmp_path_factory.mktemp("work")  # splits and few-shot draws: never in the data
 
     def make(*extra: str) -> Config:
         return load_config(
             "configs/smoke.yaml",
             [
                 f"data.root={fed_data_root}",
+                f"data.work_dir={work}",
                 "data.synthetic.enabled=false",
                 "fl.partition=centers",  # every hospital holds every class
                 "fl.rounds=2",
