@@ -258,16 +258,21 @@ class SimulatedHospitals(ClientApp):
     whoever runs the simulation is also its hospitals' operator, so the simulation gives
     them here what ``--node-config`` gives a real SuperNode (:func:`simulation_node_config`).
     The ClientApp itself reads its local values from the node config only, in both cases.
+    ``per_partition`` adds one hospital's own keys (e.g. its ``policy``) by partition id.
     """
 
-    def __init__(self, app: ClientApp, node_config: dict) -> None:
+    def __init__(
+        self, app: ClientApp, node_config: dict, per_partition: dict[int, dict] | None = None
+    ) -> None:
         super().__init__()
         self.app = app
         self.node_config = dict(node_config)
+        self.per_partition = dict(per_partition or {})
 
     def __call__(self, message: Message, context: Context) -> Message:
         context = copy.copy(context)  # the node's state is shared; its node config is not
-        context.node_config = {**self.node_config, **context.node_config}
+        own = self.per_partition.get(int(context.node_config["partition-id"]), {})
+        context.node_config = {**self.node_config, **own, **context.node_config}
         return self.app(message, context)
 
 
