@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -74,3 +75,12 @@ def check_declared_replies(replies: list, payload: set[str], n: int) -> None:
         for value in metrics.values():  # numbers only: no path, name or identifier
             items = value if isinstance(value, list) else [value]
             assert all(isinstance(v, (int, float)) for v in items)
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``root``, by relative path: a data folder's fingerprint."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import hashlib
 import json
 import re
-from pathlib import Path
 
 import pytest
 import yaml
@@ -43,17 +41,9 @@ from savlt_model.model.backbone import load_backbone
 from server import calibration as calibration_module
 from server import strategy as strategy_module
 from server.federation import FederatedJob, run_federated
+from tests.conftest import tree_hashes
 
 CENTRES = ("mixed", "xiangya", "huaxi")
-
-
-def tree_hashes(root: Path) -> dict[str, str]:
-    """SHA-256 of every file under ``root``, by relative path."""
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
 
 
 @pytest.fixture(scope="module")
