@@ -513,3 +513,17 @@ def test_load_sites(root: Path) -> None:
 def test_load_sites_missing_file(root: Path) -> None:
     with pytest.raises(SavltError, match=r"mixed/sites.json not found — create it"):
         load_sites(root, "mixed", scan_center(root, "mixed", CLASSES))
+
+
+def test_the_work_dir_is_outside_the_data_folder(tmp_path: Path) -> None:
+    root = make_center(tmp_path / "D", "c", {"cyst": 3, "cancer": 3, "ectropion": 3})
+    sets = ["data.synthetic.enabled=false", f"data.root={root}", f"task.classes={CLASSES}"]
+    sets.append("task.positive=[cancer]")
+    cfg = load_config(None, [*sets, f"data.work_dir={tmp_path / 'work'}"])
+    work = center_work_dir(cfg, root, "c")
+    assert work.parent.parent == tmp_path / "work" and work.name == "c"
+    assert work.parent.name.startswith("D-")  # the DATA folder's name and its path's hash
+    inside = load_config(None, [*sets, f"data.work_dir={root / 'cache'}"])
+    with pytest.raises(SavltError, match=r"data.work_dir: .* is inside the DATA folder"):
+        split_parts(inside, root, "c")
+    assert not (root / "cache").exists()
