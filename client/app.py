@@ -1,9 +1,13 @@
 """The hospital's Flower ClientApp: trains the SAVLT adapters on local images only.
 
-The hospital's data comes from ``node_config`` in deployment (``data-root``, ``center``,
-optionally a local ``pretrained`` weights file and ``prompts`` file) and, in simulation,
-from the partition-id-to-hospital mapping of :mod:`savlt_model.data.partition`. A reply
-carries exactly the payload tensors and the metric names declared in
+Everything local comes from the hospital's own ``node_config``: ``center`` (its centre) and
+the values of the hospital-local config keys (:data:`savlt_model.config.HOSPITAL_LOCAL_KEYS`:
+``data-root``, ``work-dir``, ``split-file``, ``manifest``, ``pretrained``,
+``unet-checkpoint``, ``prompts``), plus an optional run ``policy`` file
+(:mod:`client.policy`). A server message that sets a hospital-local key is refused, naming
+it. In simulation the hospital is a partition id of :mod:`savlt_model.data.partition`, and
+the simulation gives its virtual SuperNodes their node config (:class:`SimulatedHospitals`).
+A reply carries exactly the payload tensors and the metric names declared in
 :mod:`savlt_model.messages`. The loss terms of the round's method come with the server's
 plan: no per-method code here. After the last round, two queries ask for the sums the
 server's calibration needs (:mod:`server.calibration`).
@@ -11,9 +15,11 @@ server's calibration needs (:mod:`server.calibration`).
 
 from __future__ import annotations
 
-import dataclasses
+import copy
+import functools
 import json
 import logging
+import os
 import zlib
 from pathlib import Path
 
@@ -22,9 +28,17 @@ import torch  # noqa: F401  (ArrayRecord.to_torch_state_dict needs torch importe
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from savlt_model.config import Config
+from client.policy import check_policy
+from savlt_model.config import (
+    HOSPITAL_LOCAL_KEYS,
+    Config,
+    get_key,
+    resolve_path,
+    validate_local,
+    with_key,
+)
 from savlt_model.data.partition import Hospital, Partition, build_partition
-from savlt_model.data.protocol import prepare_center
+from savlt_model.data.protocol import DEFAULT_WORK_DIR, data_root, prepare_center
 from savlt_model.errors import SavltError
 from savlt_model.evaluation import predict, site_calibration_stats, site_feature_stats
 from savlt_model.messages import (
@@ -38,6 +52,7 @@ from savlt_model.messages import (
     TRAIN_METRIC_KEYS,
     RoundPlan,
     feature_stats_metrics,
+    local_keys_set,
     metric_record,
     val_stats_metrics,
 )
@@ -53,31 +68,44 @@ _PARTITIONS: dict[tuple[str, int], Partition] = {}
 
 
 def local_config(cfg: Config, node_config: dict) -> Config:
-    """Apply what legitimately lives at the hospital: its data folder, weights, prompts."""
-    data, model, task = cfg.data, cfg.model, cfg.task
-    if "data-root" in node_config:
-        data = dataclasses.replace(
-            data,
-            root=str(node_config["data-root"]),
-            synthetic=dataclasses.replace(data.synthetic, enabled=False),
+    """The server's run config completed with this hospital's own local values.
+
+    Refuses a config that sets any hospital-local key (the server names no path on this
+    disk); every such key then comes from ``node_config`` or keeps its default, and the
+    work directory defaults to ``$FLWR_HOME/savlt-work`` (the SuperNode's state directory).
+    """
+    sent = local_keys_set(cfg)
+    if sent:
+        raise SavltError(
+            f"the server's run config sets the hospital-local key(s) {', '.join(sent)}; "
+            "refused: this hospital's paths come only from its own node config ("
+            + ", ".join(HOSPITAL_LOCAL_KEYS[k] for k in sent)
+            + ")"
         )
-    if "pretrained" in node_config:
-        model = dataclasses.replace(model, pretrained=str(node_config["pretrained"]))
-    if "prompts" in node_config:
-        task = dataclasses.replace(task, prompts=str(node_config["prompts"]))
-    return dataclasses.replace(cfg, data=data, model=model, task=task)
+    for key, name in HOSPITAL_LOCAL_KEYS.items():
+        if name in node_config and str(node_config[name]) != "":
+            cfg = with_key(cfg, key, str(node_config[name]))
+    if "work-dir" not in node_config:
+        home = os.environ.get("FLWR_HOME") or Path.home() / ".flwr"
+        cfg = with_key(cfg, "data.work_dir", str(Path(home) / "savlt-work"))
+    cfg = with_key(cfg, "data.synthetic.enabled", False)  # a hospital never generates data
+    return validate_local(cfg)
 
 
 def hospital_data(cfg: Config, seed: int, node_config: dict) -> tuple[int, Hospital]:
     """(hospital index, its train/val images) for this node."""
-    if "data-root" in node_config:
-        if "center" not in node_config:
+    if "center" in node_config:
+        if "data-root" not in node_config:
             raise SavltError(
-                "node-config: 'center' is required with 'data-root' (e.g. center=\"huaxi\")"
+                "node-config: 'data-root' is required with 'center' (e.g. data-root=\"/data/DATA\")"
             )
         center = str(node_config["center"])
-        part = prepare_center(cfg, Path(cfg.data.root), center, seed)
+        part = prepare_center(cfg, data_root(cfg), center, seed)
         return zlib.crc32(center.encode()) % 1000, Hospital(center, part.train, part.val)
+    if "partition-id" not in node_config:
+        raise SavltError(
+            "node-config: 'center' and 'data-root' are required (e.g. center=\"huaxi\")"
+        )
     key = (json.dumps(cfg.to_dict(), sort_keys=True), seed)
     if key not in _PARTITIONS:  # scanning and verifying every image once per process is enough
         _PARTITIONS.clear()
@@ -108,12 +136,27 @@ def check_fingerprints(model: SavltModel, plan: RoundPlan, hospital: str) -> Non
         )
 
 
+@functools.cache
+def _warn_without_policy(center: str) -> None:
+    log.warning(
+        "hospital %s has no run policy (node config 'policy'): it runs any method, backbone "
+        "and number of rounds the server sends; see docs/deploy.md",
+        center,
+    )
+
+
 def _model_for(
     msg: Message, context: Context
 ) -> tuple[RoundPlan, Config, int, Hospital, SavltModel]:
+    node_config = dict(context.node_config)
     plan = RoundPlan.from_record(msg.content[CONFIG])
-    cfg = local_config(plan.config, dict(context.node_config))
-    index, hospital = hospital_data(cfg, plan.seed, dict(context.node_config))
+    cfg = local_config(plan.config, node_config)
+    name = str(node_config.get("center", f"partition {node_config.get('partition-id')}"))
+    if "policy" in node_config:  # before any data is read or model built
+        check_policy(str(node_config["policy"]), plan, name)
+    elif "center" in node_config:
+        _warn_without_policy(name)
+    index, hospital = hospital_data(cfg, plan.seed, node_config)
     model = cached_model(cfg, plan.seed)
     check_fingerprints(model, plan, hospital.name)
     model.load_global_state(msg.content[ARRAYS].to_torch_state_dict())
@@ -206,3 +249,40 @@ def calibration_stats(msg: Message, context: Context) -> Message:
     sums = site_calibration_stats(model, val, cfg.train.eval_batch_size, reference)
     metrics = metric_record(val_stats_metrics(*sums), CALIBRATION_STATS_KEYS)
     return Message(content=RecordDict({METRICS: metrics}), reply_to=msg)
+
+
+class SimulatedHospitals(ClientApp):
+    """``app`` on Flower's virtual SuperNodes, with ``node_config`` added to theirs.
+
+    A simulated node's own node config holds only ``partition-id`` and ``num-partitions``;
+    whoever runs the simulation is also its hospitals' operator, so the simulation gives
+    them here what ``--node-config`` gives a real SuperNode (:func:`simulation_node_config`).
+    The ClientApp itself reads its local values from the node config only, in both cases.
+    ``per_partition`` adds one hospital's own keys (e.g. its ``policy``) by partition id.
+    """
+
+    def __init__(
+        self, app: ClientApp, node_config: dict, per_partition: dict[int, dict] | None = None
+    ) -> None:
+        super().__init__()
+        self.app = app
+        self.node_config = dict(node_config)
+        self.per_partition = dict(per_partition or {})
+
+    def __call__(self, message: Message, context: Context) -> Message:
+        context = copy.copy(context)  # the node's state is shared; its node config is not
+        own = self.per_partition.get(int(context.node_config["partition-id"]), {})
+        context.node_config = {**self.node_config, **own, **context.node_config}
+        return self.app(message, context)
+
+
+def simulation_node_config(cfg: Config) -> dict[str, str]:
+    """The node config of every simulated hospital: the simulation's own values of the
+    hospital-local keys (the work directory resolved, so all nodes share the server's)."""
+    out = {}
+    for key, name in HOSPITAL_LOCAL_KEYS.items():
+        value = get_key(cfg, key)
+        if value is not None:
+            out[name] = str(value)
+    out["work-dir"] = str(resolve_path(cfg.data.work_dir or DEFAULT_WORK_DIR))
+    return out

@@ -29,6 +29,19 @@ CERVICAL_CLASSES = [
 ]
 CERVICAL_POSITIVE = ["cancer", "high-grade_squamous_intraepithelial_lesion"]
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# Hospital-local keys and the node-config name a hospital sets each with: paths on the
+# hospital's own disk. They come only from the hospital's node config (client/app.py); the
+# server sends them at their defaults (savlt_model.messages) and a hospital refuses a run
+# config that sets one. Every other key is the server's: hyperparameters and the task.
+HOSPITAL_LOCAL_KEYS = {
+    "data.root": "data-root",
+    "data.split_file": "split-file",
+    "data.manifest": "manifest",
+    "data.work_dir": "work-dir",
+    "model.pretrained": "pretrained",
+    "model.roi.unet_checkpoint": "unet-checkpoint",
+    "task.prompts": "prompts",
+}
 # Keys of older configs: a clear pointer instead of "unknown key".
 RENAMED = {"fl.protocol": "fl.partition"}
 
@@ -52,7 +65,9 @@ class DataConfig:
     # test-only centres scored in every partition, never a hospital: scanner styles no
     # training site has (the synthetic data writes scanner_hr and scanner_lc)
     held_out_centers: list[str] = field(default_factory=list)
-    split_file: str | None = None  # default: ROOT/<train_center>/split.json (written once)
+    # a split the hospital already has (read; made and saved there when missing); default:
+    # <work_dir>/.../<centre>/split.json, made once (savlt_model/data/protocol.py)
+    split_file: str | None = None
     split: list[float] = field(default_factory=lambda: [0.45, 0.15, 0.40])
     shots: int = 16
     on_bad_file: Literal["stop", "skip"] = "stop"
@@ -67,6 +82,9 @@ class DataConfig:
     # scanner's gain and dynamic range do not move the features (docs/scanner-shift.md)
     intensity: Literal["none", "percentile", "percentile-detrend"] = "percentile"
     synthetic: SynthConfig = field(default_factory=SynthConfig)
+    # where splits and few-shot draws are saved: never inside data.root (default runs/work;
+    # a deployed hospital's default is under its SuperNode's state directory)
+    work_dir: str | None = None
 
 
 @dataclass
@@ -299,8 +317,9 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     node[parts[-1]] = value
 
 
-def validate(cfg: Config) -> Config:
-    """Cross-field checks that a type annotation cannot express."""
+def validate(cfg: Config, local: bool = True) -> Config:
+    """Cross-field checks that a type annotation cannot express; with ``local``, also that the
+    hospital-local files it names exist (:func:`validate_local`)."""
     t = cfg.task
     if len(set(t.classes)) != len(t.classes) or len(t.classes) < 2:
         raise SavltError("config key 'task.classes' needs at least two distinct class names")
@@ -334,19 +353,6 @@ def validate(cfg: Config) -> Config:
             "config key 'model.text_tower': minilm anchors are frozen; set "
             "model.prompt_context: 0 and model.lora.text: false (or text_tower: backbone)"
         )
-    prompts = resolve_path(t.prompts)
-    if not prompts.is_file():
-        raise SavltError(f"config key 'task.prompts': file {prompts} does not exist")
-    if cfg.model.roi.source == "unet" and not cfg.model.roi.unet_checkpoint:
-        raise SavltError(
-            "config key 'model.roi.unet_checkpoint' is required when model.roi.source is 'unet' "
-            "(train one with `savlt roi train`)"
-        )
-    if cfg.model.roi.unet_checkpoint and not resolve_path(cfg.model.roi.unet_checkpoint).is_file():
-        raise SavltError(
-            f"config key 'model.roi.unet_checkpoint': file {cfg.model.roi.unet_checkpoint} "
-            "does not exist"
-        )
     centers = [cfg.data.train_center, *cfg.data.external_centers]
     overlap = sorted(set(cfg.data.held_out_centers) & set(centers))
     if overlap:
@@ -377,6 +383,25 @@ def validate(cfg: Config) -> Config:
         raise SavltError(f"config key 'fl.methods': unknown {bad}; choose from {sorted(METHODS)}")
     if cfg.privacy.mode != "none":
         check_privacy(cfg, cfg.fl.methods)
+    return validate_local(cfg) if local else cfg
+
+
+def validate_local(cfg: Config) -> Config:
+    """The files of the hospital-local keys exist (a hospital checks them after it has put
+    its own values in; the server's message carries none)."""
+    prompts = resolve_path(cfg.task.prompts)
+    if not prompts.is_file():
+        raise SavltError(f"config key 'task.prompts': file {prompts} does not exist")
+    if cfg.model.roi.source == "unet" and not cfg.model.roi.unet_checkpoint:
+        raise SavltError(
+            "config key 'model.roi.unet_checkpoint' is required when model.roi.source is 'unet' "
+            "(train one with `savlt roi train`)"
+        )
+    if cfg.model.roi.unet_checkpoint and not resolve_path(cfg.model.roi.unet_checkpoint).is_file():
+        raise SavltError(
+            f"config key 'model.roi.unet_checkpoint': file {cfg.model.roi.unet_checkpoint} "
+            "does not exist"
+        )
     return cfg
 
 
@@ -428,9 +453,25 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return validate(_build(Config, raw, ""))
 
 
-def config_from_dict(raw: dict[str, Any]) -> Config:
-    """Rebuild a Config saved with a run (``config.yaml``) or sent in a Flower run config."""
-    return validate(_build(Config, raw, ""))
+def config_from_dict(raw: dict[str, Any], local: bool = True) -> Config:
+    """Rebuild a Config saved with a run (``config.yaml``) or sent in a Flower run config
+    (``local=False``: its hospital-local keys are not this machine's to check)."""
+    return validate(_build(Config, raw, ""), local)
+
+
+def get_key(cfg: Any, key: str) -> Any:
+    """The value of a dotted config key, e.g. ``get_key(cfg, "data.root")``."""
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def with_key(cfg: Any, key: str, value: Any) -> Any:
+    """A copy of ``cfg`` with one dotted key replaced (the sections are copied, not shared)."""
+    head, _, rest = key.partition(".")
+    if not rest:
+        return dataclasses.replace(cfg, **{head: value})
+    return dataclasses.replace(cfg, **{head: with_key(getattr(cfg, head), rest, value)})
 
 
 def dump_config(cfg: Config) -> str:

@@ -2,19 +2,24 @@
 
 Everything that crosses the network is declared here: the keys of the round configuration
 the server sends, and the only metric names a hospital may send back. A reply carries the
-payload tensors and these numbers: no image, path or patient identifier.
+payload tensors and these numbers: no image, path or patient identifier. The run config a
+round carries is the server's view (:func:`server_view`): every hospital-local key of
+:data:`savlt_model.config.HOSPITAL_LOCAL_KEYS` at its default, so the server names no path
+on a hospital's disk (docs/deploy.md lists what goes each way).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import MetricRecord
 
 from savlt_model.calibration import LOG_T_GRID, FeatureStats, ValStats
-from savlt_model.config import Config, config_from_dict
+from savlt_model.config import HOSPITAL_LOCAL_KEYS, Config, config_from_dict, get_key, with_key
 from savlt_model.methods import LossTerms
 
 ARRAYS = "arrays"
@@ -95,6 +100,34 @@ def _finite(values, shape: tuple[int, ...]) -> np.ndarray:
     return a
 
 
+def server_view(cfg: Config) -> Config:
+    """``cfg`` as the server sends it: every hospital-local key at its default."""
+    default = Config()
+    for key in HOSPITAL_LOCAL_KEYS:
+        cfg = with_key(cfg, key, get_key(default, key))
+    return cfg
+
+
+def local_keys_set(cfg: Config) -> list[str]:
+    """The hospital-local keys that ``cfg`` sets to anything but their default."""
+    default = Config()
+    return [k for k in HOSPITAL_LOCAL_KEYS if get_key(cfg, k) != get_key(default, k)]
+
+
+def run_config_hash(cfg: Config) -> str:
+    """SHA-256 of the server's view of a run config (canonical JSON): what a hospital's
+    policy pins when it approves one exact study (client/policy.py)."""
+    text = json.dumps(server_view(cfg).to_dict(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def local_steps(cfg: Config) -> int:
+    """Per-round local steps; by default the centralised budget is shared by all hospitals."""
+    if cfg.fl.local_steps:
+        return cfg.fl.local_steps
+    return max(1, math.ceil(cfg.total_iterations / (cfg.fl.rounds * cfg.fl.hospitals)))
+
+
 def metric_record(metrics: dict, declared: frozenset[str]) -> MetricRecord:
     """The only way a hospital builds its reply metrics: undeclared names never leave it."""
     undeclared = sorted(set(metrics) - declared)
@@ -121,7 +154,7 @@ class RoundPlan:
 
     def to_record(self) -> dict:
         return {
-            "savlt-config": json.dumps(self.config.to_dict()),
+            "savlt-config": json.dumps(server_view(self.config).to_dict()),
             "method": self.method,
             "seed": self.seed,
             "global-round": self.round,
@@ -138,7 +171,8 @@ class RoundPlan:
     @classmethod
     def from_record(cls, record) -> RoundPlan:
         return cls(
-            config=config_from_dict(json.loads(str(record["savlt-config"]))),
+            # the hospital-local keys are the receiving hospital's to fill in and check
+            config=config_from_dict(json.loads(str(record["savlt-config"])), local=False),
             method=str(record["method"]),
             seed=int(record["seed"]),
             round=int(record["global-round"]),

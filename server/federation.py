@@ -9,7 +9,6 @@ hospitals' loss terms for every round's plan.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from savlt_model.config import Config
 from savlt_model.data.partition import build_partition
 from savlt_model.errors import SavltError
 from savlt_model.evaluation import score_centers
-from savlt_model.messages import RoundPlan
+from savlt_model.messages import RoundPlan, local_steps
 from savlt_model.methods import get_method
 from savlt_model.model.adapters import lora_scalings, trainable_state
 from savlt_model.model.build import build_model, cached_model, image_sets
@@ -66,13 +65,6 @@ class FederatedJob:
     @property
     def result_file(self) -> Path:
         return self.out_dir / "jobs" / f"{self.tag}.json"
-
-
-def local_steps(cfg: Config) -> int:
-    """Per-round local steps; by default the centralised budget is shared by all hospitals."""
-    if cfg.fl.local_steps:
-        return cfg.fl.local_steps
-    return max(1, math.ceil(cfg.total_iterations / (cfg.fl.rounds * cfg.fl.hospitals)))
 
 
 def run_federated(grid: Grid, job: FederatedJob) -> dict:

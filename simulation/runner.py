@@ -70,12 +70,15 @@ def simulate_federated(cfg: Config, jobs: list[FederatedJob], progress: tqdm | N
         return
     from flwr.simulation import run_simulation
 
+    from client.app import SimulatedHospitals, simulation_node_config
     from client.app import app as client_app
 
     failures: list[BaseException] = []
     run_simulation(
         server_app=server_app_for(*jobs, failures=failures, progress=progress),
-        client_app=client_app,
+        # the server sends no local path: the simulated hospitals get this run's data
+        # folder, work directory and files as their node config, as a SuperNode would
+        client_app=SimulatedHospitals(client_app, simulation_node_config(cfg)),
         num_supernodes=cfg.fl.hospitals,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,14 +20,16 @@ def fed_data_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def fed_config(fed_data_root) -> Callable[..., Config]:
+def fed_config(fed_data_root, tmp_path_factory) -> Callable[..., Config]:
     """The smallest real federation: 3 centres as hospitals, 2 rounds of 1 step, batch 8."""
+    work = tmp_path_factory.mktemp("work")  # splits and few-shot draws: never in the data
 
     def make(*extra: str) -> Config:
         return load_config(
             "configs/smoke.yaml",
             [
                 f"data.root={fed_data_root}",
+                f"data.work_dir={work}",
                 "data.synthetic.enabled=false",
                 "fl.partition=centers",  # every hospital holds every class
                 "fl.rounds=2",
@@ -72,3 +75,12 @@ def check_declared_replies(replies: list, payload: set[str], n: int) -> None:
         for value in metrics.values():  # numbers only: no path, name or identifier
             items = value if isinstance(value, list) else [value]
             assert all(isinstance(v, (int, float)) for v in items)
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``root``, by relative path: a data folder's fingerprint."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }

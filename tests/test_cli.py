@@ -110,3 +110,19 @@ def test_predict_bad_file_points_at_its_own_option(tmp_path, capsys):
     warning, error = capsys.readouterr().err.strip().splitlines()
     assert "predict: skipped 1 unreadable image(s): " in warning and warning.endswith("broken.png")
     assert error == "savlt: error: none of the given images is readable"
+
+
+def test_policy_command_writes_the_policy_a_hospital_loads(tmp_path, capsys):
+    from client.policy import load_policy
+    from savlt_model.config import load_config
+    from savlt_model.messages import run_config_hash
+
+    out = tmp_path / "policy.yaml"
+    args = ["policy", "--config", "configs/smoke.yaml", "--out", str(out), "--pin-config"]
+    assert main([*args, "--method", "fedavg"]) == 0
+    assert "Policy written to" in capsys.readouterr().out
+    policy = load_policy(out)
+    assert policy.methods == ["fedavg"] and policy.max_rounds == 2 and not policy.require_dp
+    assert policy.run_config_sha256 == run_config_hash(load_config("configs/smoke.yaml"))
+    assert main([*args, "--set", "fl.rounds=zero"]) == 2
+    assert "config key 'fl.rounds' must be int" in _error_line(capsys)

@@ -16,7 +16,7 @@ from savlt_model.config import load_config
 from savlt_model.data import images, splits
 from savlt_model.data.folders import Sample, load_sites, scan_center
 from savlt_model.data.images import ImageSet, load_image, make_loader
-from savlt_model.data.protocol import split_parts
+from savlt_model.data.protocol import center_work_dir, split_parts
 from savlt_model.data.splits import few_shot, split_center
 from savlt_model.errors import SavltError
 
@@ -36,6 +36,11 @@ def make_center(root: Path, center: str, counts: dict[str, int]) -> Path:
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
     return make_center(tmp_path / "DATA", "mixed", dict.fromkeys(CLASSES, 20))
+
+
+def saved(root: Path) -> Path:
+    """Where a split test keeps its split file: outside the DATA folder."""
+    return root.parent / "work" / "split.json"
 
 
 # --- scan_center ---------------------------------------------------------------------
@@ -143,38 +148,38 @@ def test_bad_on_bad_file_value(root: Path) -> None:
 
 def test_split_fractions_saved_and_reused(root: Path) -> None:
     samples = scan_center(root, "mixed", CLASSES)
-    split = split_center(root, "mixed", samples, seed=3)
+    split = split_center(samples, saved(root), seed=3)
     for label in range(3):
         sizes = [sum(s.label == label for s in split[p]) for p in ("train", "val", "test")]
         assert sizes == [9, 3, 8]
     keys = [s.key for p in ("train", "val", "test") for s in split[p]]
     assert sorted(keys) == sorted(s.key for s in samples)
-    saved = json.loads((root / "mixed" / "split.json").read_text())
-    assert saved == {p: [s.key for s in split[p]] for p in ("train", "val", "test")}
+    on_disk = json.loads(saved(root).read_text())
+    assert on_disk == {p: [s.key for s in split[p]] for p in ("train", "val", "test")}
     # An existing file wins over seed and fractions.
-    assert split_center(root, "mixed", samples, fractions=(0.8, 0.1, 0.1), seed=99) == split
-    assert split_center(root, "mixed", samples, split_file=root / "s4.json", seed=4) != split
+    assert split_center(samples, saved(root), fractions=(0.8, 0.1, 0.1), seed=99) == split
+    assert split_center(samples, root.parent / "s4.json", seed=4) != split
 
 
 def test_split_reuse_with_deleted_sample(root: Path) -> None:
     samples = scan_center(root, "mixed", CLASSES)
-    split_center(root, "mixed", samples)
+    split_center(samples, saved(root))
     (root / "mixed" / "images" / "cyst" / "img05.png").unlink()
     with pytest.raises(SavltError, match=r"split.json names 1 image\(s\) not in the data: cyst/"):
-        split_center(root, "mixed", scan_center(root, "mixed", CLASSES))
+        split_center(scan_center(root, "mixed", CLASSES), saved(root))
 
 
 def test_split_file_missing_samples(root: Path) -> None:
     samples = scan_center(root, "mixed", CLASSES)
-    split_center(root, "mixed", samples)
+    split_center(samples, saved(root))
     Image.new("RGB", (40, 30)).save(root / "mixed" / "images" / "cyst" / "new.png")
     with pytest.raises(SavltError, match=r"misses 1 image\(s\): cyst/new.png — delete the file"):
-        split_center(root, "mixed", scan_center(root, "mixed", CLASSES))
+        split_center(scan_center(root, "mixed", CLASSES), saved(root))
 
 
 def test_split_small_classes_keep_one_per_part(tmp_path: Path) -> None:
     root = make_center(tmp_path, "c", {"cyst": 3, "cancer": 4, "ectropion": 2})
-    split = split_center(root, "c", scan_center(root, "c", CLASSES), split_file=tmp_path / "s.json")
+    split = split_center(scan_center(root, "c", CLASSES), tmp_path / "s.json")
     for label in (0, 1):
         assert all(any(s.label == label for s in split[p]) for p in ("train", "val", "test"))
     assert [sum(s.label == 2 for s in split[p]) for p in ("train", "val", "test")] == [1, 0, 1]
@@ -183,7 +188,7 @@ def test_split_small_classes_keep_one_per_part(tmp_path: Path) -> None:
 
 def test_split_bad_fractions(root: Path) -> None:
     with pytest.raises(SavltError, match=r"data.split"):
-        split_center(root, "mixed", scan_center(root, "mixed", CLASSES), fractions=(0.5, 0.5, 0.5))
+        split_center(scan_center(root, "mixed", CLASSES), saved(root), fractions=(0.5, 0.5, 0.5))
 
 
 def test_split_read_only_warns(
@@ -195,10 +200,10 @@ def test_split_read_only_warns(
     monkeypatch.setattr(splits, "write_json", read_only)
     samples = scan_center(root, "mixed", CLASSES)
     with caplog.at_level(logging.WARNING, logger="savlt_model.data.splits"):
-        split = split_center(root, "mixed", samples)
+        split = split_center(samples, saved(root))
     assert sum(len(v) for v in split.values()) == 60
     assert "could not save split" in caplog.text
-    assert split_center(root, "mixed", samples) == split  # seeded, so still the same
+    assert split_center(samples, saved(root)) == split  # seeded, so still the same
 
 
 # --- few_shot --------------------------------------------------------------------------
@@ -274,7 +279,7 @@ def test_per_image_split_and_draw_unchanged(tmp_path: Path) -> None:
     root = make_center(tmp_path, "c", {"cyst": 7, "cancer": 5, "ectropion": 6})
     samples = scan_center(root, "c", CLASSES)
     assert all(s.patient is None for s in samples)
-    split = split_center(root, "c", samples, seed=7)
+    split = split_center(samples, tmp_path / "split.json", seed=7)
     assert {p: [s.key.split("/")[1][3:5] for s in v] for p, v in split.items()} == {
         "train": ["00", "05", "06", "02", "04", "00", "02", "03"],
         "val": ["02", "03", "04"],
@@ -302,12 +307,11 @@ def test_grouped_split_keeps_every_patient_in_one_part(tmp_path: Path) -> None:
     plain = scan_center(root, "c", CLASSES)
     grouped = scan_center(root, "c", CLASSES, patient_pattern=PATIENT)
     per_image = [
-        leaks(split_center(root, "c", plain, split_file=tmp_path / f"i{seed}.json", seed=seed))
-        for seed in range(10)
+        leaks(split_center(plain, tmp_path / f"i{seed}.json", seed=seed)) for seed in range(10)
     ]
     assert min(per_image) > 10  # of 36 patients: the original split leaks at every seed
     for seed in range(10):
-        split = split_center(root, "c", grouped, split_file=tmp_path / f"g{seed}.json", seed=seed)
+        split = split_center(grouped, tmp_path / f"g{seed}.json", seed=seed)
         assert leaks(split) == 0
         assert sorted(s.key for p in split.values() for s in p) == sorted(s.key for s in grouped)
         for label, n in enumerate((12, 10, 14)):  # stratified: every class in every part,
@@ -315,8 +319,8 @@ def test_grouped_split_keeps_every_patient_in_one_part(tmp_path: Path) -> None:
             assert all(k >= 1 for k in sizes), sizes  # near 45/15/40 % of its patients
             assert abs(sizes[0] - 0.45 * n) <= 2 and abs(sizes[2] - 0.40 * n) <= 2, sizes
     # Reloaded from the file it wrote: the same grouped split.
-    again = split_center(root, "c", grouped, split_file=tmp_path / "g3.json", seed=99)
-    assert again == split_center(root, "c", grouped, split_file=tmp_path / "g3.json")
+    again = split_center(grouped, tmp_path / "g3.json", seed=99)
+    assert again == split_center(grouped, tmp_path / "g3.json")
 
 
 def test_split_file_with_a_leaking_patient_refused(tmp_path: Path) -> None:
@@ -324,15 +328,15 @@ def test_split_file_with_a_leaking_patient_refused(tmp_path: Path) -> None:
     plain = scan_center(root, "c", CLASSES)
     grouped = scan_center(root, "c", CLASSES, patient_pattern=PATIENT)
     path = tmp_path / "split.json"
-    split = split_center(root, "c", plain, split_file=path, seed=0)  # per image: it leaks
+    split = split_center(plain, path, seed=0)  # per image: it leaks
     assert leaks(split) > 0
     with pytest.raises(SavltError, match=r"split file .*split.json puts patient P\d+ in \w+ and"):
-        split_center(root, "c", grouped, split_file=path)
+        split_center(grouped, path)
     raw = {"train": [s.key for s in grouped[2:]], "val": [], "test": [grouped[1].key]}
     raw["val"] = [grouped[0].key]  # P000's two scans in val and test
     path.write_text(json.dumps(raw))
     with pytest.raises(SavltError, match=r"puts patient P000 in val and test \(e.g. cyst/P000_s1"):
-        split_center(root, "c", grouped, split_file=path)
+        split_center(grouped, path)
 
 
 def test_run_log_says_how_the_split_was_made(
@@ -340,11 +344,11 @@ def test_run_log_says_how_the_split_was_made(
 ) -> None:
     root = make_patients(tmp_path / "D", "c", {"cyst": 5, "cancer": 2, "ectropion": 4}, scans=2)
     sets = ["data.synthetic.enabled=false", f"data.root={root}", f"task.classes={CLASSES}"]
-    sets.append("task.positive=[cancer]")
+    sets += ["task.positive=[cancer]", f"data.work_dir={tmp_path / 'work'}"]
     with caplog.at_level(logging.INFO, logger="savlt_model.data.protocol"):
-        split_parts(load_config(None, sets), root, "c")
+        split_parts(cfg := load_config(None, sets), root, "c")
     assert "centre c: no patient ids, so the split is per image" in caplog.text
-    (root / "c" / "split.json").unlink()
+    (center_work_dir(cfg, root, "c") / "split.json").unlink()
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="savlt_model.data.protocol"):
         parts = split_parts(
@@ -509,3 +513,17 @@ def test_load_sites(root: Path) -> None:
 def test_load_sites_missing_file(root: Path) -> None:
     with pytest.raises(SavltError, match=r"mixed/sites.json not found — create it"):
         load_sites(root, "mixed", scan_center(root, "mixed", CLASSES))
+
+
+def test_the_work_dir_is_outside_the_data_folder(tmp_path: Path) -> None:
+    root = make_center(tmp_path / "D", "c", {"cyst": 3, "cancer": 3, "ectropion": 3})
+    sets = ["data.synthetic.enabled=false", f"data.root={root}", f"task.classes={CLASSES}"]
+    sets.append("task.positive=[cancer]")
+    cfg = load_config(None, [*sets, f"data.work_dir={tmp_path / 'work'}"])
+    work = center_work_dir(cfg, root, "c")
+    assert work.parent.parent == tmp_path / "work" and work.name == "c"
+    assert work.parent.name.startswith("D-")  # the DATA folder's name and its path's hash
+    inside = load_config(None, [*sets, f"data.work_dir={root / 'cache'}"])
+    with pytest.raises(SavltError, match=r"data.work_dir: .* is inside the DATA folder"):
+        split_parts(inside, root, "c")
+    assert not (root / "cache").exists()

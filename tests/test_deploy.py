@@ -5,14 +5,17 @@ does), plus a SuperNode whose key was never registered. About 2-3 minutes on 2 c
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
 import pytest
 
+from client.policy import load_policy, write_policy
 from savlt_model.checkpoint import load_adapter
 from savlt_model.config import load_config
 from simulation.synth import generate
+from tests.conftest import tree_hashes
 from tools.deploy import (
     HospitalNode,
     Processes,
@@ -33,6 +36,8 @@ pytestmark = pytest.mark.deploy
 
 
 def test_tls_deployment_trains_and_refuses_an_unregistered_supernode(tmp_path):
+    """Also: every hospital runs with its run policy, a job outside one hospital's policy is
+    refused there with the reason in the server's events, and the DATA folder is only read."""
     root = tmp_path / "data"
     generate(root, seed=3, scale=0.25, progress=False)
     cfg = load_config(
@@ -43,11 +48,15 @@ def test_tls_deployment_trains_and_refuses_an_unregistered_supernode(tmp_path):
             "data.external_centers=[xiangya]",  # two hospitals: mixed and xiangya
             "fl.rounds=1",
             "fl.local_steps=1",
+            "fl.min_hospitals=1",  # a round goes ahead when one hospital refuses
             "train.batch_size=8",
         ],
     )
+    data_before = tree_hashes(root)
     dep = prepare(cfg, tmp_path / "deploy")
     assert dep.cfg.fl.hospitals == 2 and not dep.cfg.fl.server_eval and dep.cfg.fl.client_eval
+    mixed, xiangya = dep.hospitals
+    assert load_policy(mixed.policy) == load_policy(xiangya.policy)  # the same approved study
     with managed(Processes(dep.out / "logs", dep.env)) as procs:
         start_federation(dep, procs)
         key, pub = write_node_keys(dep.out / "keys", "intruder")  # never registered
@@ -56,6 +65,10 @@ def test_tls_deployment_trains_and_refuses_an_unregistered_supernode(tmp_path):
         intruder_exit = procs.procs["intruder"].wait(timeout=60)
         nodes = supernode_list(dep.env)
         assert len(procs.tagged()) > 4  # SuperLink, SuperNodes and their SuperExecs
+        # hospital mixed now approves fedavg only: a fedprox job trains without it
+        policy = dataclasses.replace(load_policy(mixed.policy), methods=["fedavg"])
+        write_policy(mixed.policy, policy)
+        refused = run_job(dep, procs, "fedprox", timeout=480)
     # teardown: nothing this deployment started, directly or not, is left running
     assert not procs.tagged()
 
@@ -75,6 +88,19 @@ def test_tls_deployment_trains_and_refuses_an_unregistered_supernode(tmp_path):
     assert row["hospitals"] == 2 and summary["events"] == []
     assert 0.0 <= row["hospitals-val-acc_multiclass"] <= 100.0
     assert math.isfinite(row["train-loss"])
+
+    # the policy refusal reached the server's events, before hospital mixed trained
+    assert refused["history"][0]["hospitals"] == 1
+    failed = [e for e in refused["events"] if e["event"] == "failed"]
+    assert len(failed) == 1
+    assert (
+        "hospital mixed refuses the run: method 'fedprox' is not approved" in (failed[0]["reason"])
+    )
+    # the hospitals' DATA folder is byte-identical; splits and draws are in their work dirs
+    assert tree_hashes(root) == data_before
+    for node in dep.hospitals:
+        work = dep.out / "flwr-nodes" / node.center / "savlt-work"
+        assert len(list(work.glob(f"data-*/{node.center}/split.json"))) == 1
 
 
 def _reconnections(procs, name: str, count: int, seconds: float) -> int:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from flwr.simulation import run_simulation
 
-from client.app import check_fingerprints
+from client.app import SimulatedHospitals, check_fingerprints, simulation_node_config
 from savlt_model.checkpoint import load_adapter
 from savlt_model.config import PROJECT_ROOT, load_config
 from savlt_model.errors import SavltError
@@ -49,7 +49,7 @@ def _run(
     job = FederatedJob(cfg, method, 42, out)
     run_simulation(
         server_app=server_app_for(job),
-        client_app=faulty_app,
+        client_app=SimulatedHospitals(faulty_app, simulation_node_config(cfg)),
         num_supernodes=cfg.fl.hospitals,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
     )

@@ -21,7 +21,8 @@ def root(tmp_path_factory):
 
 
 def _cfg(root, *extra):
-    return load_config("configs/smoke.yaml", [f"data.root={root}", *extra])
+    work = root.parent / "work"  # splits and few-shot draws: next to the data, not in it
+    return load_config("configs/smoke.yaml", [f"data.root={root}", f"data.work_dir={work}", *extra])
 
 
 def test_paper_protocol_splits_the_k_shot_set_by_site(root):

@@ -49,6 +49,7 @@ def test_retinal_config_runs_end_to_end(tmp_path: Path) -> None:
     args = ["simulate", "--config", "configs/retinal_oct.yaml", "--out", str(out)]
     for o in (
         f"data.root={root}",
+        f"data.work_dir={tmp_path / 'work'}",
         "seeds=[42]",
         "data.shots=2",
         "train.iterations_per_shot=1",
@@ -72,7 +73,8 @@ def test_retinal_config_runs_end_to_end(tmp_path: Path) -> None:
     log = (out / "savlt.log").read_text()  # the run log
     assert "centre site_c, class 'DRUSEN' has 0 images" in log
     assert "centre site_a: split by patient (16 patients)" in log
-    split = json.loads((root / "site_a" / "split.json").read_text())
+    (split_file,) = (tmp_path / "work").glob("RETINA-*/site_a/split.json")  # not in DATA
+    split = json.loads(split_file.read_text())
     patient_parts: dict[str, set[str]] = {}
     for part, keys in split.items():
         for key in keys:

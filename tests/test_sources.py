@@ -17,7 +17,7 @@ from savlt_model.config import load_config
 from savlt_model.data.folders import scan_center
 from savlt_model.data.images import ImageSet, load_image
 from savlt_model.data.manifest import read_manifest
-from savlt_model.data.protocol import split_parts
+from savlt_model.data.protocol import center_work_dir, split_parts
 from savlt_model.errors import SavltError
 from tests.test_data import CLASSES, PATIENT, leaks, make_center, make_patients
 
@@ -149,11 +149,13 @@ def test_manifest_through_the_config_splits_by_patient(tmp_path: Path) -> None:
             "data.manifest=<center>/manifest.csv",
             f"task.classes={CLASSES}",
             "task.positive=[cancer]",
+            f"data.work_dir={tmp_path / 'work'}",
         ],
     )
     parts = split_parts(cfg, root, "c")
     assert sum(len(p) for p in parts.values()) == 51 and leaks(parts) == 0
-    assert (root / "c" / "split.json").is_file()
+    assert (center_work_dir(cfg, root, "c") / "split.json").is_file()
+    assert not (root / "c" / "split.json").exists()  # the data folder is not written to
 
 
 # --- DICOM -------------------------------------------------------------------------------

@@ -89,9 +89,11 @@ def cmd_synth(args: argparse.Namespace) -> None:
 
 def _start_run(args: argparse.Namespace):
     from savlt_model.atomic import write_text
-    from savlt_model.config import dump_config, load_config
+    from savlt_model.config import dump_config, load_config, with_key
 
     cfg = load_config(args.config, args.overrides)
+    if cfg.data.work_dir is None:  # the run's splits and few-shot draws, next to its results
+        cfg = with_key(cfg, "data.work_dir", str((args.out / "work").resolve()))
     write_text(args.out / "config.yaml", dump_config(cfg))
     return cfg
 
@@ -207,6 +209,22 @@ def cmd_deploy_local(args: argparse.Namespace) -> None:
     print_summary(deploy_local(cfg, args.out, args.method, args.timeout), args.out)
 
 
+def cmd_policy(args: argparse.Namespace) -> None:
+    from client.policy import policy_for, write_policy
+    from savlt_model.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    policy = policy_for(cfg, methods=args.method or None, pin_config=args.pin_config)
+    path = write_policy(args.out, policy, source=str(args.config))
+    print(
+        f"Policy written to {path}: methods {', '.join(policy.methods)}, at most "
+        f"{policy.max_rounds} rounds of {policy.max_local_steps} local steps"
+        + (", central DP required" if policy.require_dp else "")
+        + (", this exact run config only" if policy.run_config_sha256 else "")
+        + '. Review it, then name it in the SuperNode\'s node config: policy="FILE"'
+    )
+
+
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from tools.pretrain import pretrain
 
@@ -314,6 +332,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="text-anchored", choices=federated_methods())
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds the run may take")
     p.set_defaults(func=cmd_deploy_local)
+
+    p = sub.add_parser(
+        "policy",
+        help="write a hospital's run policy (what it agrees to run) from a study's config",
+        description="Writes the policy that approves the config as it is: its federated "
+        "methods, backbone and text-anchor fingerprints, rounds, local steps and DP setting "
+        "(docs/deploy.md). A hospital names it in its SuperNode's node config (policy=FILE).",
+    )
+    p.add_argument("--config", type=Path, required=True, help="the study's YAML config")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set model.pretrained=/local/weights.pt",
+    )
+    p.add_argument("--out", type=Path, required=True, help="policy file (.yaml) to write")
+    p.add_argument(
+        "--method",
+        action="append",
+        choices=federated_methods(),
+        help="approve only this method (repeatable; default: the config's federated methods)",
+    )
+    p.add_argument(
+        "--pin-config",
+        action="store_true",
+        help="approve only this exact run config (its SHA-256), not just its limits",
+    )
+    p.set_defaults(func=cmd_policy, log_dir=None)
 
     p = sub.add_parser("report", help="(re)write RUN_DIR/report.md")
     p.add_argument("--run", type=Path, required=True, help="run directory")

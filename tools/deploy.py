@@ -34,8 +34,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from client.policy import policy_for, write_policy
 from savlt_model.atomic import write_text
-from savlt_model.config import PROJECT_ROOT, Config, dump_config
+from savlt_model.config import PROJECT_ROOT, Config, dump_config, load_config
 from savlt_model.errors import SavltError
 from simulation.synth import ensure_data
 
@@ -59,6 +60,7 @@ class HospitalNode:
     private_key: Path
     public_key: Path
     port: int  # the SuperNode's own runtime API port
+    policy: Path | None = None  # the run policy the hospital approved (client/policy.py)
 
 
 def _write_private(path: Path, data: bytes) -> Path:
@@ -331,14 +333,22 @@ def prepare(cfg: Config, out: Path) -> Deployment:
         cfg, data=dataclasses.replace(cfg.data, root=str(root), synthetic=synthetic)
     )
     certs = write_certificates(out / "certs")
+    config_file = write_text(out / "config.yaml", dump_config(cfg))
+    # every hospital approves exactly this study: what `savlt policy --pin-config` writes
+    policy = policy_for(load_config(config_file), pin_config=True)
     hospitals = [
-        HospitalNode(c, *write_node_keys(out / "keys", f"hospital-{c}"), free_port())
+        HospitalNode(
+            c,
+            *write_node_keys(out / "keys", f"hospital-{c}"),
+            free_port(),
+            write_policy(out / "policies" / f"hospital-{c}.yaml", policy, str(config_file)),
+        )
         for c in centers_of(cfg)
     ]
     dep = Deployment(
         out,
         cfg,
-        write_text(out / "config.yaml", dump_config(cfg)),
+        config_file,
         root,
         free_port(),
         certs,
@@ -394,7 +404,12 @@ def register(dep: Deployment, node: HospitalNode) -> None:
 def start_supernode(
     dep: Deployment, procs: Processes, node: HospitalNode, name: str | None = None
 ) -> None:
-    """One hospital's SuperNode: TLS to the SuperLink, its private key, its data folder."""
+    """One hospital's SuperNode: TLS to the SuperLink, its private key, its data folder and
+    its run policy. Its splits and few-shot draws go to its own state directory
+    (``FLWR_HOME/savlt-work``), never into the data folder."""
+    node_config = f'data-root="{dep.data}" center="{node.center}"'
+    if node.policy is not None:
+        node_config += f' policy="{node.policy}"'
     procs.start(
         name or f"hospital-{node.center}",
         [
@@ -408,7 +423,7 @@ def start_supernode(
             "--port",
             str(node.port),
             "--node-config",
-            f'data-root="{dep.data}" center="{node.center}"',
+            node_config,
         ],
         env={"FLWR_HOME": str(dep.out / "flwr-nodes" / node.center)},
     )

@@ -4,10 +4,15 @@ Train on a K-shot subset of the mixed centre's train split (val reduced to min(K
 class); test on the mixed test split and on every external centre in full. Hospital
 partitions (:mod:`savlt_model.data.partition`) split these same sets further, so every method
 is scored on the same test data.
+
+Nothing is ever written into the DATA folder: a centre's split and few-shot draws are saved
+under the work directory (:func:`center_work_dir`), and a split file is read from
+``data.split_file`` when one is named.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +30,7 @@ from savlt_model.data.splits import (
 from savlt_model.errors import SavltError
 
 VAL_SHOTS_MAX = 16
+DEFAULT_WORK_DIR = "runs/work"  # when data.work_dir is not set (relative to the project)
 log = logging.getLogger(__name__)
 
 
@@ -51,6 +57,23 @@ def data_root(cfg: Config) -> Path:
     return root
 
 
+def center_work_dir(cfg: Config, root: Path, center: str) -> Path:
+    """Where one centre's split and few-shot draws are saved: ``<work dir>/<DATA folder
+    name>-<8 hex digits of its absolute path>/<centre>``, outside the DATA folder.
+
+    The hash keeps two DATA folders with the same centre names apart in one work directory.
+    """
+    work = resolve_path(cfg.data.work_dir or DEFAULT_WORK_DIR).resolve()
+    root = Path(root).resolve()
+    if work == root or root in work.parents:
+        raise SavltError(
+            f"data.work_dir: {work} is inside the DATA folder {root}; the data folder is "
+            "never written to, so choose a folder outside it"
+        )
+    tag = hashlib.sha256(str(root).encode()).hexdigest()[:8]
+    return work / f"{root.name}-{tag}" / center
+
+
 def is_synthetic(root: Path) -> bool:
     return (root / "synth.json").is_file()
 
@@ -75,8 +98,11 @@ def split_parts(cfg: Config, root: Path, center: str) -> dict[str, list[Sample]]
     """One centre's train/val/test split (saved and reused), grouped by patient when the
     samples have patient ids; the log says which, so a per-image split is never silent."""
     samples = center_samples(cfg, root, center)
-    split_file = resolve_path(cfg.data.split_file) if cfg.data.split_file else None
-    parts = split_center(root, center, samples, tuple(cfg.data.split), split_file)
+    if cfg.data.split_file:
+        split_file = resolve_path(cfg.data.split_file)
+    else:
+        split_file = center_work_dir(cfg, root, center) / "split.json"
+    parts = split_center(samples, split_file, tuple(cfg.data.split))
     if has_patients(samples):
         log.info(
             "centre %s: split by patient (%d patients): %s",
@@ -106,10 +132,11 @@ def split_parts(cfg: Config, root: Path, center: str) -> dict[str, list[Sample]]
 def prepare_center(
     cfg: Config, root: Path, center: str, seed: int, with_sites: bool = False
 ) -> CenterData:
-    """Split one centre (split saved and reused) and draw the seeded K-shot train and val sets."""
+    """Split one centre (split saved and reused) and draw the seeded K-shot train and val sets
+    (saved and reused, in the centre's work directory)."""
     parts = split_parts(cfg, root, center)
     k, classes = cfg.data.shots, cfg.task.classes
-    cache = root / center / "few_shot"
+    cache = center_work_dir(cfg, root, center) / "few_shot"
     train = few_shot(
         parts["train"],
         k,

@@ -153,22 +153,20 @@ def _deal(
 
 
 def split_center(
-    root: Path,
-    center: str,
     samples: list[Sample],
+    split_file: Path,
     fractions: tuple[float, float, float] = (0.45, 0.15, 0.40),
-    split_file: Path | None = None,
     seed: int = 1,
 ) -> dict[str, list[Sample]]:
     """Split a centre stratified by class into train/val/test, or reuse the saved split.
 
     With patient ids the split is grouped by patient, else per image (:func:`_deal`). The
-    split is saved (default ``ROOT/<centre>/split.json``) the first time, so every later
-    run, seed and method sees the same test images; an existing file always wins over
-    ``fractions`` and ``seed``, but one that puts a patient in two parts is refused. Each
-    part keeps the order of ``samples``.
+    split is saved to ``split_file`` the first time (the protocol puts it in the work
+    directory, never in the data folder), so every later run, seed and method sees the
+    same test images; an existing file always wins over ``fractions`` and ``seed``, but one
+    that puts a patient in two parts is refused. Each part keeps the order of ``samples``.
     """
-    path = Path(split_file) if split_file is not None else Path(root) / center / "split.json"
+    path = Path(split_file)
     if path.is_file():
         return _load_split(path, samples)
     fractions = _check_fractions(fractions)
