@@ -15,7 +15,7 @@ from sklearn.metrics import (
 )
 
 from savlt_model.errors import SavltError
-from savlt_model.metrics import METRIC_KEYS, binary_scores, compute_metrics
+from savlt_model.metrics import METRIC_KEYS, binary_scores, compute_metrics, roc_auc
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -122,3 +122,12 @@ def test_bad_input_raises(probs: np.ndarray, labels: np.ndarray, positive: list[
 def test_binary_scores_rejects_bad_positive() -> None:
     with pytest.raises(SavltError):
         binary_scores(np.full((2, 3), 1 / 3), [5])
+
+
+def test_roc_auc_equals_sklearn_with_ties() -> None:
+    """The numpy AUC (no sklearn import in the ClientApp) counts a tie as one half."""
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        y = rng.random(60) < 0.4
+        scores = rng.integers(0, 5, 60) / 4.0  # many ties
+        assert roc_auc(y, scores) == pytest.approx(roc_auc_score(y, scores), abs=1e-12)
