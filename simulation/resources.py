@@ -85,17 +85,19 @@ class ActorResources:
 def gpu_share(need_bytes: int, gpu_bytes: int, gpus: int, hospitals: int) -> float:
     """The smallest GPU fraction that fits ``need_bytes``, at most 1.
 
-    k actors share one GPU when k of them fit its memory; k never exceeds the hospitals
-    each GPU has to serve (ceil(hospitals / gpus)), so a few hospitals spread over the GPUs
-    instead of crowding one. The share is 1/k rounded down to Ray's precision, so Flower's
-    int(gpus / share) gives k actors per GPU. A need above one GPU's memory gets a whole GPU.
+    k actors share one GPU when k of them fit its memory next to the driver's own use
+    (server model, evaluation: one actor's worth is left free on every GPU); k never
+    exceeds the hospitals each GPU has to serve (ceil(hospitals / gpus)), so a few
+    hospitals spread over the GPUs instead of crowding one. The share is 1/k rounded down
+    to Ray's precision, so Flower's int(gpus / share) gives k actors per GPU. When not even
+    one fits beside the driver, each actor gets a whole GPU.
     """
     if need_bytes <= 0 or gpu_bytes <= 0 or gpus < 1 or hospitals < 1:
         raise ValueError(
             f"gpu_share needs positive sizes and counts, got need {need_bytes}, "
             f"gpu {gpu_bytes}, gpus {gpus}, hospitals {hospitals}"
         )
-    fit = gpu_bytes // need_bytes
+    fit = gpu_bytes // need_bytes - 1
     if fit < 1:
         return 1.0
     k = min(fit, math.ceil(hospitals / gpus))
@@ -151,4 +153,11 @@ def actor_resources(cfg: Config, seed: int) -> ActorResources:
         count = torch.cuda.device_count()
         smallest = min(torch.cuda.get_device_properties(i).total_memory for i in range(count))
         gpus = gpu_share(need, smallest, count, cfg.fl.hospitals)
+        if need > smallest:
+            log.warning(
+                "one actor needs %.1f GiB, more than a GPU's %.1f GiB: each gets a whole GPU "
+                "and may run out of memory; lower train.batch_size or model.lora.last_n_blocks",
+                need / GiB,
+                smallest / GiB,
+            )
     return ActorResources(sim.client_cpus, gpus, sim.max_actors, sim.ray_address, need)
