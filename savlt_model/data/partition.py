@@ -104,11 +104,7 @@ def deal_dirichlet(
 def split_center(cfg: Config, center: CenterData, n: int, seed: int) -> list[Hospital]:
     """One centre's K-shot train and val sets dealt into ``n`` hospitals (``fl.split``)."""
     if cfg.fl.split == "sites":
-        if center.sites is None:
-            raise SavltError(
-                f"fl.split=sites: centre {center.name} has no sites.json to split by; "
-                "use fl.split: dirichlet"
-            )
+        assert center.sites is not None  # loaded (or refused) by prepare_center
         names = sorted(set(center.sites.values()))
         if not 1 <= n <= len(names):
             raise SavltError(
@@ -158,7 +154,7 @@ def build_partition(cfg: Config, seed: int) -> Partition:
     centers = [cfg.data.train_center, *cfg.data.external_centers]
     held_out = cfg.fl.held_out
     training = [c for c in centers if c != held_out]
-    if n % len(training):
+    if n < len(training) or n % len(training):
         raise SavltError(
             f"fl.hospitals={n}: the centers partition deals each of its {len(training)} "
             f"centres ({', '.join(training)}) into the same number of hospitals; use a "
