@@ -15,8 +15,9 @@ wrapping the strategy; memory is the summed PSS of this process and every proces
 (Ray's daemons and actors), sampled twice a second; ClientApps run in Ray actors, so their
 pieces are timed separately, in process, with the same functions client/app.py calls.
 
-    .venv/bin/python benchmarks/bench_simulation.py [--quick]   (--quick: 3 and 10 hospitals,
-    2 rounds, savlt-tiny actor only, no smoke breakdown)
+    .venv/bin/python benchmarks/bench_simulation.py [--quick] [--breakdown]
+    (--quick: 3 and 10 hospitals, 2 rounds, savlt-tiny actor only; --breakdown: also where
+    the smoke job's wall time goes)
 """
 
 from __future__ import annotations
@@ -279,7 +280,9 @@ def _actor_memory(name: str, root: Path) -> list[Any]:
 
 
 def main() -> None:
-    args = parser(__doc__).parse_args()
+    p = parser(__doc__)
+    p.add_argument("--breakdown", action="store_true", help="also the smoke job's phases")
+    args = p.parse_args()
     device = setup(args)
     start = machine(device)
     logging.getLogger("flwr").setLevel(logging.WARNING)
@@ -321,7 +324,7 @@ def main() -> None:
         completes = ("met" if fifty[0][1] == 50 else "not met") if fifty else "not measured"
         names = ["savlt-tiny"] if args.quick else list(ACTOR_MODELS)
         actors = [_actor_memory(name, source) for name in names]
-        extra = {} if args.quick else _breakdown(work)
+        extra = _breakdown(work) if args.breakdown else {}
     actor_headers = (
         "backbone",
         "import s",
