@@ -1,35 +1,40 @@
-"""Federated round time vs number of hospitals, and where a smoke round's wall time goes.
+"""Federated round time and peak memory vs number of hospitals; memory and cold start of
+one actor; where a smoke round's wall time goes.
 
-Why: ``make simulate`` is slow on a laptop; this says whether round time grows linearly in
-the number of hospitals and which part (Ray start-up, cold actors, model build per message,
-training, server evaluation) to cut first.
+Why: researchers simulate tens of hospitals. This says whether round time grows no faster
+than linearly in the number of hospitals (3 / 10 / 20 / 50), whether memory grows with the
+Ray actors (bounded by ``simulation.max_actors``) rather than with hospitals, what one actor
+costs in memory for savlt-tiny and ViT-B/16 shapes on CPU, and which part (Ray start-up,
+cold actors, training, server evaluation) to cut first.
 
-Scaling: the ``paper`` partition has only 3 sub-sites, so the hospitals here are the
-``centers`` partition over N centre folders hard-linked from one synthetic data set (every
-copy is a full centre with its own split), with a fixed ``fl.local_steps`` so each hospital
-does the same work whatever N, and server evaluation off. The ServerApp runs in this
-process (Flower's simulation thread), so round boundaries are timed by wrapping the
-strategy; ClientApps run in Ray actors, so their pieces are timed separately, in process,
-with the same functions client/app.py calls.
+Scaling: the ``paper`` partition with ``fl.split: dirichlet`` deals the mixed centre's
+K-shot set (K = 16: 80 images) into N hospitals, with a fixed ``fl.local_steps`` so each
+hospital does the same work whatever N, server evaluation off and 2 actors (2 cores). The
+ServerApp runs in this process (Flower's simulation thread), so round boundaries are timed by
+wrapping the strategy; memory is the summed PSS of this process and every process under it
+(Ray's daemons and actors), sampled twice a second; ClientApps run in Ray actors, so their
+pieces are timed separately, in process, with the same functions client/app.py calls.
 
-    .venv/bin/python benchmarks/bench_simulation.py [--quick]   (--quick: 3 and 6 hospitals, 2
-    rounds, no smoke breakdown)
+    .venv/bin/python benchmarks/bench_simulation.py [--quick] [--breakdown]
+    (--quick: 3 and 10 hospitals, 2 rounds, savlt-tiny actor only; --breakdown: also where
+    the smoke job's wall time goes)
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import os
-import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
 from common import machine, parser, report, setup, table
 
 import server.federation as federation
@@ -63,32 +68,56 @@ def _wrap(owner: Any, attr: str, label: str, events: Events) -> Callable[[], Non
     return lambda: setattr(owner, attr, original)
 
 
-def _centres(source: Path, root: Path, n: int) -> list[str]:
-    """N centre folders (hard links, no split files) cycling over the synthetic centres."""
-    names = [f"h{i:02d}_{SOURCES[i % 3]}" for i in range(n)]
-    root.mkdir(parents=True)
-    shutil.copy2(source / "synth.json", root / "synth.json")
-    for i, name in enumerate(names):
-        shutil.copytree(source / SOURCES[i % 3], root / name, copy_function=os.link)
-    return names
-
-
-def _config(base: Path, root: Path, centres: list[str], rounds: int, eval_: bool) -> Config:
+def _config(base: Path, root: Path, hospitals: int, rounds: int, eval_: bool) -> Config:
     return load_config(
         base,
         [
             f"data.root={root}",
             "data.synthetic.enabled=false",
-            f"data.train_center={centres[0]}",
-            f"data.external_centers=[{','.join(centres[1:])}]",
-            "fl.partition=centers",
-            f"fl.hospitals={len(centres)}",
+            "data.shots=16",
+            "fl.split=dirichlet",
+            "fl.dirichlet_alpha=1.0",
+            f"fl.hospitals={hospitals}",
             "fl.methods=[fedavg]",
             f"fl.rounds={rounds}",
             "fl.local_steps=4",
             f"fl.server_eval={str(eval_).lower()}",
+            "simulation.max_actors=2",
         ],
     )
+
+
+class PeakMemory:
+    """Peak summed PSS (and peak actor RSS) of this process and all its descendants."""
+
+    def __init__(self, every: float = 0.5) -> None:
+        self.every, self.total, self.actor = every, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _sample(self) -> None:
+        me = psutil.Process()
+        total = 0
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                total += proc.memory_full_info().pss
+                if proc.cmdline()[:1] and proc.cmdline()[0].startswith("ray::ClientAppActor"):
+                    self.actor = max(self.actor, proc.memory_info().rss)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, IndexError):
+                continue
+        self.total = max(self.total, total)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.every):
+            self._sample()
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def _run(cfg: Config, out: Path) -> tuple[float, Events]:
@@ -99,7 +128,6 @@ def _run(cfg: Config, out: Path) -> tuple[float, Events]:
         _wrap(SavltStrategy, "aggregate_train", "aggregate", events),
         _wrap(federation, "build_model", "server build_model", events),
         _wrap(federation, "score_centers", "server score", events),
-        _wrap(federation, "save_figures", "server figures", events),
     ]
     start = time.perf_counter()
     try:
@@ -158,10 +186,10 @@ def _actor_cold_start() -> tuple[float, float]:
     return float(imports), float(backbone)
 
 
-def _breakdown(source: Path, work: Path) -> dict[str, Any]:
+def _breakdown(work: Path) -> dict[str, Any]:
     """The smoke config (paper partition, server eval on) as ``make simulate`` would run it."""
     root = work / "smoke-data"
-    shutil.copytree(source, root, copy_function=os.link)
+    generate(root, scale=0.25, progress=False)
     cfg = load_config(SMOKE, [f"data.root={root}", "fl.methods=[fedavg]"])
     total, events = _run(cfg, work / "smoke-out")
     rounds = _rounds(events)
@@ -169,7 +197,7 @@ def _breakdown(source: Path, work: Path) -> dict[str, Any]:
     last = max(e for w, _, _, e in events if w == "aggregate")
     server = {
         w: sum(e - s for x, _, s, e in events if x == w)
-        for w in ("server build_model", "server score", "server figures")
+        for w in ("server build_model", "server score")
     }
     in_rounds = sum(e - s for w, _, s, e in events if w == "server score" and first < s < last)
     before = [e - s for w, _, s, e in events if w != "configure" and e <= first]
@@ -200,41 +228,125 @@ def _breakdown(source: Path, work: Path) -> dict[str, Any]:
     }
 
 
+ACTOR = """
+import json, sys, time
+import psutil
+rss = lambda: psutil.Process().memory_info().rss
+out = {"start": rss()}
+t = time.perf_counter()
+import client.app
+out["import s"] = time.perf_counter() - t
+out["imports"] = rss()
+from savlt_model.config import load_config
+from savlt_model.data.partition import build_partition
+from savlt_model.model.build import cached_model, image_sets
+from savlt_model.train import train_steps
+cfg = load_config(sys.argv[1], sys.argv[2:])
+model = cached_model(cfg, 42)
+out["model"] = rss()
+hospitals = build_partition(cfg, 42).hospitals
+def serve(h):
+    train_steps(model, image_sets(cfg, {"t": h.train, "v": h.val}, True)["t"], cfg, 1, 42)
+serve(hospitals[0])
+out["one step"] = rss()
+for h in hospitals[1:4]:
+    serve(h)
+out["per hospital"] = (rss() - out["one step"]) / 3
+print(json.dumps(out))
+"""
+GiB = 1024**3
+# backbone -> its overrides: ViT-B/16 shapes (random weights, no download), batch 8 on CPU
+ACTOR_MODELS = {
+    "savlt-tiny": [],
+    "ViT-B-16": ["model.name=ViT-B-16", "train.batch_size=8"],
+}
+
+
+def _actor_memory(name: str, root: Path) -> list[Any]:
+    """RSS (GiB) of a fresh process as an actor grows: imports, model, one step; and what
+    each further hospital it serves adds (its decoded images), with 10 hospitals' data."""
+    base = [f"data.root={root}", "data.shots=16", "fl.split=dirichlet", "fl.hospitals=10"]
+    cmd = [sys.executable, "-c", ACTOR, str(SMOKE), *base, *ACTOR_MODELS[name]]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    m = json.loads(done.stdout.strip().splitlines()[-1])
+    return [
+        name,
+        m["import s"],
+        m["imports"] / GiB,
+        m["model"] / GiB,
+        m["one step"] / GiB,
+        m["per hospital"] / 2**20,
+    ]
+
+
 def main() -> None:
-    args = parser(__doc__).parse_args()
+    p = parser(__doc__)
+    p.add_argument("--breakdown", action="store_true", help="also the smoke job's phases")
+    args = p.parse_args()
     device = setup(args)
     start = machine(device)
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    counts, rounds = ((3, 6), 2) if args.quick else ((3, 6, 12), 3)
+    counts, rounds = ((3, 10), 2) if args.quick else ((3, 10, 20, 50), 3)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         source = work / "synthetic"
-        generate(source, scale=0.25, progress=False)
+        generate(source, scale=1.0, progress=False)
         for n in counts:
-            centres = _centres(source, work / f"data{n}", n)
-            cfg = _config(SMOKE, work / f"data{n}", centres, rounds, eval_=False)
+            cfg = _config(SMOKE, source, n, rounds, eval_=False)
             _client_pieces(cfg, n)  # cold: writes the split files before the run
             pieces = _client_pieces(cfg, n)
-            total, events = _run(cfg, work / f"out{n}")
+            with PeakMemory() as memory:
+                total, events = _run(cfg, work / f"out{n}")
+            result = json.loads((work / f"out{n}" / "jobs" / "fedavg_seed42.json").read_text())
+            trained = min(r["hospitals"] for r in result["history"])
             per_round = _rounds(events)
             warm = statistics.median(per_round[1:])
-            client = sum(pieces.values())
-            rows.append([n, total, per_round[0], warm, warm / n, pieces["hospital_data"], client])
-        base = rows[0][3] / rows[0][0]
-        growth = max(r[3] / (r[0] * base) for r in rows[1:])
-        verdict = "met" if growth <= 1.15 else "not met"
-        extra = {} if args.quick else _breakdown(source, work)
+            rows.append(
+                [
+                    n,
+                    trained,
+                    total,
+                    per_round[0],
+                    warm,
+                    warm / n,
+                    memory.total / GiB,
+                    memory.actor / GiB,
+                    sum(pieces.values()),
+                ]
+            )
+        base = rows[0][4] / rows[0][0]
+        growth = max(r[4] / (r[0] * base) for r in rows[1:])
+        linear = "met" if growth <= 1.15 else "not met"
+        peak = max(r[6] for r in rows)
+        memory_target = "met" if peak < 12 else "not met"
+        fifty = [r for r in rows if r[0] == 50]
+        completes = ("met" if fifty[0][1] == 50 else "not met") if fifty else "not measured"
+        names = ["savlt-tiny"] if args.quick else list(ACTOR_MODELS)
+        actors = [_actor_memory(name, source) for name in names]
+        extra = _breakdown(work) if args.breakdown else {}
+    actor_headers = (
+        "backbone",
+        "import s",
+        "RSS after imports GiB",
+        "+ model GiB",
+        "+ one step GiB",
+        "per extra hospital MiB",
+    )
+    print("\none actor's resident memory, fresh process, CPU")
+    print(table(actor_headers, actors))
     headers = (
         "hospitals",
+        "trained every round",
         "job s",
         "round 1 s",
         "warm round s",
         "s/hospital",
-        "client partition s",
+        "peak PSS GiB (all processes)",
+        "peak actor RSS GiB",
         "client call s (warm)",
     )
-    print(f"\nround time vs hospitals ({rounds} rounds, 4 local steps, no server eval)")
+    print(f"\nround time and memory vs hospitals ({rounds} rounds, 4 local steps, 2 actors)")
     report(
         "simulation",
         args,
@@ -242,11 +354,17 @@ def main() -> None:
         headers,
         rows,
         start,
-        linear_target=verdict,
+        linear_target=linear,
         worst_growth_vs_linear=growth,
+        memory_target=memory_target,
+        fifty_hospitals_target=completes,
+        actor_memory={"columns": list(actor_headers), "rows": actors},
         **extra,
     )
-    print(f"target (round time grows no faster than linearly): {verdict}, worst {growth:.2f}x")
+    print(
+        f"targets: a round with 50 hospitals {completes}; round time no faster than linear "
+        f"{linear} (worst {growth:.2f}x); peak memory < 12 GiB {memory_target} ({peak:.2f} GiB)"
+    )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# GPU checks (items 1 and 2 of benchmarks/README.md) with CUDA, bf16 autocast and TF32 on.
-# Run from the repository root on a machine with one CUDA GPU; about 4-5 minutes
+# GPU checks (items 1, 2 and 7 of benchmarks/README.md) with CUDA, bf16 autocast and TF32 on.
+# Run from the repository root on a machine with one CUDA GPU; about 6-7 minutes
 # (ViT-B-16 random weights, nothing downloaded). Writes benchmarks/results/*-cuda-bf16.json.
+# Item 7 is a 3-hospital federated simulation (Flower + Ray, simulation.client_gpus: auto):
+# its round time vs the same central steps, and whether the actors held the GPU.
 #
 # Python: .venv/bin/python when the repo has one; otherwise the machine's python3 with the
 # repo on PYTHONPATH, plus the wheels in .whl/ (for a GPU image without open_clip):
@@ -30,5 +32,6 @@ run() {  # one benchmark; a failure is reported and the others still run
 run 150 benchmarks/bench_roi_pool.py
 run 150 benchmarks/bench_train_step.py
 run 150 benchmarks/bench_lora_attention.py
+run 300 benchmarks/bench_gpu_federation.py
 run 240 benchmarks/bench_train_step.py --compile  # last: compiling takes minutes
 exit $status

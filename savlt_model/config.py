@@ -149,6 +149,10 @@ class TrainConfig:
 @dataclass
 class FederatedConfig:
     partition: Literal["paper", "centers"] = "paper"  # how the data is split into hospitals
+    # how a centre's K-shot train (and val) images are dealt into its hospitals: by sub-site
+    # (paper: ROOT/<centre>/sites.json, round-robin) or at random with a Dirichlet class skew
+    split: Literal["sites", "dirichlet"] = "sites"
+    dirichlet_alpha: float = 0.5  # dirichlet: smaller = more class skew between hospitals
     leave_one_out: bool = False  # centers partition: also train without each centre, test on it
     held_out: str | None = None  # set per job by leave_one_out: the centre no hospital holds
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
@@ -209,6 +213,21 @@ class PrivacyConfig:
 
 
 @dataclass
+class SimulationConfig:
+    """Ray resources of the simulated hospitals' ClientApp actors (``savlt simulate``).
+
+    ``flwr run`` takes the same numbers from its federation config (README, "flwr run").
+    """
+
+    client_cpus: float = 1.0  # CPUs each actor reserves
+    # GPU share of each actor: a fraction (0.25: four actors per GPU), a whole number of
+    # GPUs, or "auto": 0 on CPU; on CUDA the smallest share that fits one training step
+    client_gpus: float | Literal["auto"] = "auto"
+    max_actors: int = 0  # 0: as many actors as the CPUs/GPUs fit; N: at most N at once
+    ray_address: str | None = None  # None: start a local Ray; "auto" / "host:port": a cluster
+
+
+@dataclass
 class Config:
     seeds: list[int] = field(default_factory=lambda: [42])
     data: DataConfig = field(default_factory=DataConfig)
@@ -218,6 +237,7 @@ class Config:
     fl: FederatedConfig = field(default_factory=FederatedConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -234,6 +254,8 @@ def resolve_path(path: str | Path, base: Path = PROJECT_ROOT) -> Path:
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(repr(v) for v in typing.get_args(tp))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -252,6 +274,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except SavltError as exc:
                 errors.append(str(exc))
+        if len(errors) > 1:
+            kinds = " or ".join(_type_name(a) for a in args if a is not type(None))
+            raise SavltError(f"config key '{key}' must be {kinds}, got {value!r}")
         raise SavltError(errors[0] if errors else f"config key '{key}' has a bad value")
     if origin is Literal:
         allowed = typing.get_args(tp)
@@ -378,6 +403,9 @@ def validate(cfg: Config, local: bool = True) -> Config:
         raise SavltError(
             "config key 'fl.max_weight_ratio' must be >= 1 (1: lambda = 0 weights; .inf: no cap)"
         )
+    if cfg.fl.dirichlet_alpha <= 0:
+        raise SavltError("config key 'fl.dirichlet_alpha' must be > 0 (e.g. 0.5; 100: near-iid)")
+    check_simulation(cfg.simulation)
     bad = [m for m in cfg.fl.methods if m not in METHODS]
     if bad:
         raise SavltError(f"config key 'fl.methods': unknown {bad}; choose from {sorted(METHODS)}")
@@ -403,6 +431,30 @@ def validate_local(cfg: Config) -> Config:
             "does not exist"
         )
     return cfg
+
+
+def check_simulation(sim: SimulationConfig) -> None:
+    """Resources Ray accepts: whole GPUs above 1, and a whole number of CPUs in all."""
+    if sim.client_cpus <= 0:
+        raise SavltError("config key 'simulation.client_cpus' must be > 0 (e.g. 1)")
+    gpus = sim.client_gpus
+    if gpus != "auto" and (gpus < 0 or (gpus > 1 and not float(gpus).is_integer())):
+        raise SavltError(
+            "config key 'simulation.client_gpus' must be 'auto', a fraction in [0, 1] or a "
+            f"whole number of GPUs, got {gpus!r}"
+        )
+    if sim.max_actors < 0:
+        raise SavltError("config key 'simulation.max_actors' must be >= 0 (0: as many as fit)")
+    if sim.max_actors and sim.ray_address is not None:
+        raise SavltError(
+            "config key 'simulation.max_actors' bounds a local Ray only; on a cluster "
+            "(simulation.ray_address) set it to 0 and give each node --num-cpus instead"
+        )
+    if sim.max_actors and not float(sim.max_actors * sim.client_cpus).is_integer():
+        raise SavltError(
+            "config keys 'simulation.max_actors' x 'simulation.client_cpus' must be a whole "
+            f"number of CPUs (Ray's num_cpus), got {sim.max_actors} x {sim.client_cpus}"
+        )
 
 
 def check_privacy(cfg: Config, methods: list[str]) -> None:

@@ -28,6 +28,7 @@ from server.federation import FederatedJob, job_calibrations, job_summary, run_f
 from simulation.baselines import run_baseline
 from simulation.finish import Finish, finish_model
 from simulation.plots import plot_method_bars
+from simulation.resources import actor_resources
 from simulation.results import summarize
 from simulation.synth import ensure_data
 
@@ -65,6 +66,8 @@ def simulate_federated(cfg: Config, jobs: list[FederatedJob], progress: tqdm | N
     """Run federated jobs of one configuration in ONE Flower simulation.
 
     Ray and the ClientApp workers (imports, backbone, decoded images) start once, not per job.
+    Each actor gets the resources of the config's ``simulation`` section
+    (:mod:`simulation.resources`), stated in the log.
     """
     if not jobs:
         return
@@ -73,6 +76,8 @@ def simulate_federated(cfg: Config, jobs: list[FederatedJob], progress: tqdm | N
     from client.app import SimulatedHospitals, simulation_node_config
     from client.app import app as client_app
 
+    resources = actor_resources(cfg, jobs[0].seed)
+    log.info("%s", resources.describe(cfg.fl.hospitals))
     failures: list[BaseException] = []
     run_simulation(
         server_app=server_app_for(*jobs, failures=failures, progress=progress),
@@ -80,7 +85,7 @@ def simulate_federated(cfg: Config, jobs: list[FederatedJob], progress: tqdm | N
         # folder, work directory and files as their node config, as a SuperNode would
         client_app=SimulatedHospitals(client_app, simulation_node_config(cfg)),
         num_supernodes=cfg.fl.hospitals,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+        backend_config=resources.backend_config(),
     )
     if failures:
         raise failures[0]
@@ -139,11 +144,15 @@ def leave_one_out_configs(cfg: Config) -> list[Config]:
     if not cfg.fl.leave_one_out:
         return []
     centers = [cfg.data.train_center, *cfg.data.external_centers]
+    per_centre = cfg.fl.hospitals // len(centers)  # fl.split deals a centre into these
     return [
         dataclasses.replace(
             cfg,
             fl=dataclasses.replace(
-                cfg.fl, held_out=c, hospitals=len(centers) - 1, leave_one_out=False
+                cfg.fl,
+                held_out=c,
+                hospitals=per_centre * (len(centers) - 1),
+                leave_one_out=False,
             ),
         )
         for c in centers

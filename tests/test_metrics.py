@@ -16,7 +16,7 @@ from sklearn.metrics import (
 )
 
 from savlt_model.errors import SavltError
-from savlt_model.metrics import METRIC_KEYS, binary_scores, compute_metrics
+from savlt_model.metrics import METRIC_KEYS, binary_scores, compute_metrics, roc_auc
 from server.strategy import RoundLog, load_checkpoint, save_checkpoint
 
 
@@ -138,3 +138,12 @@ def test_a_checkpoint_from_before_the_metric_rename_resumes(tmp_path):
     assert history.evals == [
         {"method": "fedavg", "center": "mixed", "round": 1, "acc_multiclass": 40.0}
     ]
+
+
+def test_roc_auc_equals_sklearn_with_ties() -> None:
+    """The numpy AUC (no sklearn import in the ClientApp) counts a tie as one half."""
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        y = rng.random(60) < 0.4
+        scores = rng.integers(0, 5, 60) / 4.0  # many ties
+        assert roc_auc(y, scores) == pytest.approx(roc_auc_score(y, scores), abs=1e-12)

@@ -52,7 +52,7 @@ def setup_logging(out_dir: Path | None, verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _config_args(p: argparse.ArgumentParser) -> None:
+def _config_args(p: argparse.ArgumentParser, out: bool = True) -> None:
     p.add_argument("--config", type=Path, default=Path("configs/default.yaml"), help="YAML config")
     p.add_argument(
         "--set",
@@ -62,7 +62,8 @@ def _config_args(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override any config key, e.g. --set data.shots=32 (repeatable)",
     )
-    p.add_argument("--out", type=Path, required=True, help="run directory for results")
+    if out:
+        p.add_argument("--out", type=Path, required=True, help="run directory for results")
 
 
 def _bad_file_arg(p: argparse.ArgumentParser) -> None:
@@ -134,6 +135,14 @@ def cmd_simulate(args: argparse.Namespace) -> None:
         f"K={cfg.data.shots}, seeds {cfg.seeds}",
     )
     print(f"Report: {write_report(args.out)}")
+
+
+def cmd_federation_config(args: argparse.Namespace) -> None:
+    from savlt_model.config import load_config
+    from simulation.resources import actor_resources
+
+    cfg = load_config(args.config, args.overrides)
+    print(actor_resources(cfg, cfg.seeds[0]).federation_config(cfg.fl.hospitals))
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -267,6 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser(
+        "federation-config",
+        help="flwr run's --federation-config for a config: hospitals and actor resources",
+    )
+    _config_args(p, out=False)
+    p.set_defaults(func=cmd_federation_config, log_dir=None)
 
     p = sub.add_parser(
         "pretrain", help="opt-in: contrastive pretraining of savlt-tiny on a synthetic corpus"
