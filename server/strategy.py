@@ -93,6 +93,7 @@ class SavltStrategy(FedAvg):
         self.uniform_weights = False  # central DP: its noise assumes a uniform average
         self.upload_bytes = 0
         self.download_bytes = 0
+        self.residual_layout: dict[str, int] = {"factorised": 0, "dense": 0}  # last one logged
 
     def _plan_record(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
         plan = self.plan_for(self.offset + server_round)
@@ -187,6 +188,14 @@ class SavltStrategy(FedAvg):
             self.scalings,
             self.anchors,
         )
+        if report["residual_layout"] != self.residual_layout:  # per layer: the smaller form
+            self.residual_layout = report["residual_layout"]
+            log.info(
+                "round %d: FedEx residuals go as low-rank factors for %d LoRA layers, dense for %d",
+                round_,
+                self.residual_layout["factorised"],
+                self.residual_layout["dense"],
+            )
         total = sum(u.num_examples for u in updates)
         fedavg_share = [u.num_examples / total for u in updates]
         row = {

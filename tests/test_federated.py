@@ -12,7 +12,13 @@ from savlt_model.calibration import calibration_to_dict
 from savlt_model.checkpoint import load_adapter
 from savlt_model.data.partition import build_partition
 from savlt_model.messages import RoundPlan
-from savlt_model.model.adapters import trainable_state
+from savlt_model.model.adapters import (
+    lora_pairs,
+    lora_scalings,
+    residual_matrices,
+    residual_targets,
+    trainable_state,
+)
 from savlt_model.model.build import build_model
 from server import strategy as strategy_module
 from server.federation import job_calibrations
@@ -75,6 +81,40 @@ def test_replies_hold_only_declared_tensors_and_numbers(fed_config, tmp_path, tr
     for msg in train_replies:
         counts = msg.content.metric_records["metrics"]["class-counts"]
         assert len(counts) == len(cfg.task.classes)
+
+
+def test_fedex_through_flower_is_exact_with_factorised_residuals(
+    fed_config, tmp_path, train_replies
+):
+    """One FedEx round through Flower: the global adapter's s B̄ Ā plus its residual, sent as
+    low-rank factors (rank K r, smaller than dense here), is the n_k-weighted average of the
+    hospitals' s B_k A_k, and a model that loads it carries exactly that in its weights."""
+    cfg = fed_config("fl.lora_aggregation=fedex", "fl.rounds=1")
+    run_job(cfg, "fedavg", 42, tmp_path, resume=False)
+    final = _final(tmp_path, "fedavg", 1)
+    replies = [m.content for m in train_replies]
+    states = [c.array_records["arrays"].to_torch_state_dict() for c in replies]
+    n = torch.tensor([float(c.metric_records["metrics"]["num-examples"]) for c in replies])
+    w = (n / n.sum()).double()
+    model = build_model(cfg, 42)
+    scalings, base = lora_scalings(model), model.base_weights
+    residuals = residual_matrices(final)
+    pairs = lora_pairs(list(final))
+    assert pairs and residuals.keys() == {f"residual.{p}" for p, _, _ in pairs}
+    assert not residuals.keys() & final.keys()  # every layer's residual went as factors
+    model.load_global_state(final)
+    targets = residual_targets(model)
+    for prefix, a_key, b_key in pairs:
+        s, key = scalings[prefix], f"residual.{prefix}"
+        assert final[key + ".B"].shape[1] == 3 * cfg.model.lora.r  # K r
+        want = sum(
+            wk * s * st[b_key].double() @ st[a_key].double()
+            for wk, st in zip(w, states, strict=True)
+        )
+        got = residuals[key].double() + s * final[b_key].double() @ final[a_key].double()
+        assert float((got - want).norm() / want.norm()) < 1e-6, prefix
+        loaded = targets[key][0].detach().double() - base[key].double()
+        torch.testing.assert_close(loaded, residuals[key].double(), rtol=0, atol=1e-6)
 
 
 def test_resume_after_crash_ends_at_the_same_adapter(fed_config, tmp_path, monkeypatch):

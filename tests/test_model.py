@@ -179,7 +179,8 @@ def test_loss_uses_both_branches(tiny):
 
 
 def test_cached_model_takes_successive_global_states_exactly(tiny):
-    """Reusing one model across rounds equals rebuilding it, FedEx residuals included."""
+    """Reusing one model across rounds equals rebuilding it, FedEx residuals included (dense
+    in one round, as low-rank factors in the next)."""
     from savlt_model.model.adapters import residual_targets
 
     cfg = _cfg("model.lora.dropout=0.0")
@@ -187,12 +188,17 @@ def test_cached_model_takes_successive_global_states_exactly(tiny):
     targets = residual_targets(reused)
     torch.manual_seed(1)
 
-    def state_with_residuals(scale: float) -> dict:
+    def state_with_residuals(scale: float, rank: int = 0) -> dict:
         state = {k: v + scale * torch.randn_like(v) for k, v in trainable_state(reused).items()}
-        state.update({k: scale * torch.randn_like(w) for k, (w, _) in targets.items()})
+        for k, (w, _) in targets.items():
+            if rank:
+                state[k + ".B"] = scale * torch.randn(w.shape[0], rank)
+                state[k + ".A"] = torch.randn(rank, w.shape[1])
+            else:
+                state[k] = scale * torch.randn_like(w)
         return state
 
-    first, second = state_with_residuals(0.01), state_with_residuals(0.02)
+    first, second = state_with_residuals(0.01), state_with_residuals(0.02, rank=5)
     reused.load_global_state(first)
     reused.train()  # a training forward: peft's merge/unmerge nudges the frozen weights
     reused(torch.randn(2, 3, 128, 128)).logits.sum().backward()
