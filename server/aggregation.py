@@ -22,7 +22,8 @@ and logs the report (SAVLT_METHOD.md §4).
   ``.A``) while that is smaller than the dense matrix, and is folded into a dense
   ``residual.<prefix>`` once it is not, per layer. Factors are kept, not re-factorised by
   SVD: the rounds' difference spaces do not overlap in general, so an SVD finds no lower
-  rank and would only add rounding.
+  rank and would only add rounding. ``ffa`` (FFA-LoRA): A is frozen from the seed at every
+  hospital and never sent, so the payload holds B alone and its plain average is exact.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from savlt_model.errors import SavltError
 from savlt_model.methods import HospitalStats, get_method
 from savlt_model.model.adapters import FACTOR_A, FACTOR_B, RESIDUAL, lora_pairs
 
-LORA_MODES = ("naive", "fedex")
+LORA_MODES = ("naive", "fedex", "ffa")
 PROTOTYPES = "prototypes"
 
 
@@ -215,6 +216,11 @@ def aggregate(
         if sorted(u.state) != keys:
             raise SavltError(f"client {u.node} sent keys that differ from the global state")
     pairs = lora_pairs(keys)
+    if lora_mode == "ffa" and pairs:
+        raise SavltError(
+            f"fl.lora_aggregation is ffa but the payload carries LoRA A ({pairs[0][1]}); "
+            "hospitals must build their model with the same config (A frozen from the seed)"
+        )
     if lora_mode == "fedex":
         unscaled = sorted(p for p, _, _ in pairs if p not in scalings)
         if unscaled:

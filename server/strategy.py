@@ -31,6 +31,7 @@ from savlt_model.checkpoint import load_adapter, save_adapter
 from savlt_model.config import Config, check_privacy
 from savlt_model.messages import ARRAYS, CONFIG, METRICS, RoundPlan, feature_stats_from
 from savlt_model.model.backbone import fingerprint_tensors
+from server.accounting import privacy_spent
 from server.aggregation import PROTOTYPES, ClientUpdate, aggregate, check_update
 
 log = logging.getLogger(__name__)
@@ -310,6 +311,7 @@ class _ServerAdaptiveDP(_CheckedNoisedRound, DifferentialPrivacyServerSideAdapti
 def privacy_statement(cfg: Config) -> str:
     """What the configured central DP does and does not guarantee, in a few honest lines."""
     p, n = cfg.privacy, cfg.fl.hospitals
+    spent = privacy_spent(p, cfg.fl.rounds)
     clip = (
         f"clipped to L2 norm {p.clipping_norm:g}"
         if p.mode == "server-fixed"
@@ -321,10 +323,19 @@ def privacy_statement(cfg: Config) -> str:
         f"on the server, and Gaussian noise of std {p.noise_multiplier:g} x clip / {n} is added "
         f"to their uniform average. Per round this is the Gaussian mechanism with noise "
         f"multiplier {p.noise_multiplier:g} at hospital level (any change to one hospital's "
-        "data, so also to any one image). No epsilon is accounted: the loss composes over "
-        f"{cfg.fl.rounds} rounds. The server sees the clipped updates before noise (it is "
-        "trusted), and the metrics sent in clear (example and class counts, losses, val accuracy, "
-        "the calibration's feature and validation sums) are not covered."
+        f"data, so also to any one image). Accounted: {epsilon_line(spent)}. "
+        "The server sees the clipped updates before noise (it is trusted), and the metrics "
+        "sent in clear (example and class counts, losses, val accuracy, the calibration's "
+        "feature and validation sums) are not covered."
+    )
+
+
+def epsilon_line(spent: dict) -> str:
+    """One line for a :func:`server.accounting.privacy_spent` result."""
+    return (
+        f"(epsilon, delta) = ({spent['epsilon']:.3g}, {spent['delta']:g}) after "
+        f"{spent['rounds']} rounds at noise multiplier {spent['noise_multiplier']:g} "
+        f"({spent['accountant']})"
     )
 
 

@@ -313,6 +313,29 @@ def test_naive_error_reported() -> None:
     assert report["lora_max_rel_error"] == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.parametrize("method", ["fedavg", "text-anchored"])
+def test_ffa_aggregation_is_exact(method: str) -> None:
+    """FFA-LoRA: the payload holds B alone (A is frozen and shared), so the plain weighted
+    average of B is exact: s B̄ A = sum_k w_k s B_k A, with no residual to send."""
+    gen = torch.Generator().manual_seed(5)
+    frozen = {prefix: torch.randn(R, inp, generator=gen) for prefix, (_, inp) in LAYERS.items()}
+    updates = _updates(k=4, seed=2)
+    for u in updates:
+        u.state = {k: v for k, v in u.state.items() if ".lora_A." not in k}
+    glob = {k: v for k, v in _global().items() if ".lora_A." not in k}
+    new, report = aggregate(updates, glob, method, _fl(1.5, "ffa"), {}, ANCHORS)
+    shared, _ = client_weights(updates, method, _fl(1.5), ANCHORS)
+    assert not any(k.startswith("residual.") or ".lora_A." in k for k in new)
+    assert report["lora_naive_rel_error"] == 0.0
+    for prefix in LAYERS:
+        b_key, a = f"{prefix}.lora_B.weight", frozen[prefix].double()
+        want = sum(w * u.state[b_key].double() @ a for w, u in zip(shared, updates, strict=True))
+        got = new[b_key].double() @ a
+        assert float((got - want).norm() / want.norm()) < 1e-6
+    with pytest.raises(SavltError, match="ffa but the payload carries LoRA A"):
+        aggregate(_updates(), _global(), "fedavg", _fl(0.0, "ffa"), {}, ANCHORS)
+
+
 def test_aggregate_refuses_bad_arguments() -> None:
     updates, glob = _updates(), _global()
     with pytest.raises(SavltError, match="method"):

@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from flwr.app import ArrayRecord
 
 from savlt_model.calibration import calibration_to_dict
 from savlt_model.checkpoint import load_adapter
@@ -22,7 +23,7 @@ from savlt_model.model.adapters import (
 from savlt_model.model.build import build_model
 from server import strategy as strategy_module
 from server.federation import job_calibrations
-from server.strategy import load_checkpoint
+from server.strategy import array_bytes, load_checkpoint
 from simulation.finish import calibrations_for
 from simulation.runner import run_job
 from tests.conftest import check_declared_replies
@@ -115,6 +116,32 @@ def test_fedex_through_flower_is_exact_with_factorised_residuals(
         assert float((got - want).norm() / want.norm()) < 1e-6, prefix
         loaded = targets[key][0].detach().double() - base[key].double()
         torch.testing.assert_close(loaded, residuals[key].double(), rtol=0, atol=1e-6)
+
+
+def test_ffa_uploads_only_b_and_averages_it_exactly(fed_config, tmp_path, train_replies):
+    """FFA-LoRA through Flower: replies carry every LoRA B and no A (A is frozen from the seed
+    at every hospital), the global B is the n_k-weighted average, and nothing else travels
+    down (no residual)."""
+    cfg = fed_config("fl.lora_aggregation=ffa", "fl.rounds=1")
+    summary = run_job(cfg, "fedavg", 42, tmp_path, resume=False)
+    final = _final(tmp_path, "fedavg", 1)
+    fedex_payload = trainable_state(build_model(fed_config(), 42))
+    b_keys = {k for k in fedex_payload if ".lora_B." in k}
+    check_declared_replies(
+        train_replies, set(fedex_payload) - {k for k in fedex_payload if ".lora_A." in k}, n=3
+    )
+    assert b_keys and b_keys <= set(final)
+    assert not any(".lora_A." in k or k.startswith("residual.") for k in final)
+    states = [m.content.array_records["arrays"].to_torch_state_dict() for m in train_replies]
+    n = torch.tensor(
+        [float(m.content.metric_records["metrics"]["num-examples"]) for m in train_replies]
+    )
+    for key in b_keys:
+        want = sum(wk * st[key].double() for wk, st in zip(n / n.sum(), states, strict=True))
+        torch.testing.assert_close(final[key].double(), want, rtol=0, atol=1e-6)
+    without_a = ArrayRecord({k: v for k, v in fedex_payload.items() if ".lora_A." not in k})
+    assert summary["upload_bytes"] == array_bytes(without_a)
+    assert summary["upload_bytes"] < array_bytes(ArrayRecord(fedex_payload))
 
 
 def test_resume_after_crash_ends_at_the_same_adapter(fed_config, tmp_path, monkeypatch):

@@ -230,3 +230,26 @@ def test_server_scalings_match_what_the_model_applies(tiny):
     plain.load_global_state(without_lora)
     images = torch.randn(2, 3, 128, 128)
     torch.testing.assert_close(model(images).logits, plain(images).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_ffa_freezes_a_from_the_seed_alone(tiny):
+    """FFA-LoRA: A is drawn from the seed and the layer name (not the global RNG), frozen, and
+    left out of the payload; B is trained and sent."""
+    from savlt_model.model.adapters import freeze_lora_a, frozen_lora_a
+
+    cfg = _cfg("fl.lora_aggregation=ffa")
+    models = []
+    for rng_state in (0, 1):  # whatever the global RNG did before, the same A
+        torch.manual_seed(rng_state)
+        model = SavltModel(cfg, tiny)
+        freeze_lora_a(model, 42)
+        models.append(model)
+    a0, a1 = frozen_lora_a(models[0]), frozen_lora_a(models[1])
+    assert a0 and a0.keys() == a1.keys()
+    assert all(torch.equal(a0[k], a1[k]) for k in a0)
+    assert len({float(v.sum()) for v in a0.values()}) == len(a0)  # each layer its own draw
+    payload = trainable_state(models[0])
+    assert not any(".lora_A." in k for k in payload)
+    assert any(".lora_B." in k for k in payload)
+    freeze_lora_a(models[1], 43)
+    assert not torch.equal(next(iter(frozen_lora_a(models[1]).values())), next(iter(a0.values())))

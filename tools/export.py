@@ -46,6 +46,7 @@ from savlt_model.errors import SavltError
 from savlt_model.model.adapters import (
     ADAPTER,
     RESIDUAL,
+    frozen_lora_a,
     lora_pairs,
     lora_scalings,
     residual_matrices,
@@ -209,6 +210,7 @@ def export_model(
                 f"now builds {getattr(model, key)} (backbone weights or prompts changed?)"
             )
     model.load_global_state(state)
+    state = {**frozen_lora_a(model), **state}  # FFA-LoRA: A is frozen, not in the adapter
     lora_keys = {k for _, a, b in lora_pairs(list(state)) for k in (a, b)}
     head = {k: v for k, v in state.items() if k not in lora_keys and not k.startswith(RESIDUAL)}
     backbone = cached_backbone(cfg.model.name, cfg.model.pretrained)

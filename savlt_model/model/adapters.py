@@ -8,7 +8,9 @@ the server can average them key by key and :func:`load_trainable_state` can put 
 
 from __future__ import annotations
 
+import math
 import re
+import zlib
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -68,6 +70,34 @@ def inject_lora(clip: nn.Module, tower: VisionTower, cfg: LoraSettings) -> PeftM
             alpha_pattern={vision_re: cfg.alpha},
         )
     return get_peft_model(clip, lora)
+
+
+def freeze_lora_a(model: nn.Module, seed: int) -> None:
+    """FFA-LoRA: redraw every LoRA A from ``seed`` and the layer's name, and freeze it.
+
+    Drawn from its own generator (peft's kaiming-uniform init), not the global RNG, so every
+    hospital and the server hold the same A whatever else they built first; A then never
+    travels, and averaging B alone is exact: sum_k w_k s B_k A = s B̄ A.
+    """
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
+                weight = module.lora_A[ADAPTER].weight
+                gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+                bound = 1 / math.sqrt(weight.shape[1])  # kaiming_uniform_(a=sqrt(5)) bound
+                drawn = torch.rand(weight.shape, generator=gen, dtype=torch.float64)
+                weight.copy_((2 * drawn - 1) * bound)
+                weight.requires_grad_(False)
+
+
+def frozen_lora_a(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Payload-style keys of the frozen FFA-LoRA A factors (none in other modes): what an
+    export needs besides the trained payload."""
+    return {
+        stable_name(n): p.detach().cpu()
+        for n, p in model.named_parameters()
+        if ".lora_A." in n and not p.requires_grad
+    }
 
 
 def stable_name(param_name: str) -> str:
