@@ -20,20 +20,22 @@ ACCOUNTANT = "opacus RDP (Gaussian mechanism, client level, q = 1)"
 
 
 def privacy_spent(p: PrivacyConfig, rounds: int) -> dict:
-    """epsilon after ``rounds`` rounds at ``p.delta``, with what it assumed (for results)."""
+    """epsilon after ``rounds`` rounds at ``p.delta``, with what it assumed (for results).
+
+    ``epsilon`` is None when unbounded (noise multiplier 0: clipping alone buys no DP).
+    """
     # Opacus's import costs seconds (it loads its whole training stack): only runs with DP pay
     from opacus.accountants import RDPAccountant
 
-    epsilon, order = math.inf, None
+    epsilon, order = (None, None) if p.noise_multiplier == 0 else (0.0, None)
     if p.noise_multiplier > 0 and rounds > 0:
         accountant = RDPAccountant()
         accountant.history = [(p.noise_multiplier, 1.0, rounds)]
-        epsilon, order = accountant.get_privacy_spent(delta=p.delta)
-    elif rounds == 0:
-        epsilon = 0.0
+        eps, order = accountant.get_privacy_spent(delta=p.delta)
+        epsilon = float(eps) if math.isfinite(eps) else None
     return {
         "mode": p.mode,
-        "epsilon": float(epsilon),
+        "epsilon": epsilon,
         "delta": p.delta,
         "noise_multiplier": p.noise_multiplier,
         "rounds": rounds,

@@ -332,8 +332,9 @@ def privacy_statement(cfg: Config) -> str:
 
 def epsilon_line(spent: dict) -> str:
     """One line for a :func:`server.accounting.privacy_spent` result."""
+    eps = "unbounded" if spent["epsilon"] is None else f"{spent['epsilon']:.3g}"
     return (
-        f"(epsilon, delta) = ({spent['epsilon']:.3g}, {spent['delta']:g}) after "
+        f"(epsilon, delta) = ({eps}, {spent['delta']:g}) after "
         f"{spent['rounds']} rounds at noise multiplier {spent['noise_multiplier']:g} "
         f"({spent['accountant']})"
     )

@@ -160,7 +160,7 @@ def _privacy_section(jobs: list[dict]) -> list[str]:
                 p["mode"],
                 f"{p['noise_multiplier']:g}",
                 p["rounds"],
-                f"{p['epsilon']:.3g}",
+                "unbounded" if p["epsilon"] is None else f"{p['epsilon']:.3g}",
                 f"{p['delta']:g}",
             ]
             for j, p in spent

@@ -66,6 +66,16 @@ def test_epsilon_matches_gaussian_rdp_composition(z: float, rounds: int) -> None
         assert spent["epsilon"] == pytest.approx(12.30, abs=0.01)
 
 
+def test_no_noise_is_unbounded_epsilon() -> None:
+    """Clipping alone buys no DP: epsilon is None (JSON null, as results.json needs)."""
+    from server.accounting import privacy_spent
+    from server.strategy import epsilon_line
+
+    spent = privacy_spent(PrivacyConfig("server-fixed", noise_multiplier=0.0), 3)
+    assert spent["epsilon"] is None
+    assert "(epsilon, delta) = (unbounded, 1e-05) after 3 rounds" in epsilon_line(spent)
+
+
 @pytest.mark.slow
 def test_server_side_dp_noises_the_adapter_and_replies_stay_declared(
     fed_config, tmp_path, capsys, train_replies
