@@ -16,14 +16,15 @@ and logs the report (SAVLT_METHOD.md §4).
 - LoRA ``naive`` averages A and B separately (mean(B) mean(A) != mean(B A): the error is
   measured and reported); ``fedex`` (FedEx-LoRA) also sends the difference as a residual,
   which clients add to their frozen weights, so the merged effective weight is exactly the
-  weighted average of the clients' effective weights. The round's difference is
-  s sum_k w_k B_k (A_k - Ā) (the weights sum to 1), so it is sent as two factors of rank
-  K r; the running total keeps every round's factors side by side (``residual.<prefix>.B``,
-  ``.A``) while that is smaller than the dense matrix, and is folded into a dense
-  ``residual.<prefix>`` once it is not, per layer. Factors are kept, not re-factorised by
-  SVD: the rounds' difference spaces do not overlap in general, so an SVD finds no lower
-  rank and would only add rounding. ``ffa`` (FFA-LoRA): A is frozen from the seed at every
-  hospital and never sent, so the payload holds B alone and its plain average is exact.
+  weighted average of the clients' effective weights. The weights sum to 1, so the round's
+  difference is s sum_k w_k B_k (A_k - Ā) = s sum_{k<K} w_k (B_k - B_K)(A_k - Ā): two
+  factors of rank (K-1) r. The running total keeps every round's factors side by side
+  (``residual.<prefix>.B``, ``.A``) while that is smaller than the dense matrix, and is
+  folded into a dense ``residual.<prefix>`` once it is not, per layer. Factors are kept,
+  not re-factorised by SVD: on random updates an SVD of the total finds exactly (K-1) r
+  per round (benchmarks/README.md), so it would only add rounding. ``ffa`` (FFA-LoRA): A
+  is frozen from the seed at every hospital and never sent, so the payload holds B alone
+  and its plain average is exact.
 """
 
 from __future__ import annotations
@@ -249,14 +250,15 @@ def aggregate(
         gap = exact - new[b_key].double() @ new[a_key].double()
         norm = float(torch.linalg.matrix_norm(exact))
         errors.append(float(torch.linalg.matrix_norm(gap)) / norm if norm > 0 else 0.0)
-        if lora_mode == "fedex":
-            # s gap = s sum_k w_k B_k (A_k - Ā) up to the float32 rounding of B̄ (the one
-            # the clients load): factors (out, K r) and (K r, in)
-            da = (a - new[a_key].double()).reshape(-1, a.shape[-1])
+        if lora_mode == "fedex" and len(updates) > 1:  # one hospital: no gap
+            # s gap = s sum_{k<K} w_k (B_k - B_K)(A_k - Ā), up to the float32 rounding of the
+            # B̄ and Ā the clients load: factors (out, (K-1) r) and ((K-1) r, in)
+            db = _weighted_factors(b[:-1] - b[-1], shared[:-1])
+            da = (a[:-1] - new[a_key].double()).reshape(-1, a.shape[-1])
             key = RESIDUAL + prefix
             for stale in (key, key + FACTOR_B, key + FACTOR_A):
                 new.pop(stale, None)
-            new.update(_residual_total(old, key, scalings[prefix] * wb, da))
+            new.update(_residual_total(old, key, scalings[prefix] * db, da))
     residual_keys = [k for k in new if k.startswith(RESIDUAL)]
     factorised = sum(k.endswith(FACTOR_B) for k in residual_keys)
     report = {

@@ -222,7 +222,7 @@ def test_client_without_class_does_not_drag_prototype() -> None:
     assert torch.isfinite(new["prototypes"]).all()
 
 
-@pytest.mark.parametrize("k", [2, 5])  # K r = 6: factors are smaller; 15: dense is
+@pytest.mark.parametrize("k", [2, 5])  # (K-1) r = 3: factors are smaller; 12: dense is
 @pytest.mark.parametrize("old_residual", ["", "dense", "factors"])
 @pytest.mark.parametrize("method", ["fedavg", "text-anchored"])
 def test_fedex_is_exact(method: str, old_residual: str, k: int) -> None:
@@ -270,12 +270,13 @@ def _dense_fedex_residual(
 def test_factorised_residual_equals_the_dense_one_and_turns_dense_when_larger() -> None:
     """Per layer, rounds' factors sit side by side while (out + in) q < out in; then dense.
 
-    K = 2, r = 3: q = 6 after one round (factors), 12 after two (40 x 12 > 24 x 16: dense
-    for the first layer; 32 x 12 > 16 x 16: dense for the second).
+    K = 2, r = 3: the round's residual has rank (K-1) r = 3, so q = 3, 6, 9, 12 after 1-4
+    rounds: the 16 x 16 layer turns dense in round 3 (32 x 9 > 256), the 24 x 16 one in
+    round 4 (40 x 12 > 384).
     """
     glob = _global()
     layouts = []
-    for round_ in range(3):
+    for round_ in range(4):
         updates = _updates(k=2, seed=10 + round_)
         new, report = aggregate(updates, glob, "fedavg", _fl(0.0, "fedex"), SCALINGS, ANCHORS)
         layouts.append(report["residual_layout"])
@@ -289,9 +290,14 @@ def test_factorised_residual_equals_the_dense_one_and_turns_dense_when_larger() 
         glob = new
         if round_ == 0:
             for prefix in LAYERS:
-                assert new[f"residual.{prefix}.B"].shape[1] == 6
+                assert new[f"residual.{prefix}.B"].shape[1] == 3
                 assert f"residual.{prefix}" not in new
-    assert layouts == [{"factorised": 2, "dense": 0}] + [{"factorised": 0, "dense": 2}] * 2
+    assert layouts == [
+        {"factorised": 2, "dense": 0},
+        {"factorised": 2, "dense": 0},
+        {"factorised": 1, "dense": 1},
+        {"factorised": 0, "dense": 2},
+    ]
 
 
 def test_naive_error_reported() -> None:

@@ -88,7 +88,7 @@ def test_fedex_through_flower_is_exact_with_factorised_residuals(
     fed_config, tmp_path, train_replies
 ):
     """One FedEx round through Flower: the global adapter's s B̄ Ā plus its residual, sent as
-    low-rank factors (rank K r, smaller than dense here), is the n_k-weighted average of the
+    low-rank factors (rank (K-1) r, smaller than dense here), is the n_k-weighted average of the
     hospitals' s B_k A_k, and a model that loads it carries exactly that in its weights."""
     cfg = fed_config("fl.lora_aggregation=fedex", "fl.rounds=1")
     run_job(cfg, "fedavg", 42, tmp_path, resume=False)
@@ -107,7 +107,7 @@ def test_fedex_through_flower_is_exact_with_factorised_residuals(
     targets = residual_targets(model)
     for prefix, a_key, b_key in pairs:
         s, key = scalings[prefix], f"residual.{prefix}"
-        assert final[key + ".B"].shape[1] == 3 * cfg.model.lora.r  # K r
+        assert final[key + ".B"].shape[1] == 2 * cfg.model.lora.r  # (K-1) r
         want = sum(
             wk * s * st[b_key].double() @ st[a_key].double()
             for wk, st in zip(w, states, strict=True)
