@@ -166,7 +166,9 @@ class FederatedConfig:
     anchor_loss_weight: float = 0.1
     # text-anchored: no hospital weighs more than this multiple of its lambda = 0 share
     max_weight_ratio: float = 2.0
-    lora_aggregation: Literal["naive", "fedex"] = "fedex"
+    # naive: average A and B; fedex: exact, with a residual; ffa: FFA-LoRA, A frozen from
+    # the seed at every hospital and only B trained and averaged (exact, no residual)
+    lora_aggregation: Literal["naive", "fedex", "ffa"] = "fedex"
     # each hospital trains on its features moved from its own mean onto the federation's
     # reference, as every scored centre is re-centred at use (docs/scanner-shift.md)
     feature_centring: bool = False
@@ -210,6 +212,7 @@ class PrivacyConfig:
     clipping_norm: float = 1.0  # server-adaptive: the initial norm
     target_clipped_quantile: float = 0.5  # server-adaptive only
     clip_norm_lr: float = 0.2  # server-adaptive only
+    delta: float = 1e-5  # the delta of the (epsilon, delta) the run reports
 
 
 @dataclass
@@ -464,6 +467,8 @@ def check_privacy(cfg: Config, methods: list[str]) -> None:
         raise SavltError(
             "config keys 'privacy.clipping_norm' > 0 and 'privacy.noise_multiplier' >= 0"
         )
+    if not 0 < p.delta < 1:
+        raise SavltError(f"config key 'privacy.delta' must be in (0, 1), got {p.delta}")
     data_weighted = [m for m in methods if m in METHODS and METHODS[m].data_dependent_weights]
     if data_weighted:
         raise SavltError(
@@ -471,10 +476,10 @@ def check_privacy(cfg: Config, methods: list[str]) -> None:
             "hospitals' data, so the DP noise would be miscalibrated; use fl.methods without "
             "them"
         )
-    if fl.lora_aggregation != "naive":
+    if fl.lora_aggregation == "fedex":
         raise SavltError(
-            "config key 'privacy.mode' needs fl.lora_aggregation: naive (fedex's dense residual "
-            "is a product of clients' factors, not a clipped average)"
+            "config key 'privacy.mode' needs fl.lora_aggregation: naive or ffa (fedex's "
+            "residual is a product of clients' factors, not a clipped average)"
         )
     if fl.fraction_train != 1.0:
         raise SavltError(

@@ -14,9 +14,17 @@ and logs the report (SAVLT_METHOD.md §4).
   P_k = T) is bounded by the method's weight cap, and the prototype it sends is the one
   averaged.
 - LoRA ``naive`` averages A and B separately (mean(B) mean(A) != mean(B A): the error is
-  measured and reported); ``fedex`` (FedEx-LoRA) also sends the dense difference as
-  ``residual.<prefix>``, which clients add to their frozen weights, so the merged effective
-  weight is exactly the weighted average of the clients' effective weights.
+  measured and reported); ``fedex`` (FedEx-LoRA) also sends the difference as a residual,
+  which clients add to their frozen weights, so the merged effective weight is exactly the
+  weighted average of the clients' effective weights. The weights sum to 1, so the round's
+  difference is s sum_k w_k B_k (A_k - Ā) = s sum_{k<K} w_k (B_k - B_K)(A_k - Ā): two
+  factors of rank (K-1) r. The running total keeps every round's factors side by side
+  (``residual.<prefix>.B``, ``.A``) while that is smaller than the dense matrix, and is
+  folded into a dense ``residual.<prefix>`` once it is not, per layer. Factors are kept,
+  not re-factorised by SVD: on random updates an SVD of the total finds exactly (K-1) r
+  per round (benchmarks/README.md), so it would only add rounding. ``ffa`` (FFA-LoRA): A
+  is frozen from the seed at every hospital and never sent, so the payload holds B alone
+  and its plain average is exact.
 """
 
 from __future__ import annotations
@@ -31,10 +39,9 @@ import torch.nn.functional as F
 from savlt_model.config import FederatedConfig
 from savlt_model.errors import SavltError
 from savlt_model.methods import HospitalStats, get_method
-from savlt_model.model.adapters import PROTOTYPES, lora_pairs
+from savlt_model.model.adapters import FACTOR_A, FACTOR_B, PROTOTYPES, RESIDUAL, lora_pairs
 
-LORA_MODES = ("naive", "fedex")
-RESIDUAL = "residual."
+LORA_MODES = ("naive", "fedex", "ffa")
 
 
 @dataclass
@@ -157,14 +164,28 @@ def _weighted_sum(stacked: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (w * stacked).sum(dim=0)
 
 
-def _exact_product(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """sum_k w_k B_k A_k (float64) as one matmul of the stacked factors [w_k B_k] @ [A_k].
-
-    ``a`` is (K, r, in), ``b`` is (K, out, r): (out, K r) @ (K r, in).
-    """
+def _weighted_factors(b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """[w_1 B_1, ..., w_K B_K] (out, K r) from ``b`` (K, out, r): times the stacked A_k
+    ((K r, in)) it is sum_k w_k B_k A_k in one matmul."""
     k, out, r = b.shape
-    wb = (w[:, None, None] * b).permute(1, 0, 2).reshape(out, k * r)
-    return wb @ a.reshape(k * r, -1)
+    return (w[:, None, None] * b).permute(1, 0, 2).reshape(out, k * r)
+
+
+def _residual_total(
+    old: dict[str, torch.Tensor], key: str, b: torch.Tensor, a: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The running residual under ``key`` plus this round's b @ a (float64 factors), as
+    float32 factors (old and new side by side) while they are smaller than the dense
+    matrix, else dense. ``old`` holds the previous total in either form (or nothing)."""
+    out, inp = b.shape[0], a.shape[1]
+    if key in old:  # already dense: stays dense
+        return {key: (old[key].double() + b @ a).float()}
+    if key + FACTOR_B in old:
+        b = torch.cat([old[key + FACTOR_B].double(), b], dim=1)
+        a = torch.cat([old[key + FACTOR_A].double(), a], dim=0)
+    if (out + inp) * a.shape[0] < out * inp:
+        return {key + FACTOR_B: b.float(), key + FACTOR_A: a.float()}
+    return {key: (b @ a).float()}
 
 
 def aggregate(
@@ -182,7 +203,8 @@ def aggregate(
     ``agreement`` (K lists of C: a_kc, whatever the method, so FedAvg runs show it too),
     ``lora_naive_rel_error`` / ``lora_max_rel_error``: mean / max over LoRA layers of
     ||sum_k w_k B_k A_k - B̄ Ā||_F / ||sum_k w_k B_k A_k||_F (the scaling cancels), i.e. how
-    wrong naive averaging is this round, whichever mode was used.
+    wrong naive averaging is this round, whichever mode was used; ``residual_layout``
+    (fedex): how many layers' residuals are factorised and how many dense.
     """
     lora_mode = fl.lora_aggregation
     if lora_mode not in LORA_MODES:
@@ -194,6 +216,11 @@ def aggregate(
         if sorted(u.state) != keys:
             raise SavltError(f"client {u.node} sent keys that differ from the global state")
     pairs = lora_pairs(keys)
+    if lora_mode == "ffa" and pairs:
+        raise SavltError(
+            f"fl.lora_aggregation is ffa but the payload carries LoRA A ({pairs[0][1]}); "
+            "hospitals must build their model with the same config (A frozen from the seed)"
+        )
     if lora_mode == "fedex":
         unscaled = sorted(p for p, _, _ in pairs if p not in scalings)
         if unscaled:
@@ -203,7 +230,8 @@ def aggregate(
     lora_keys = {key for _, a_key, b_key in pairs for key in (a_key, b_key)}
     new: dict[str, torch.Tensor] = {}
     # Residuals carry over (clients' frozen weights include them); fedex adds this round's gap.
-    new.update({k: v.clone() for k, v in global_state.items() if k.startswith(RESIDUAL)})
+    old = {k: v for k, v in global_state.items() if k.startswith(RESIDUAL)}
+    new.update({k: v.clone() for k, v in old.items()})
     for key in keys:  # one key at a time: peak memory is one tensor x K clients in float64
         if key not in lora_keys:
             w = torch.from_numpy(proto_np) if key == PROTOTYPES else shared
@@ -215,23 +243,32 @@ def aggregate(
         b = _stack([u.state[b_key] for u in updates])
         new[a_key] = _weighted_sum(a, shared).float()
         new[b_key] = _weighted_sum(b, shared).float()
-        exact = _exact_product(a, b, shared)
+        wb = _weighted_factors(b, shared)
+        exact = wb @ a.reshape(-1, a.shape[-1])
         # B̄ Ā from the float32 tensors clients will load, so the residual closes that exact gap
         gap = exact - new[b_key].double() @ new[a_key].double()
         norm = float(torch.linalg.matrix_norm(exact))
         errors.append(float(torch.linalg.matrix_norm(gap)) / norm if norm > 0 else 0.0)
-        if lora_mode == "fedex":
-            res_key = RESIDUAL + prefix
-            old = global_state.get(res_key)
-            residual = scalings[prefix] * gap
-            if old is not None:
-                residual += old.double()
-            new[res_key] = residual.float()
+        if lora_mode == "fedex" and len(updates) > 1:  # one hospital: no gap
+            # s gap = s sum_{k<K} w_k (B_k - B_K)(A_k - Ā), up to the float32 rounding of the
+            # B̄ and Ā the clients load: factors (out, (K-1) r) and ((K-1) r, in)
+            db = _weighted_factors(b[:-1] - b[-1], shared[:-1])
+            da = (a[:-1] - new[a_key].double()).reshape(-1, a.shape[-1])
+            key = RESIDUAL + prefix
+            for stale in (key, key + FACTOR_B, key + FACTOR_A):
+                new.pop(stale, None)
+            new.update(_residual_total(old, key, scalings[prefix] * db, da))
+    residual_keys = [k for k in new if k.startswith(RESIDUAL)]
+    factorised = sum(k.endswith(FACTOR_B) for k in residual_keys)
     report = {
         "weights": shared_np.tolist(),
         "prototype_weights": proto_np.tolist(),
         "agreement": stats.agreement.tolist(),
         "lora_naive_rel_error": float(np.mean(errors)) if errors else 0.0,
         "lora_max_rel_error": max(errors, default=0.0),
+        "residual_layout": {
+            "factorised": factorised,
+            "dense": len(residual_keys) - 2 * factorised,
+        },
     }
     return dict(sorted(new.items())), report

@@ -30,10 +30,12 @@ from savlt_model.messages import RoundPlan, local_steps
 from savlt_model.methods import get_method
 from savlt_model.model.adapters import lora_scalings, trainable_state
 from savlt_model.model.build import build_model, cached_model, image_sets
+from server.accounting import privacy_spent
 from server.calibration import federated_calibration_sums
 from server.strategy import (
     RoundLog,
     SavltStrategy,
+    epsilon_line,
     load_checkpoint,
     save_checkpoint,
     with_privacy,
@@ -144,7 +146,10 @@ def run_federated(grid: Grid, job: FederatedJob) -> dict:
             evaluate_fn=evaluate_global if tests else None,
         )
     calibrate_job(grid, job, plan_for(cfg.fl.rounds), reference.anchors.shape)
-    return job_summary(job)[1]
+    summary = job_summary(job)[1]
+    if summary["privacy"] is not None:
+        print(f"{job.tag}: central DP {epsilon_line(summary['privacy'])}")
+    return summary
 
 
 def calibrate_job(grid: Grid, job: FederatedJob, plan: RoundPlan, anchors: torch.Size) -> None:
@@ -191,7 +196,8 @@ def job_summary(job: FederatedJob) -> tuple[dict[str, torch.Tensor], dict]:
     """(final global state, summary) of a job from its last checkpoint.
 
     The summary holds the per-round history, the server's per-round scores (``curves``),
-    refused or failed hospitals (``events``) and the bytes moved; scoring the final model
+    refused or failed hospitals (``events``), the bytes moved and, with central DP, the
+    (epsilon, delta) spent over the rounds done (``privacy``); scoring the final model
     is the caller's (:mod:`simulation.finish`, or the ``flwr run`` ServerApp's log).
     """
     final = load_checkpoint(job.checkpoint)
@@ -211,5 +217,8 @@ def job_summary(job: FederatedJob) -> tuple[dict[str, torch.Tensor], dict]:
         "curves": history.evals,
         "events": history.events,
         "calibration": history.calibration,
+        "privacy": None
+        if job.cfg.privacy.mode == "none"
+        else privacy_spent(job.cfg.privacy, rounds_done),
     }
     return state, summary

@@ -32,6 +32,7 @@ from savlt_model.config import Config, check_privacy
 from savlt_model.messages import ARRAYS, CONFIG, METRICS, RoundPlan, feature_stats_from
 from savlt_model.metrics import upgrade_keys
 from savlt_model.model.backbone import fingerprint_tensors
+from server.accounting import privacy_spent
 from server.aggregation import PROTOTYPES, ClientUpdate, aggregate, check_update
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ class SavltStrategy(FedAvg):
         self.uniform_weights = False  # central DP: its noise assumes a uniform average
         self.upload_bytes = 0
         self.download_bytes = 0
+        self.residual_layout: dict[str, int] = {"factorised": 0, "dense": 0}  # last one logged
 
     def _plan_record(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
         plan = self.plan_for(self.offset + server_round)
@@ -188,6 +190,14 @@ class SavltStrategy(FedAvg):
             self.scalings,
             self.anchors,
         )
+        if report["residual_layout"] != self.residual_layout:  # per layer: the smaller form
+            self.residual_layout = report["residual_layout"]
+            log.info(
+                "round %d: FedEx residuals go as low-rank factors for %d LoRA layers, dense for %d",
+                round_,
+                self.residual_layout["factorised"],
+                self.residual_layout["dense"],
+            )
         total = sum(u.num_examples for u in updates)
         fedavg_share = [u.num_examples / total for u in updates]
         row = {
@@ -302,6 +312,7 @@ class _ServerAdaptiveDP(_CheckedNoisedRound, DifferentialPrivacyServerSideAdapti
 def privacy_statement(cfg: Config) -> str:
     """What the configured central DP does and does not guarantee, in a few honest lines."""
     p, n = cfg.privacy, cfg.fl.hospitals
+    spent = privacy_spent(p, cfg.fl.rounds)
     clip = (
         f"clipped to L2 norm {p.clipping_norm:g}"
         if p.mode == "server-fixed"
@@ -313,10 +324,20 @@ def privacy_statement(cfg: Config) -> str:
         f"on the server, and Gaussian noise of std {p.noise_multiplier:g} x clip / {n} is added "
         f"to their uniform average. Per round this is the Gaussian mechanism with noise "
         f"multiplier {p.noise_multiplier:g} at hospital level (any change to one hospital's "
-        "data, so also to any one image). No epsilon is accounted: the loss composes over "
-        f"{cfg.fl.rounds} rounds. The server sees the clipped updates before noise (it is "
-        "trusted), and the metrics sent in clear (example and class counts, losses, val accuracy, "
-        "the calibration's feature and validation sums) are not covered."
+        f"data, so also to any one image). Accounted: {epsilon_line(spent)}. "
+        "The server sees the clipped updates before noise (it is trusted), and the metrics "
+        "sent in clear (example and class counts, losses, val accuracy, the calibration's "
+        "feature and validation sums) are not covered."
+    )
+
+
+def epsilon_line(spent: dict) -> str:
+    """One line for a :func:`server.accounting.privacy_spent` result."""
+    eps = "unbounded" if spent["epsilon"] is None else f"{spent['epsilon']:.3g}"
+    return (
+        f"(epsilon, delta) = ({eps}, {spent['delta']:g}) after "
+        f"{spent['rounds']} rounds at noise multiplier {spent['noise_multiplier']:g} "
+        f"({spent['accountant']})"
     )
 
 

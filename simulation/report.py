@@ -145,6 +145,30 @@ def _round_section(run_dir: Path, jobs: list[dict], synthetic: bool) -> list[str
     return [*out, ""]
 
 
+def _privacy_section(jobs: list[dict]) -> list[str]:
+    """The (epsilon, delta) each central-DP job spent (server.accounting); none without DP."""
+    spent = [(j, p) for j in jobs if (p := j.get("privacy"))]
+    if not spent:
+        return []
+    out = ["## Differential privacy", "", f"Accountant: {spent[0][1]['accountant']}.", ""]
+    out += _table(
+        ["method", "seed", "mode", "noise multiplier", "rounds", "epsilon", "delta"],
+        [
+            [
+                j["method"],
+                j["seed"],
+                p["mode"],
+                f"{p['noise_multiplier']:g}",
+                p["rounds"],
+                "unbounded" if p["epsilon"] is None else f"{p['epsilon']:.3g}",
+                f"{p['delta']:g}",
+            ]
+            for j, p in spent
+        ],
+    )
+    return [*out, ""]
+
+
 def write_report(run_dir: Path) -> Path:
     """Write ``RUN_DIR/report.md`` for a ``train``, ``simulate`` or ``evaluate`` directory."""
     run_dir = Path(run_dir)
@@ -186,7 +210,9 @@ def write_report(run_dir: Path) -> Path:
         ],
     )
     lines.append("")
-    lines += _round_section(run_dir, _jobs(run_dir), synthetic)
+    jobs = _jobs(run_dir)
+    lines += _round_section(run_dir, jobs, synthetic)
+    lines += _privacy_section(jobs)
     figures = run_dir / "figures"
     for heading, pattern in (
         ("Confusion matrices", "confusion_*.png"),

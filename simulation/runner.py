@@ -122,6 +122,11 @@ def finish_federated(job: FederatedJob) -> dict:
         partition=cfg.fl.partition,
         rounds=summary["rounds"],
         upload_bytes=summary["upload_bytes"],
+        **(
+            {}
+            if summary["privacy"] is None
+            else {k: summary["privacy"][k] for k in ("epsilon", "delta")}
+        ),
     )
     write_json(job.result_file, summary)
     return summary

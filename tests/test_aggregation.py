@@ -9,6 +9,7 @@ import torch
 from savlt_model.config import FederatedConfig
 from savlt_model.errors import SavltError
 from savlt_model.methods import cap_weights
+from savlt_model.model.adapters import residual_matrices
 from server.aggregation import (
     ClientUpdate,
     aggregate,
@@ -77,12 +78,16 @@ def _updates(
     return updates
 
 
-def _global(seed: int = 99, residual: bool = False) -> dict[str, torch.Tensor]:
+def _global(seed: int = 99, residual: str = "") -> dict[str, torch.Tensor]:
+    """A global state; ``residual``: "dense" or "factors" (rank 2) adds an earlier one."""
     gen = torch.Generator().manual_seed(seed)
     state = _state(gen)
-    if residual:
-        for prefix, shape in LAYERS.items():
-            state[f"residual.{prefix}"] = 0.1 * torch.randn(shape, generator=gen)
+    for prefix, (out, inp) in LAYERS.items():
+        if residual == "dense":
+            state[f"residual.{prefix}"] = 0.1 * torch.randn(out, inp, generator=gen)
+        elif residual == "factors":
+            state[f"residual.{prefix}.B"] = 0.1 * torch.randn(out, 2, generator=gen)
+            state[f"residual.{prefix}.A"] = torch.randn(2, inp, generator=gen)
     return state
 
 
@@ -217,17 +222,19 @@ def test_client_without_class_does_not_drag_prototype() -> None:
     assert torch.isfinite(new["prototypes"]).all()
 
 
-@pytest.mark.parametrize("old_residual", [False, True])
+@pytest.mark.parametrize("k", [2, 5])  # (K-1) r = 3: factors are smaller; 12: dense is
+@pytest.mark.parametrize("old_residual", ["", "dense", "factors"])
 @pytest.mark.parametrize("method", ["fedavg", "text-anchored"])
-def test_fedex_is_exact(method: str, old_residual: bool) -> None:
-    updates = _updates(k=5, seed=3)
+def test_fedex_is_exact(method: str, old_residual: str, k: int) -> None:
+    updates = _updates(k=k, seed=3)
     glob = _global(residual=old_residual)
     new, report = aggregate(updates, glob, method, _fl(1.5, "fedex"), SCALINGS, ANCHORS)
     shared, _ = client_weights(updates, method, _fl(1.5), ANCHORS)
     assert report["weights"] == shared.tolist()
+    before, after = residual_matrices(glob), residual_matrices(new)
     for prefix, shape in LAYERS.items():
         s = SCALINGS[prefix]
-        old = glob.get(f"residual.{prefix}", torch.zeros(shape)).double()
+        old = before.get(f"residual.{prefix}", torch.zeros(shape)).double()
         target = sum(
             w
             * (
@@ -238,11 +245,59 @@ def test_fedex_is_exact(method: str, old_residual: bool) -> None:
             )
             for w, u in zip(shared, updates, strict=True)
         )
-        merged = new[f"residual.{prefix}"].double() + s * (
+        merged = after[f"residual.{prefix}"].double() + s * (
             new[f"{prefix}.lora_B.weight"].double() @ new[f"{prefix}.lora_A.weight"].double()
         )
         torch.testing.assert_close(merged, target, rtol=0, atol=1e-5)
-        assert new[f"residual.{prefix}"].dtype == torch.float32
+        assert all(v.dtype == torch.float32 for n, v in new.items() if n.startswith("residual."))
+
+
+def _dense_fedex_residual(
+    updates: list[ClientUpdate], glob: dict[str, torch.Tensor], prefix: str
+) -> torch.Tensor:
+    """The dense FedEx residual as it was computed before factors (float64): the running
+    total plus s (sum_k w_k B_k A_k - B̄ Ā), with B̄ Ā from the float32 averages."""
+    w, _ = client_weights(updates, "fedavg", _fl(0.0), ANCHORS)
+    a = [u.state[f"{prefix}.lora_A.weight"].double() for u in updates]
+    b = [u.state[f"{prefix}.lora_B.weight"].double() for u in updates]
+    a_bar = sum(wk * ak for wk, ak in zip(w, a, strict=True)).float().double()
+    b_bar = sum(wk * bk for wk, bk in zip(w, b, strict=True)).float().double()
+    exact = sum(wk * bk @ ak for wk, ak, bk in zip(w, a, b, strict=True))
+    old = residual_matrices(glob).get(f"residual.{prefix}", torch.zeros_like(exact)).double()
+    return old + SCALINGS[prefix] * (exact - b_bar @ a_bar)
+
+
+def test_factorised_residual_equals_the_dense_one_and_turns_dense_when_larger() -> None:
+    """Per layer, rounds' factors sit side by side while (out + in) q < out in; then dense.
+
+    K = 2, r = 3: the round's residual has rank (K-1) r = 3, so q = 3, 6, 9, 12 after 1-4
+    rounds: the 16 x 16 layer turns dense in round 3 (32 x 9 > 256), the 24 x 16 one in
+    round 4 (40 x 12 > 384).
+    """
+    glob = _global()
+    layouts = []
+    for round_ in range(4):
+        updates = _updates(k=2, seed=10 + round_)
+        new, report = aggregate(updates, glob, "fedavg", _fl(0.0, "fedex"), SCALINGS, ANCHORS)
+        layouts.append(report["residual_layout"])
+        got = residual_matrices(new)
+        for prefix, (out, inp) in LAYERS.items():
+            want = _dense_fedex_residual(updates, glob, prefix)
+            rel = float((got[f"residual.{prefix}"].double() - want).norm() / want.norm())
+            assert rel < 1e-6, (round_, prefix, rel)
+            sent = sum(v.numel() for k, v in new.items() if k.startswith(f"residual.{prefix}"))
+            assert sent <= out * inp  # never more than the dense matrix
+        glob = new
+        if round_ == 0:
+            for prefix in LAYERS:
+                assert new[f"residual.{prefix}.B"].shape[1] == 3
+                assert f"residual.{prefix}" not in new
+    assert layouts == [
+        {"factorised": 2, "dense": 0},
+        {"factorised": 2, "dense": 0},
+        {"factorised": 1, "dense": 1},
+        {"factorised": 0, "dense": 2},
+    ]
 
 
 def test_naive_error_reported() -> None:
@@ -250,10 +305,11 @@ def test_naive_error_reported() -> None:
     assert not any(k.startswith("residual.") for k in new)
     assert report["lora_naive_rel_error"] > 0.3  # random factors: the product is badly wrong
     assert report["lora_max_rel_error"] >= report["lora_naive_rel_error"]
-    glob = _global(residual=True)
+    glob = _global(residual="factors")
     kept, _ = aggregate(_updates(seed=1), glob, "fedavg", _fl(0.0, "naive"), {}, ANCHORS)
-    for prefix in LAYERS:  # naive mode leaves an earlier exact round's residual as it was
-        assert torch.equal(kept[f"residual.{prefix}"], glob[f"residual.{prefix}"])
+    for key in glob:  # naive mode leaves an earlier exact round's residual as it was
+        if key.startswith("residual."):
+            assert torch.equal(kept[key], glob[key])
 
     same = _updates(seed=1)
     for u in same[1:]:
@@ -261,6 +317,29 @@ def test_naive_error_reported() -> None:
     _, report = aggregate(same, _global(), "text-anchored", _fl(1.0, "fedex"), SCALINGS, ANCHORS)
     assert report["lora_naive_rel_error"] == pytest.approx(0.0, abs=1e-6)
     assert report["lora_max_rel_error"] == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("method", ["fedavg", "text-anchored"])
+def test_ffa_aggregation_is_exact(method: str) -> None:
+    """FFA-LoRA: the payload holds B alone (A is frozen and shared), so the plain weighted
+    average of B is exact: s B̄ A = sum_k w_k s B_k A, with no residual to send."""
+    gen = torch.Generator().manual_seed(5)
+    frozen = {prefix: torch.randn(R, inp, generator=gen) for prefix, (_, inp) in LAYERS.items()}
+    updates = _updates(k=4, seed=2)
+    for u in updates:
+        u.state = {k: v for k, v in u.state.items() if ".lora_A." not in k}
+    glob = {k: v for k, v in _global().items() if ".lora_A." not in k}
+    new, report = aggregate(updates, glob, method, _fl(1.5, "ffa"), {}, ANCHORS)
+    shared, _ = client_weights(updates, method, _fl(1.5), ANCHORS)
+    assert not any(k.startswith("residual.") or ".lora_A." in k for k in new)
+    assert report["lora_naive_rel_error"] == 0.0
+    for prefix in LAYERS:
+        b_key, a = f"{prefix}.lora_B.weight", frozen[prefix].double()
+        want = sum(w * u.state[b_key].double() @ a for w, u in zip(shared, updates, strict=True))
+        got = new[b_key].double() @ a
+        assert float((got - want).norm() / want.norm()) < 1e-6
+    with pytest.raises(SavltError, match="ffa but the payload carries LoRA A"):
+        aggregate(_updates(), _global(), "fedavg", _fl(0.0, "ffa"), {}, ANCHORS)
 
 
 def test_aggregate_refuses_bad_arguments() -> None:
@@ -294,7 +373,7 @@ def _reason(glob: dict[str, torch.Tensor], drop: str = "", max_norm: float = 0.0
 
 
 def test_check_update() -> None:
-    glob = _global(residual=True)  # residual keys in the reference are not expected back
+    glob = _global(residual="factors")  # residual keys in the reference are not expected back
     assert _reason(glob) is None
     assert "prototypes has non-finite" in _reason(glob, prototypes=_poked((C, 8), float("nan")))
     inf = _poked((16, 8), float("inf"))

@@ -44,7 +44,7 @@ def test_synth_then_roi_train(tmp_path, capsys):
     [
         (["train.lrr=0.1"], "config key 'train.lrr' is unknown"),
         (["train.lr=fast"], "config key 'train.lr' must be float"),
-        (["fl.lora_aggregation=svd"], "must be one of ['naive', 'fedex']"),
+        (["fl.lora_aggregation=svd"], "must be one of ['naive', 'fedex', 'ffa']"),
         (["task.positive=[tumour]"], "task.positive"),
         (["data.root=/nonexistent/DATA", "data.synthetic.enabled=false"], "data.root"),
         (

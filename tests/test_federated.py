@@ -7,16 +7,23 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from flwr.app import ArrayRecord
 
 from savlt_model.calibration import calibration_to_dict
 from savlt_model.checkpoint import load_adapter
 from savlt_model.data.partition import build_partition
 from savlt_model.messages import RoundPlan
-from savlt_model.model.adapters import trainable_state
+from savlt_model.model.adapters import (
+    lora_pairs,
+    lora_scalings,
+    residual_matrices,
+    residual_targets,
+    trainable_state,
+)
 from savlt_model.model.build import build_model
 from server import strategy as strategy_module
 from server.federation import job_calibrations
-from server.strategy import load_checkpoint
+from server.strategy import array_bytes, load_checkpoint
 from simulation.finish import calibrations_for
 from simulation.runner import run_job
 from tests.conftest import check_declared_replies
@@ -75,6 +82,66 @@ def test_replies_hold_only_declared_tensors_and_numbers(fed_config, tmp_path, tr
     for msg in train_replies:
         counts = msg.content.metric_records["metrics"]["class-counts"]
         assert len(counts) == len(cfg.task.classes)
+
+
+def test_fedex_through_flower_is_exact_with_factorised_residuals(
+    fed_config, tmp_path, train_replies
+):
+    """One FedEx round through Flower: the global adapter's s B̄ Ā plus its residual, sent as
+    low-rank factors (rank (K-1) r, smaller than dense here), is the n_k-weighted average of the
+    hospitals' s B_k A_k, and a model that loads it carries exactly that in its weights."""
+    cfg = fed_config("fl.lora_aggregation=fedex", "fl.rounds=1")
+    run_job(cfg, "fedavg", 42, tmp_path, resume=False)
+    final = _final(tmp_path, "fedavg", 1)
+    replies = [m.content for m in train_replies]
+    states = [c.array_records["arrays"].to_torch_state_dict() for c in replies]
+    n = torch.tensor([float(c.metric_records["metrics"]["num-examples"]) for c in replies])
+    w = (n / n.sum()).double()
+    model = build_model(cfg, 42)
+    scalings, base = lora_scalings(model), model.base_weights
+    residuals = residual_matrices(final)
+    pairs = lora_pairs(list(final))
+    assert pairs and residuals.keys() == {f"residual.{p}" for p, _, _ in pairs}
+    assert not residuals.keys() & final.keys()  # every layer's residual went as factors
+    model.load_global_state(final)
+    targets = residual_targets(model)
+    for prefix, a_key, b_key in pairs:
+        s, key = scalings[prefix], f"residual.{prefix}"
+        assert final[key + ".B"].shape[1] == 2 * cfg.model.lora.r  # (K-1) r
+        want = sum(
+            wk * s * st[b_key].double() @ st[a_key].double()
+            for wk, st in zip(w, states, strict=True)
+        )
+        got = residuals[key].double() + s * final[b_key].double() @ final[a_key].double()
+        assert float((got - want).norm() / want.norm()) < 1e-6, prefix
+        loaded = targets[key][0].detach().double() - base[key].double()
+        torch.testing.assert_close(loaded, residuals[key].double(), rtol=0, atol=1e-6)
+
+
+def test_ffa_uploads_only_b_and_averages_it_exactly(fed_config, tmp_path, train_replies):
+    """FFA-LoRA through Flower: replies carry every LoRA B and no A (A is frozen from the seed
+    at every hospital), the global B is the n_k-weighted average, and nothing else travels
+    down (no residual)."""
+    cfg = fed_config("fl.lora_aggregation=ffa", "fl.rounds=1")
+    summary = run_job(cfg, "fedavg", 42, tmp_path, resume=False)
+    final = _final(tmp_path, "fedavg", 1)
+    fedex_payload = trainable_state(build_model(fed_config(), 42))
+    b_keys = {k for k in fedex_payload if ".lora_B." in k}
+    check_declared_replies(
+        train_replies, set(fedex_payload) - {k for k in fedex_payload if ".lora_A." in k}, n=3
+    )
+    assert b_keys and b_keys <= set(final)
+    assert not any(".lora_A." in k or k.startswith("residual.") for k in final)
+    states = [m.content.array_records["arrays"].to_torch_state_dict() for m in train_replies]
+    n = torch.tensor(
+        [float(m.content.metric_records["metrics"]["num-examples"]) for m in train_replies]
+    )
+    for key in b_keys:
+        want = sum(wk * st[key].double() for wk, st in zip(n / n.sum(), states, strict=True))
+        torch.testing.assert_close(final[key].double(), want, rtol=0, atol=1e-6)
+    without_a = ArrayRecord({k: v for k, v in fedex_payload.items() if ".lora_A." not in k})
+    assert summary["upload_bytes"] == array_bytes(without_a)
+    assert summary["upload_bytes"] < array_bytes(ArrayRecord(fedex_payload))
 
 
 def test_resume_after_crash_ends_at_the_same_adapter(fed_config, tmp_path, monkeypatch):

@@ -179,7 +179,8 @@ def test_loss_uses_both_branches(tiny):
 
 
 def test_cached_model_takes_successive_global_states_exactly(tiny):
-    """Reusing one model across rounds equals rebuilding it, FedEx residuals included."""
+    """Reusing one model across rounds equals rebuilding it, FedEx residuals included (dense
+    in one round, as low-rank factors in the next)."""
     from savlt_model.model.adapters import residual_targets
 
     cfg = _cfg("model.lora.dropout=0.0")
@@ -187,12 +188,17 @@ def test_cached_model_takes_successive_global_states_exactly(tiny):
     targets = residual_targets(reused)
     torch.manual_seed(1)
 
-    def state_with_residuals(scale: float) -> dict:
+    def state_with_residuals(scale: float, rank: int = 0) -> dict:
         state = {k: v + scale * torch.randn_like(v) for k, v in trainable_state(reused).items()}
-        state.update({k: scale * torch.randn_like(w) for k, (w, _) in targets.items()})
+        for k, (w, _) in targets.items():
+            if rank:
+                state[k + ".B"] = scale * torch.randn(w.shape[0], rank)
+                state[k + ".A"] = torch.randn(rank, w.shape[1])
+            else:
+                state[k] = scale * torch.randn_like(w)
         return state
 
-    first, second = state_with_residuals(0.01), state_with_residuals(0.02)
+    first, second = state_with_residuals(0.01), state_with_residuals(0.02, rank=5)
     reused.load_global_state(first)
     reused.train()  # a training forward: peft's merge/unmerge nudges the frozen weights
     reused(torch.randn(2, 3, 128, 128)).logits.sum().backward()
@@ -249,3 +255,26 @@ def test_prototype_lr_scale_moves_only_the_prototypes_faster(tiny):
     for key, delta in moved[1.0].items():
         if key != "prototypes":
             assert torch.equal(delta, moved[50.0][key]), key
+
+
+def test_ffa_freezes_a_from_the_seed_alone(tiny):
+    """FFA-LoRA: A is drawn from the seed and the layer name (not the global RNG), frozen, and
+    left out of the payload; B is trained and sent."""
+    from savlt_model.model.adapters import freeze_lora_a, frozen_lora_a
+
+    cfg = _cfg("fl.lora_aggregation=ffa")
+    models = []
+    for rng_state in (0, 1):  # whatever the global RNG did before, the same A
+        torch.manual_seed(rng_state)
+        model = SavltModel(cfg, tiny)
+        freeze_lora_a(model, 42)
+        models.append(model)
+    a0, a1 = frozen_lora_a(models[0]), frozen_lora_a(models[1])
+    assert a0 and a0.keys() == a1.keys()
+    assert all(torch.equal(a0[k], a1[k]) for k in a0)
+    assert len({float(v.sum()) for v in a0.values()}) == len(a0)  # each layer its own draw
+    payload = trainable_state(models[0])
+    assert not any(".lora_A." in k for k in payload)
+    assert any(".lora_B." in k for k in payload)
+    freeze_lora_a(models[1], 43)
+    assert not torch.equal(next(iter(frozen_lora_a(models[1]).values())), next(iter(a0.values())))

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
 
 from savlt_model.checkpoint import load_adapter
+from savlt_model.config import PrivacyConfig
 from savlt_model.errors import SavltError
 from savlt_model.model.adapters import trainable_state
 from savlt_model.model.build import build_model
@@ -25,11 +29,51 @@ def _cfg(fed_config, *extra: str):
         (["fl.lora_aggregation=fedex"], "fl.lora_aggregation: naive"),
         (["fl.min_hospitals=2"], "fl.min_hospitals: 0"),
         (["privacy.clipping_norm=0"], "privacy.clipping_norm"),
+        (["privacy.delta=0"], "privacy.delta"),
     ],
 )
 def test_dp_refuses_combinations_it_would_miscalibrate(fed_config, extra, message):
     with pytest.raises(SavltError, match=message):
         _cfg(fed_config, "privacy.mode=server-fixed", *extra)
+
+
+def test_ffa_lora_is_a_plain_average_so_dp_accepts_it(fed_config):
+    cfg = _cfg(fed_config, "privacy.mode=server-fixed", "fl.lora_aggregation=ffa")
+    assert cfg.fl.lora_aggregation == "ffa"
+
+
+@pytest.mark.parametrize(("z", "rounds"), [(1.0, 5), (1.0, 1), (2.0, 10), (0.5, 3)])
+def test_epsilon_matches_gaussian_rdp_composition(z: float, rounds: int) -> None:
+    """Reference computed here, not by Opacus: R rounds of the Gaussian mechanism (q = 1)
+    have RDP(a) = R a / (2 z^2); Balle et al. (2020, Thm 21) convert it to
+    eps = min_a RDP(a) + log((a - 1) / a) - (log delta + log a) / (a - 1), minimised over a
+    fine grid of orders. Opacus minimises over a coarser grid: at most 0.1 % above. The
+    classic conversion min_a RDP(a) + log(1/delta) / (a - 1) has the closed form
+    R / (2 z^2) + sqrt(2 R log(1/delta)) / z, a looser upper bound."""
+    from server.accounting import privacy_spent
+
+    delta = 1e-5
+    spent = privacy_spent(PrivacyConfig("server-fixed", z, delta=delta), rounds)
+    a = np.linspace(1.001, 256, 2_000_000)
+    rdp = rounds * a / (2 * z * z)
+    reference = float(np.min(rdp + np.log((a - 1) / a) - (math.log(delta) + np.log(a)) / (a - 1)))
+    classic = rounds / (2 * z * z) + math.sqrt(2 * rounds * math.log(1 / delta)) / z
+    assert reference <= spent["epsilon"] <= reference * 1.001
+    assert spent["epsilon"] < classic
+    assert spent["delta"] == delta and spent["sample_rate"] == 1.0 and spent["rounds"] == rounds
+    # z = 1, 5 rounds, delta = 1e-5: about 12.3 (no subsampling: every hospital every round)
+    if (z, rounds) == (1.0, 5):
+        assert spent["epsilon"] == pytest.approx(12.30, abs=0.01)
+
+
+def test_no_noise_is_unbounded_epsilon() -> None:
+    """Clipping alone buys no DP: epsilon is None (JSON null, as results.json needs)."""
+    from server.accounting import privacy_spent
+    from server.strategy import epsilon_line
+
+    spent = privacy_spent(PrivacyConfig("server-fixed", noise_multiplier=0.0), 3)
+    assert spent["epsilon"] is None
+    assert "(epsilon, delta) = (unbounded, 1e-05) after 3 rounds" in epsilon_line(spent)
 
 
 @pytest.mark.slow
@@ -45,10 +89,20 @@ def test_server_side_dp_noises_the_adapter_and_replies_stay_declared(
         "privacy.mode=server-fixed",
         "privacy.noise_multiplier=1.0",
         "privacy.clipping_norm=0.5",
+        "fl.server_eval=true",  # scored: results records are written (with epsilon)
     )
     summary = run_job(dp_cfg, "fedavg", 42, tmp_path / "dp", resume=False)
-    assert "Central DP (server-fixed)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "Central DP (server-fixed)" in printed
     assert summary["history"][0]["hospitals"] == 3
+    # one round at z = 1: epsilon reported for the stated delta, at the start and the end,
+    # in the job summary and in every results record
+    spent = summary["privacy"]
+    assert spent["rounds"] == 1 and spent["delta"] == 1e-5
+    assert spent["epsilon"] == pytest.approx(4.73, abs=0.01)
+    assert printed.count("(epsilon, delta) = (4.73, 1e-05) after 1 rounds") == 2
+    assert summary["records"]
+    assert all(r["epsilon"] == spent["epsilon"] and r["delta"] == 1e-5 for r in summary["records"])
 
     plain, _ = load_adapter(tmp_path / "plain" / "adapters" / "fedavg_seed42.safetensors")
     noised, _ = load_adapter(tmp_path / "dp" / "adapters" / "fedavg_seed42.safetensors")

@@ -174,6 +174,23 @@ def test_results_json_from_before_the_rename_still_reports(tmp_path: Path) -> No
     assert (tmp_path / "figures" / "accuracy_per_round.png").read_bytes()[:8] == PNG_MAGIC
 
 
+def test_report_states_the_epsilon_of_each_dp_job(tmp_path: Path) -> None:
+    from savlt_model.config import PrivacyConfig
+    from server.accounting import privacy_spent
+    from simulation.report import write_report
+
+    (tmp_path / "results.json").write_text(json.dumps(_records()))
+    (tmp_path / "jobs").mkdir()
+    spent = privacy_spent(PrivacyConfig("server-fixed", noise_multiplier=1.0), 5)
+    for seed, privacy in ((5, spent), (6, None)):
+        job = {"method": "fedavg", "seed": seed, "history": [{"round": 1}], "privacy": privacy}
+        (tmp_path / "jobs" / f"fedavg_seed{seed}.json").write_text(json.dumps(job))
+    report = write_report(tmp_path).read_text()
+    assert "## Differential privacy" in report and "opacus RDP" in report
+    assert "| fedavg | 5 | server-fixed | 1 | 5 | 12.3 | 1e-05 |" in report
+    assert "| fedavg | 6 |" not in report.split("## Differential privacy")[1]
+
+
 def test_read_results_missing(tmp_path: Path) -> None:
     with pytest.raises(SavltError, match="not found"):
         read_results(tmp_path / "missing.json")

@@ -43,7 +43,15 @@ from savlt_model.atomic import atomic_write, write_json
 from savlt_model.checkpoint import load_adapter
 from savlt_model.config import Config, config_from_dict, resolve_path
 from savlt_model.errors import SavltError
-from savlt_model.model.adapters import ADAPTER, lora_pairs, residual_targets, stable_name
+from savlt_model.model.adapters import (
+    ADAPTER,
+    RESIDUAL,
+    frozen_lora_a,
+    lora_pairs,
+    lora_scalings,
+    residual_matrices,
+    stable_name,
+)
 from savlt_model.model.backbone import load_backbone, vision_tower
 from savlt_model.model.build import build_model, cached_backbone
 from savlt_model.model.savlt import SavltModel
@@ -55,7 +63,6 @@ HEAD_TENSORS = "savlt_head.safetensors"
 UNET_FILE = "savlt_unet.safetensors"
 PEFT_FILES = ("adapter_model.safetensors", "adapter_config.json")
 FORMAT = "savlt-export/1"
-_RESIDUAL = "residual."
 
 
 def _pick_adapter(run_dir: Path, method: str | None, seed: int | None) -> tuple[Path, dict, dict]:
@@ -118,15 +125,16 @@ def _plain_peft(
     numerical rank (at most min(out, in), so it always fits). A module's rank is the largest
     of its layers' (zero-padded). Exact up to float rounding; the largest error is recorded.
     """
-    scalings = {k[len(_RESIDUAL) :]: s for k, (_, s) in residual_targets(model).items()}
+    scalings = lora_scalings(model)
+    residuals = residual_matrices(state)  # dense or factorised in the file: dense here
     layers: dict[str, tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]] = {}
     ranks: dict[str, int] = {}
     for prefix, a_key, b_key in lora_pairs(list(state)):
         module, target, times = _peft_layer(base, prefix)
         b, a = scalings[prefix] * state[b_key].double(), state[a_key].double()
         delta = b @ a
-        if _RESIDUAL + prefix in state:
-            delta = delta + state[_RESIDUAL + prefix].double()
+        if RESIDUAL + prefix in residuals:
+            delta = delta + residuals[RESIDUAL + prefix].double()
             u, sv, vh = torch.linalg.svd(delta, full_matrices=False)
             tol = sv.max() * max(delta.shape) * torch.finfo(torch.float32).eps
             k = max(1, int((sv > tol).sum()))
@@ -153,7 +161,7 @@ def _plain_peft(
             b_param[:, : a.shape[0]] = (b / times).float()
             got = times * b_param.double() @ a_param.double()
             max_err = max(max_err, float((got - delta).abs().max()))
-    folded = any(k.startswith(_RESIDUAL) for k in state)
+    folded = bool(residuals)
     info = {"ranks": ranks, "max_abs_error": max_err, "fedex_residuals_folded": folded}
     return plain, info
 
@@ -202,8 +210,9 @@ def export_model(
                 f"now builds {getattr(model, key)} (backbone weights or prompts changed?)"
             )
     model.load_global_state(state)
+    state = {**frozen_lora_a(model), **state}  # FFA-LoRA: A is frozen, not in the adapter
     lora_keys = {k for _, a, b in lora_pairs(list(state)) for k in (a, b)}
-    head = {k: v for k, v in state.items() if k not in lora_keys and not k.startswith(_RESIDUAL)}
+    head = {k: v for k, v in state.items() if k not in lora_keys and not k.startswith(RESIDUAL)}
     backbone = cached_backbone(cfg.model.name, cfg.model.pretrained)
     clip, layout = _plain_peft(model, state, backbone.model)
     log.info("LoRA written for plain %s: max error %.3g", cfg.model.name, layout["max_abs_error"])

@@ -8,7 +8,9 @@ the server can average them key by key and :func:`load_trainable_state` can put 
 
 from __future__ import annotations
 
+import math
 import re
+import zlib
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -21,6 +23,10 @@ from savlt_model.model.attention import lora_targets
 from savlt_model.model.backbone import VisionTower
 
 ADAPTER = "default"
+# FedEx-LoRA residuals in a global state: ``residual.<prefix>`` (dense, out x in) or the
+# factors ``residual.<prefix>.B`` (out x q) and ``residual.<prefix>.A`` (q x in), R = B A.
+RESIDUAL = "residual."
+FACTOR_B, FACTOR_A = ".B", ".A"
 
 
 PROTOTYPES = "prototypes"  # payload key of the visual prototypes (class-wise rows)
@@ -67,6 +73,34 @@ def inject_lora(clip: nn.Module, tower: VisionTower, cfg: LoraSettings) -> PeftM
             alpha_pattern={vision_re: cfg.alpha},
         )
     return get_peft_model(clip, lora)
+
+
+def freeze_lora_a(model: nn.Module, seed: int) -> None:
+    """FFA-LoRA: redraw every LoRA A from ``seed`` and the layer's name, and freeze it.
+
+    Drawn from its own generator (peft's kaiming-uniform init), not the global RNG, so every
+    hospital and the server hold the same A whatever else they built first; A then never
+    travels, and averaging B alone is exact: sum_k w_k s B_k A = s B̄ A.
+    """
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
+                weight = module.lora_A[ADAPTER].weight
+                gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+                bound = 1 / math.sqrt(weight.shape[1])  # kaiming_uniform_(a=sqrt(5)) bound
+                drawn = torch.rand(weight.shape, generator=gen, dtype=torch.float64)
+                weight.copy_((2 * drawn - 1) * bound)
+                weight.requires_grad_(False)
+
+
+def frozen_lora_a(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Payload-style keys of the frozen FFA-LoRA A factors (none in other modes): what an
+    export needs besides the trained payload."""
+    return {
+        stable_name(n): p.detach().cpu()
+        for n, p in model.named_parameters()
+        if ".lora_A." in n and not p.requires_grad
+    }
 
 
 def stable_name(param_name: str) -> str:
@@ -120,16 +154,34 @@ def residual_targets(model: nn.Module) -> dict[str, tuple[torch.Tensor, float]]:
     """``residual.<prefix>`` -> (frozen base weight, LoRA scaling) for every LoRA layer.
 
     The exact (FedEx-LoRA) aggregation sends the part of sum_k w_k B_k A_k that the averaged
-    factors cannot express as a dense residual; clients add it to these frozen weights.
+    factors cannot express as a residual; clients add it to these frozen weights.
     """
     out: dict[str, tuple[torch.Tensor, float]] = {}
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
             prefix = stable_name(f"{name}.").rstrip(".")
-            out[f"residual.{prefix}"] = (
+            out[f"{RESIDUAL}{prefix}"] = (
                 module.get_base_layer().weight,
                 float(module.scaling[ADAPTER]),
             )
+    return out
+
+
+def residual_matrices(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``residual.<prefix>`` -> the dense float32 residual, whether ``state`` holds it dense or
+    as factors (rebuilt as B A in float64, then rounded once: the same bits everywhere)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if not key.startswith(RESIDUAL) or key.endswith(FACTOR_A):
+            continue
+        if key.endswith(FACTOR_B):
+            base = key[: -len(FACTOR_B)]
+            a = state.get(base + FACTOR_A)
+            if a is None:
+                raise SavltError(f"global state has {key} but not {base + FACTOR_A}")
+            out[base] = (value.double() @ a.double()).float()
+        else:
+            out[key] = value
     return out
 
 
@@ -145,20 +197,22 @@ def snapshot_base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 def apply_global_state(
     model: nn.Module, state: dict[str, torch.Tensor], base: dict[str, torch.Tensor]
 ) -> None:
-    """Load a server state: restore the frozen weights from ``base``, add the FedEx residuals,
-    load the payload. Exact for a model reused across rounds (residuals are totals)."""
+    """Load a server state: restore the frozen weights from ``base``, add the FedEx residuals
+    (dense or factorised), load the payload. Exact for a model reused across rounds
+    (residuals are totals)."""
     targets = residual_targets(model)
-    unknown = [k for k in state if k.startswith("residual.") and k not in targets]
+    residuals = residual_matrices(state)
+    unknown = [k for k in residuals if k not in targets]
     if unknown:
         raise SavltError(f"global state has residuals for layers this model lacks: {unknown[:3]}")
     with torch.no_grad():
         for key, (weight, _) in targets.items():
             weight.copy_(base[key])
-            if key in state:
-                weight.add_(state[key].to(weight.device, weight.dtype))
-    load_trainable_state(model, {k: v for k, v in state.items() if not k.startswith("residual.")})
+            if key in residuals:
+                weight.add_(residuals[key].to(weight.device, weight.dtype))
+    load_trainable_state(model, {k: v for k, v in state.items() if not k.startswith(RESIDUAL)})
 
 
 def lora_scalings(model: nn.Module) -> dict[str, float]:
     """LoRA scaling (alpha / r) per payload prefix: the server forms s B A with it, exactly."""
-    return {k[len("residual.") :]: s for k, (_, s) in residual_targets(model).items()}
+    return {k[len(RESIDUAL) :]: s for k, (_, s) in residual_targets(model).items()}

@@ -15,6 +15,7 @@ import torch
 from savlt_model.config import Config
 from savlt_model.data.folders import Sample
 from savlt_model.data.images import ImageSet
+from savlt_model.model.adapters import freeze_lora_a
 from savlt_model.model.backbone import Backbone, load_backbone
 from savlt_model.model.savlt import SavltModel
 
@@ -45,11 +46,14 @@ def cached_backbone(name: str, pretrained: str | None) -> Backbone:
 
 
 def build_model(cfg: Config, seed: int) -> SavltModel:
-    """A fresh SAVLT model whose trainable initialisation depends only on ``seed``."""
+    """A fresh SAVLT model whose trainable initialisation depends only on ``seed`` (and with
+    ``fl.lora_aggregation: ffa``, its frozen LoRA A too)."""
     backbone = cached_backbone(cfg.model.name, cfg.model.pretrained)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = SavltModel(cfg, backbone)
+    if cfg.fl.lora_aggregation == "ffa":
+        freeze_lora_a(model, seed)
     return model.to(pick_device(cfg.train.device))
 
 
