@@ -356,15 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
         "methods, backbone and text-anchor fingerprints, rounds, local steps and DP setting "
         "(docs/deploy.md). A hospital names it in its SuperNode's node config (policy=FILE).",
     )
-    p.add_argument("--config", type=Path, required=True, help="the study's YAML config")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set model.pretrained=/local/weights.pt",
-    )
+    _config_args(p, out=False)  # the study's config and its overrides, as every command takes
     p.add_argument("--out", type=Path, required=True, help="policy file (.yaml) to write")
     p.add_argument(
         "--method",
