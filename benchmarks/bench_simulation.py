@@ -40,6 +40,7 @@ from common import machine, parser, report, setup, table
 import server.federation as federation
 from client.app import _val_metrics, hospital_data
 from savlt_model.config import Config, load_config
+from savlt_model.messages import local_steps
 from savlt_model.model.adapters import trainable_state
 from savlt_model.model.build import build_model, image_sets
 from savlt_model.train import train_steps
@@ -161,7 +162,7 @@ def _client_pieces(cfg: Config, n: int) -> dict[str, float]:
     state = trainable_state(model)
     clock("load_global_state", lambda: model.load_global_state(state))
     train = clock("image_sets", lambda: image_sets(cfg, {"t": hospital.train}, True)["t"])
-    steps = federation.local_steps(cfg)
+    steps = local_steps(cfg)
     clock("train_steps", lambda: train_steps(model, train, cfg, steps, seed))
     clock("val_metrics", lambda: _val_metrics(model, cfg, hospital))
     clock("trainable_state", lambda: trainable_state(model))

@@ -15,10 +15,10 @@ from savlt_model.data.folders import Sample
 from savlt_model.data.partition import Hospital, Partition, build_partition
 from savlt_model.data.protocol import data_root, is_synthetic, paper_protocol
 from savlt_model.evaluation import CenterScore
+from savlt_model.messages import local_steps
 from savlt_model.metrics import METRIC_KEYS
 from savlt_model.model.build import build_model, image_sets
 from savlt_model.train import train_steps
-from server.federation import local_steps
 from simulation.finish import Finish, calibrations_for, finish_model
 from simulation.results import CALIBRATION_KEYS, make_record
 from simulation.synth import ensure_data
