@@ -109,7 +109,7 @@ def main() -> None:
         for first, drift in ((True, 0.05), (True, 0.2), (False, 0.1), (False, 0.3), (False, 1.0)):
             glob, updates = _round(shapes, clients, drift, 7, first)
             naive = FederatedConfig(lora_aggregation="naive")
-            _, rep = aggregate(updates, glob, "fedavg", naive, {}, _anchors(MODELS[name][2]))
+            _, _, rep = aggregate(updates, glob, "fedavg", naive, {}, _anchors(MODELS[name][2]))
             label = "first" if first else "later"
             mean, worst = rep["lora_naive_rel_error"], rep["lora_max_rel_error"]
             errors.append((name, clients, label, drift, mean, worst))

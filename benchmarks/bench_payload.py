@@ -11,7 +11,11 @@ Targets: ViT-B/16, K = 3: exact (relative error <= 1e-6) with <= 15 MiB downlink
 downlink grows no faster than linearly in K and never exceeds the dense one. The FedEx
 residual is a running total: resent whole to a stateless hospital, its factors grow by
 (K-1) r per round, so ``rounds factorised`` says after how many rounds the first layer turns
-dense. Random weights: only shapes count (and, for the error, float rounding).
+dense. Table 3 (``rounds``): K = 3, five FedEx rounds in a row, the message
+:class:`server.downlink.Downlink` builds after each for a hospital that keeps state (payload
++ the round's step) and for one that does not (payload + the whole total); the kept total,
+replayed from the steps, is checked to equal the server's bit for bit. Random weights: only
+shapes count (and, for the error, float rounding).
 
     .venv/bin/python benchmarks/bench_payload.py [--quick]
 """
@@ -27,6 +31,7 @@ from flwr.app import ArrayRecord
 
 from savlt_model.config import FederatedConfig, load_config
 from savlt_model.model.adapters import (
+    fold_residuals,
     freeze_lora_a,
     frozen_lora_a,
     lora_pairs,
@@ -38,11 +43,13 @@ from savlt_model.model.adapters import (
 from savlt_model.model.backbone import load_backbone
 from savlt_model.model.savlt import SavltModel
 from server.aggregation import ClientUpdate, aggregate
+from server.downlink import Downlink
 from server.strategy import array_bytes
 
 RANKS = (4, 8, 16)
 HOSPITALS = (3, 10, 20)
 MODES = ("naive", "fedex-dense", "fedex-factorised", "ffa")
+ROUNDS = 5  # the default config's
 MIB = 2**20
 
 
@@ -131,7 +138,7 @@ def _traffic(name: str, model: SavltModel, ks: tuple[int, ...], seed: int) -> li
             glob = {key: v for key, v in start.items() if not (ffa and ".lora_A." in key)}
             updates = _clients(glob, k, ffa, gen)
             fl = FederatedConfig(lora_aggregation=mode.split("-")[0])  # type: ignore[arg-type]
-            new, report_ = aggregate(updates, glob, "fedavg", fl, scalings, anchors)
+            new, _, report_ = aggregate(updates, glob, "fedavg", fl, scalings, anchors)
             weights = report_["weights"]
             if mode == "fedex-dense":
                 new = _dense(new, updates, weights, scalings)
@@ -150,6 +157,32 @@ def _traffic(name: str, model: SavltModel, ks: tuple[int, ...], seed: int) -> li
     return rows
 
 
+def _rounds(name: str, model: SavltModel, k: int, rounds: int, seed: int) -> list[tuple]:
+    """FedEx over ``rounds`` rounds: MiB sent after each to a hospital that keeps state and
+    to one that does not; raises if the kept total, replayed from the steps, is not the
+    server's bit for bit."""
+    scalings, anchors = lora_scalings(model), model.anchors.detach().cpu()
+    fl = FederatedConfig(lora_aggregation="fedex")
+    gen = torch.Generator().manual_seed(seed)
+    glob, kept, downlink, rows = trainable_state(model), {}, Downlink(0), []
+    for round_ in range(1, rounds + 1):
+        new, step, _ = aggregate(
+            _clients(glob, k, False, gen), glob, "fedavg", fl, scalings, anchors
+        )
+        downlink.advance(round_, step)
+        downlink.record("keeps", round_ - 1)
+        kept = fold_residuals(kept, step)
+        if any(not torch.equal(v, new[key]) for key, v in kept.items()):
+            raise AssertionError(f"{name} round {round_}: the replayed total differs")
+        stateful, _ = downlink.content("keeps", new)
+        stateless, _ = downlink.content("keeps nothing", new)
+        sizes = [array_bytes(ArrayRecord(t)) / MIB for t in (stateful, stateless)]
+        rows.append((name, k, round_, *sizes))
+        glob = new
+        gc.collect()
+    return rows
+
+
 def _svd_ranks(rounds: int = 5, k: int = 3, r: int = 8, shape=(576, 192)) -> list[list[int]]:
     """[kept factor rank, SVD numerical rank] of one layer's FedEx total after each of
     ``rounds`` rounds of random client steps: would re-factorising by SVD send less?"""
@@ -165,7 +198,7 @@ def _svd_ranks(rounds: int = 5, k: int = 3, r: int = 8, shape=(576, 192)) -> lis
     for _ in range(rounds):
         updates = _clients(glob, k, False, gen)
         fl = FederatedConfig(lora_aggregation="fedex")
-        glob, _ = aggregate(updates, glob, "fedavg", fl, {"l": 1.0}, anchors)
+        glob, _, _ = aggregate(updates, glob, "fedavg", fl, {"l": 1.0}, anchors)
         total = residual_matrices(glob)["residual.l"].double()
         sv = torch.linalg.svdvals(total)
         tol = sv.max() * max(total.shape) * torch.finfo(torch.float32).eps
@@ -173,11 +206,12 @@ def _svd_ranks(rounds: int = 5, k: int = 3, r: int = 8, shape=(576, 192)) -> lis
     return ranks
 
 
-def _targets(rows: list[tuple]) -> list[str]:
+def _targets(rows: list[tuple], by_round: list[tuple]) -> list[str]:
     """Each traffic target, met or not, from the ViT-B/16 rows."""
     vit = {(k, m): (up, down, err) for n, k, m, up, down, err, _ in rows if n == "ViT-B-16"}
     if not vit:
         return []
+    kept = [down for n, _, _, down, _ in by_round if n == "ViT-B-16"]
     _, down3, err3 = vit[(3, "fedex-factorised")]
     ks = sorted({k for k, _ in vit})
     down = {k: vit[(k, "fedex-factorised")][1] for k in ks}
@@ -186,6 +220,8 @@ def _targets(rows: list[tuple]) -> list[str]:
     return [
         f"ViT-B/16 K=3 FedEx factorised: {down3:.2f} MiB down (<= 15), error {err3:.2g} "
         f"(<= 1e-6): {'met' if down3 <= 15 and err3 <= 1e-6 else 'not met'}",
+        f"ViT-B/16 K=3, hospitals that keep state, every one of {len(kept)} rounds: at most "
+        f"{max(kept):.2f} MiB down (<= 15): {'met' if max(kept) <= 15 else 'not met'}",
         f"downlink linear in K and never above dense: "
         f"{'met' if linear and never_dense else 'not met'}",
     ]
@@ -197,7 +233,7 @@ def main() -> None:
     start = machine(device)
     names = ["savlt-tiny", "ViT-B-16"] + ([] if args.quick else ["ViT-L-14"])
     ks = HOSPITALS[:1] if args.quick else HOSPITALS
-    rows, traffic = [], []
+    rows, traffic, by_round = [], [], []
     for name in names:
         backbone = load_backbone(name)
         full = _bytes(list(backbone.model.state_dict().values()))
@@ -213,13 +249,15 @@ def main() -> None:
             rows.append((name, r, full / MIB, upload / MIB, pct, residual / MIB, target))
             if r == 8:
                 traffic += _traffic(name, model, ks, seed=0)
+                by_round += _rounds(name, model, 3, ROUNDS, seed=0)
             del model
             gc.collect()
         del backbone
         gc.collect()
     headers = ("model", "r", "backbone MiB", "upload MiB", "upload %", "FedEx resid MiB", "target")
     traffic_cols = ["model", "K", "mode", "up MiB", "down MiB", "rel error", "rounds factorised"]
-    targets = _targets(traffic)
+    round_cols = ["model", "K", "rounds aggregated", "keeps state MiB", "stateless MiB"]
+    targets = _targets(traffic, by_round)
     svd = _svd_ranks()
     print()
     report(
@@ -230,10 +268,12 @@ def main() -> None:
         rows,
         start,
         traffic={"columns": traffic_cols, "rows": [list(t) for t in traffic]},
+        rounds={"columns": round_cols, "rows": [list(t) for t in by_round]},
         targets=targets,
         svd_ranks={"columns": ["kept factor rank", "SVD numerical rank"], "rounds": svd},
     )
     print("\nround 1, r 8, per hospital:\n" + table(traffic_cols, traffic))
+    print("\nFedEx downlink per hospital after each round, r 8:\n" + table(round_cols, by_round))
     print("\n".join(targets))
     print(f"one layer's FedEx total, [kept rank, SVD rank] per round (K 3, r 8): {svd}")
 

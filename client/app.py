@@ -4,9 +4,11 @@ Everything local comes from the hospital's own ``node_config``: ``center`` (its 
 the values of the hospital-local config keys (:data:`savlt_model.config.HOSPITAL_LOCAL_KEYS`:
 ``data-root``, ``work-dir``, ``split-file``, ``manifest``, ``pretrained``,
 ``unet-checkpoint``, ``prompts``), plus an optional run ``policy`` file
-(:mod:`client.policy`). A server message that sets a hospital-local key is refused, naming
-it. In simulation the hospital is a partition id of :mod:`savlt_model.data.partition`, and
-the simulation gives its virtual SuperNodes their node config (:class:`SimulatedHospitals`).
+(:mod:`client.policy`) and ``keep-state`` (:mod:`client.synced_state`: the hospital keeps
+the global state between rounds, so only each round's change travels; default true). A
+server message that sets a hospital-local key is refused, naming it. In simulation the
+hospital is a partition id of :mod:`savlt_model.data.partition`, and the simulation gives
+its virtual SuperNodes their node config (:class:`SimulatedHospitals`).
 A reply carries exactly the payload tensors and the metric names declared in
 :mod:`savlt_model.messages`. The loss terms of the round's method come with the server's
 plan: no per-method code here. After the last round, two queries ask for the sums the
@@ -29,6 +31,7 @@ from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.policy import check_policy
+from client.synced_state import keeps_state, synced_state
 from savlt_model.config import (
     HOSPITAL_LOCAL_KEYS,
     Config,
@@ -49,6 +52,7 @@ from savlt_model.messages import (
     FEATURE_STATS_KEYS,
     METRICS,
     REFERENCE,
+    STATE_VERSION,
     TRAIN_METRIC_KEYS,
     RoundPlan,
     feature_stats_metrics,
@@ -147,7 +151,9 @@ def _warn_without_policy(center: str) -> None:
 
 def _model_for(
     msg: Message, context: Context
-) -> tuple[RoundPlan, Config, int, Hospital, SavltModel]:
+) -> tuple[RoundPlan, Config, int, Hospital, SavltModel, int]:
+    """The round's plan, config, hospital data and model holding the global state, and the
+    state version this hospital now keeps (-1: none; :mod:`client.synced_state`)."""
     node_config = dict(context.node_config)
     plan = RoundPlan.from_record(msg.content[CONFIG])
     cfg = local_config(plan.config, node_config)
@@ -159,8 +165,10 @@ def _model_for(
     index, hospital = hospital_data(cfg, plan.seed, node_config)
     model = cached_model(cfg, plan.seed)
     check_fingerprints(model, plan, hospital.name)
-    model.load_global_state(msg.content[ARRAYS].to_torch_state_dict())
-    return plan, cfg, index, hospital, model
+    tensors = msg.content[ARRAYS].to_torch_state_dict()
+    state, kept = synced_state(tensors, msg.content[CONFIG], context, keeps_state(node_config))
+    model.load_global_state(state)
+    return plan, cfg, index, hospital, model, kept
 
 
 def _val_metrics(model: SavltModel, cfg: Config, hospital: Hospital) -> dict[str, float]:
@@ -179,7 +187,7 @@ def _val_metrics(model: SavltModel, cfg: Config, hospital: Hospital) -> dict[str
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    plan, cfg, index, hospital, model = _model_for(msg, context)
+    plan, cfg, index, hospital, model, kept = _model_for(msg, context)
     seed = int(np.random.SeedSequence([plan.seed, plan.round, index]).generate_state(1)[0])
     centring: dict = {}
     shift = None
@@ -210,6 +218,7 @@ def train(msg: Message, context: Context) -> Message:
         "train-steps": stats.steps,
         "class-counts": counts.tolist(),
         **_val_metrics(model, cfg, hospital),
+        STATE_VERSION: kept,
     }
     log.info("hospital %s round %d: loss %.4f", hospital.name, plan.round, stats.loss)
     content = RecordDict(
@@ -223,8 +232,12 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    _, cfg, _, hospital, model = _model_for(msg, context)
-    metrics = {"num-examples": len(hospital.val), **_val_metrics(model, cfg, hospital)}
+    _, cfg, _, hospital, model, kept = _model_for(msg, context)
+    metrics = {
+        "num-examples": len(hospital.val),
+        **_val_metrics(model, cfg, hospital),
+        STATE_VERSION: kept,
+    }
     metrics.pop("val-n")
     content = RecordDict({METRICS: metric_record(metrics, EVALUATE_METRIC_KEYS)})
     return Message(content=content, reply_to=msg)
@@ -233,7 +246,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 @app.query("feature_stats")
 def feature_stats(msg: Message, context: Context) -> Message:
     """Calibration, step 1: the count and sum of this hospital's train + val features."""
-    _, cfg, _, hospital, model = _model_for(msg, context)
+    _, cfg, _, hospital, model, _ = _model_for(msg, context)
     sets = image_sets(cfg, {"train": hospital.train, "val": hospital.val}, False)
     stats = site_feature_stats(model, list(sets.values()), cfg.train.eval_batch_size)
     metrics = metric_record(feature_stats_metrics(stats), FEATURE_STATS_KEYS)
@@ -243,7 +256,7 @@ def feature_stats(msg: Message, context: Context) -> Message:
 @app.query("calibration_stats")
 def calibration_stats(msg: Message, context: Context) -> Message:
     """Calibration, step 2: validation sums given the server's reference mean."""
-    _, cfg, _, hospital, model = _model_for(msg, context)
+    _, cfg, _, hospital, model, _ = _model_for(msg, context)
     reference = np.asarray(msg.content[CONFIG][REFERENCE], dtype=np.float64)
     val = image_sets(cfg, {"val": hospital.val}, False)["val"]
     sums = site_calibration_stats(model, val, cfg.train.eval_batch_size, reference)

@@ -38,10 +38,21 @@ TRAIN_METRIC_KEYS = frozenset(
         "val-acc_binary",
         "feature-count",  # with fl.feature_centring: the train features' count and sum
         "feature-sum",  # under the incoming global model, for the next round's reference
+        "state-version",  # the global state version the hospital keeps (-1: none)
     }
 )
 # Metric names an evaluation reply may hold: the global model on the hospital's val set.
-EVALUATE_METRIC_KEYS = frozenset({"num-examples", "val-acc_multiclass", "val-acc_binary"})
+EVALUATE_METRIC_KEYS = frozenset(
+    {"num-examples", "val-acc_multiclass", "val-acc_binary", "state-version"}
+)
+
+# Hospitals that keep state (server/downlink.py, client/synced_state.py). Each training or
+# evaluation message tags the global state it brings with the server process's session id
+# and its version (the rounds aggregated into it); a delta also names the version it
+# applies to. A reply's metric of the same name says which version the hospital now keeps.
+STATE_SESSION = "state-session"
+STATE_VERSION = "state-version"
+STATE_BASE = "state-base"
 
 # The two calibration queries after the last round (server.calibration): sums over the
 # hospital's own scans under the final global model, never a scan or a single feature.

@@ -18,9 +18,11 @@ and logs the report (SAVLT_METHOD.md §4).
   which clients add to their frozen weights, so the merged effective weight is exactly the
   weighted average of the clients' effective weights. The weights sum to 1, so the round's
   difference is s sum_k w_k B_k (A_k - Ā) = s sum_{k<K} w_k (B_k - B_K)(A_k - Ā): two
-  factors of rank (K-1) r. The running total keeps every round's factors side by side
-  (``residual.<prefix>.B``, ``.A``) while that is smaller than the dense matrix, and is
-  folded into a dense ``residual.<prefix>`` once it is not, per layer. Factors are kept,
+  factors of rank (K-1) r (the round's step). The running total keeps every round's
+  factors side by side (``residual.<prefix>.B``, ``.A``) while that is smaller than the
+  dense matrix, and is folded into a dense ``residual.<prefix>`` once it is not, per layer
+  (:func:`~savlt_model.model.adapters.fold_residuals`, which hospitals that keep the total
+  replay on the step alone). Factors are kept,
   not re-factorised by SVD: on random updates an SVD of the total finds exactly (K-1) r
   per round (benchmarks/README.md), so it would only add rounding. ``ffa`` (FFA-LoRA): A
   is frozen from the seed at every hospital and never sent, so the payload holds B alone
@@ -39,7 +41,14 @@ import torch.nn.functional as F
 from savlt_model.config import FederatedConfig
 from savlt_model.errors import SavltError
 from savlt_model.methods import HospitalStats, get_method
-from savlt_model.model.adapters import FACTOR_A, FACTOR_B, PROTOTYPES, RESIDUAL, lora_pairs
+from savlt_model.model.adapters import (
+    FACTOR_B,
+    PROTOTYPES,
+    RESIDUAL,
+    fold_residuals,
+    lora_pairs,
+    residual_step,
+)
 
 LORA_MODES = ("naive", "fedex", "ffa")
 
@@ -171,23 +180,6 @@ def _weighted_factors(b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (w[:, None, None] * b).permute(1, 0, 2).reshape(out, k * r)
 
 
-def _residual_total(
-    old: dict[str, torch.Tensor], key: str, b: torch.Tensor, a: torch.Tensor
-) -> dict[str, torch.Tensor]:
-    """The running residual under ``key`` plus this round's b @ a (float64 factors), as
-    float32 factors (old and new side by side) while they are smaller than the dense
-    matrix, else dense. ``old`` holds the previous total in either form (or nothing)."""
-    out, inp = b.shape[0], a.shape[1]
-    if key in old:  # already dense: stays dense
-        return {key: (old[key].double() + b @ a).float()}
-    if key + FACTOR_B in old:
-        b = torch.cat([old[key + FACTOR_B].double(), b], dim=1)
-        a = torch.cat([old[key + FACTOR_A].double(), a], dim=0)
-    if (out + inp) * a.shape[0] < out * inp:
-        return {key + FACTOR_B: b.float(), key + FACTOR_A: a.float()}
-    return {key: (b @ a).float()}
-
-
 def aggregate(
     updates: list[ClientUpdate],
     global_state: dict[str, torch.Tensor],
@@ -195,8 +187,14 @@ def aggregate(
     fl: FederatedConfig,
     scalings: dict[str, float],
     anchors: torch.Tensor,
-) -> tuple[dict[str, torch.Tensor], dict]:
-    """New global state (float32, CPU) and a report for the round's log line.
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+    """New global state (float32, CPU), the round's FedEx residual step, and a report for the
+    round's log line.
+
+    The step (``residual.<prefix>`` keys, each layer as factors or dense, whichever is
+    smaller; empty unless fedex) is what turned the previous residual totals into the new
+    ones (:func:`savlt_model.model.adapters.fold_residuals`): all that a hospital holding
+    the previous totals needs to receive (:mod:`server.downlink`).
 
     ``anchors`` is the server's own frozen T (C x d), for the agreement of the uploads.
     Report: ``weights`` (shared, per client), ``prototype_weights`` (K lists of C),
@@ -229,9 +227,7 @@ def aggregate(
     shared = torch.from_numpy(shared_np)
     lora_keys = {key for _, a_key, b_key in pairs for key in (a_key, b_key)}
     new: dict[str, torch.Tensor] = {}
-    # Residuals carry over (clients' frozen weights include them); fedex adds this round's gap.
-    old = {k: v for k, v in global_state.items() if k.startswith(RESIDUAL)}
-    new.update({k: v.clone() for k, v in old.items()})
+    step: dict[str, torch.Tensor] = {}  # fedex: this round's gap, added to the carried totals
     for key in keys:  # one key at a time: peak memory is one tensor x K clients in float64
         if key not in lora_keys:
             w = torch.from_numpy(proto_np) if key == PROTOTYPES else shared
@@ -254,10 +250,11 @@ def aggregate(
             # B̄ and Ā the clients load: factors (out, (K-1) r) and ((K-1) r, in)
             db = _weighted_factors(b[:-1] - b[-1], shared[:-1])
             da = (a[:-1] - new[a_key].double()).reshape(-1, a.shape[-1])
-            key = RESIDUAL + prefix
-            for stale in (key, key + FACTOR_B, key + FACTOR_A):
-                new.pop(stale, None)
-            new.update(_residual_total(old, key, scalings[prefix] * db, da))
+            step.update(residual_step(RESIDUAL + prefix, scalings[prefix] * db, da))
+    # residuals carry over (clients' frozen weights include them), plus the step
+    new.update(
+        fold_residuals({k: v for k, v in global_state.items() if k.startswith(RESIDUAL)}, step)
+    )
     residual_keys = [k for k in new if k.startswith(RESIDUAL)]
     factorised = sum(k.endswith(FACTOR_B) for k in residual_keys)
     report = {
@@ -271,4 +268,4 @@ def aggregate(
             "dense": len(residual_keys) - 2 * factorised,
         },
     }
-    return dict(sorted(new.items())), report
+    return dict(sorted(new.items())), step, report

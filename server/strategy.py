@@ -17,7 +17,7 @@ from operator import add
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideAdaptiveClipping,
@@ -29,11 +29,20 @@ from flwr.serverapp.strategy import (
 from savlt_model.calibration import FeatureStats
 from savlt_model.checkpoint import load_adapter, save_adapter
 from savlt_model.config import Config, check_privacy
-from savlt_model.messages import ARRAYS, CONFIG, METRICS, RoundPlan, feature_stats_from
+from savlt_model.messages import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    STATE_BASE,
+    STATE_VERSION,
+    RoundPlan,
+    feature_stats_from,
+)
 from savlt_model.metrics import upgrade_keys
 from savlt_model.model.backbone import fingerprint_tensors
 from server.accounting import privacy_spent
 from server.aggregation import PROTOTYPES, ClientUpdate, aggregate, check_update
+from server.downlink import Downlink
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +102,10 @@ class SavltStrategy(FedAvg):
         self.sent: dict[str, torch.Tensor] = {}
         self.state: dict[str, torch.Tensor] = {}  # the last aggregate, as checkpointed
         self.uniform_weights = False  # central DP: its noise assumes a uniform average
+        self.downlink = Downlink(start_round)  # the full state, or a delta, per hospital
         self.upload_bytes = 0
-        self.download_bytes = 0
+        self.download_bytes = 0  # the largest message of the round
+        self.deltas = 0  # hospitals sent only the round's step in the last train round
         self.residual_layout: dict[str, int] = {"factorised": 0, "dense": 0}  # last one logged
 
     def _plan_record(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
@@ -110,21 +121,54 @@ class SavltStrategy(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.sent = arrays.to_torch_state_dict()
-        self.download_bytes = array_bytes(arrays)
-        return super().configure_train(
+        messages = super().configure_train(
             server_round, arrays, self._plan_record(server_round, config), grid
         )
+        messages = self._per_hospital(messages, self.sent)
+        self.download_bytes = max((array_bytes(m.content[ARRAYS]) for m in messages), default=0)
+        self.deltas = sum(STATE_BASE in m.content[CONFIG] for m in messages)
+        return messages
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        return super().configure_evaluate(
+        messages = super().configure_evaluate(
             server_round, arrays, self._plan_record(server_round, config), grid
         )
+        return self._per_hospital(messages, arrays.to_torch_state_dict())
+
+    def _per_hospital(
+        self, messages: Iterable[Message], state: dict[str, torch.Tensor]
+    ) -> list[Message]:
+        """FedAvg's messages (one content for all) with each hospital's own content: the full
+        ``state`` or only what it lacks (:class:`server.downlink.Downlink`)."""
+        out, records = [], {}
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            tensors, tags = self.downlink.content(str(node), state)
+            kind = tuple(sorted(tensors))  # at most three variants: build each record once
+            if kind not in records:
+                records[kind] = ArrayRecord(tensors)
+            config = ConfigRecord({**dict(msg.content[CONFIG]), **tags})
+            content = RecordDict({ARRAYS: records[kind], CONFIG: config})
+            out.append(
+                Message(content=content, dst_node_id=node, message_type=msg.metadata.message_type)
+            )
+        return out
+
+    def _note_held(self, msg: Message) -> None:
+        """What a reply says the hospital keeps; a reply without it keeps nothing known."""
+        node = str(msg.metadata.src_node_id)
+        try:
+            self.downlink.record(node, int(msg.content[METRICS][STATE_VERSION]))
+        except (KeyError, TypeError, ValueError):
+            self.downlink.forget(node)
 
     def _event(self, round_: int, node: str, kind: str, reason: str) -> None:
         log.warning("round %d: %s update from node %s: %s", round_, kind, node, reason)
         self.history.events.append({"round": round_, "node": node, "event": kind, "reason": reason})
+        if kind in ("failed", "eval-failed"):
+            self.downlink.forget(node)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -140,6 +184,7 @@ class SavltStrategy(FedAvg):
         dim = self.sent[PROTOTYPES].shape[1]
         for msg in valid:
             node = str(msg.metadata.src_node_id)
+            self._note_held(msg)
             try:
                 record, metrics = msg.content[ARRAYS], msg.content[METRICS]
                 update = ClientUpdate(
@@ -182,7 +227,7 @@ class SavltStrategy(FedAvg):
         if self.uniform_weights:
             updates = [dataclasses.replace(u, num_examples=1) for u in updates]
         cfg = plan.config
-        state, report = aggregate(
+        state, step, report = aggregate(
             updates,
             self.sent,
             plan.method,
@@ -210,6 +255,7 @@ class SavltStrategy(FedAvg):
             "lora-naive-rel-error": report["lora_naive_rel_error"],
             "upload-bytes": self.upload_bytes,
             "download-bytes": self.download_bytes,
+            "downlink-deltas": self.deltas,
             # how far the method's weights moved from FedAvg's n_k / n (total variation, 0..1)
             "weight-shift": 0.5
             * sum(abs(w - f) for w, f in zip(report["weights"], fedavg_share, strict=True)),
@@ -222,6 +268,7 @@ class SavltStrategy(FedAvg):
             total = reduce(add, (features[i] for i in order))
             self.history.reference = total.mean.tolist()
         self.state = state
+        self.downlink.advance(round_, step)
         save_checkpoint(self.checkpoint, state, round_, self.history)
         return ArrayRecord(state), MetricRecord(
             {k: v for k, v in row.items() if isinstance(v, (int, float))}
@@ -239,12 +286,13 @@ class SavltStrategy(FedAvg):
         for msg in replies:
             if msg.has_error():
                 self._event(round_, str(msg.metadata.src_node_id), "eval-failed", msg.error.reason)
+            else:
+                self._note_held(msg)
         metrics = super().aggregate_evaluate(server_round, replies)
         row = self.history.rows[-1] if self.history.rows else {}
         if metrics is not None and row.get("round") == round_:
-            row.update(
-                {f"hospitals-{k}": float(v) for k, v in metrics.items() if k != "num-examples"}
-            )
+            scores = {k: v for k, v in metrics.items() if k not in ("num-examples", STATE_VERSION)}
+            row.update({f"hospitals-{k}": float(v) for k, v in scores.items()})
             save_checkpoint(self.checkpoint, self.state, round_, self.history)
         return metrics
 

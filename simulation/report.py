@@ -114,8 +114,13 @@ def _round_section(run_dir: Path, jobs: list[dict], synthetic: bool) -> list[str
         )
         out += [_figure(loss_png, run_dir, "training loss per round"), ""]
     out += ["### Traffic per round (largest single hospital message)", ""]
+    out += [
+        "A hospital that keeps state downloads only the round's change (a delta); the others",
+        "download the whole state.",
+        "",
+    ]
     out += _table(
-        ["method", "seed", "round", "hospitals", "train loss", "upload", "download"],
+        ["method", "seed", "round", "hospitals", "train loss", "upload", "download", "deltas"],
         [
             [
                 j["method"],
@@ -125,6 +130,7 @@ def _round_section(run_dir: Path, jobs: list[dict], synthetic: bool) -> list[str
                 "-" if r.get("train-loss") is None else f"{r['train-loss']:.4f}",
                 _bytes(r.get("upload-bytes", 0)),
                 _bytes(r.get("download-bytes", 0)),
+                r.get("downlink-deltas", "-"),
             ]
             for j in federated
             for r in j["history"]

@@ -7,17 +7,23 @@ of ``partition:round:kind[=argument]``. This app then misbehaves as a broken or 
 hospital would and otherwise runs the real :func:`client.app.train` (and the real
 evaluation and calibration queries).
 
-Kinds: ``crash`` (raises), ``nan`` (a tensor of NaN), ``keys`` (an unexpected tensor name),
-``shape`` (a tensor of the wrong shape), ``norm`` (+1000 on every tensor), ``prompts=PATH``
-(the hospital's own prompts file differs from the server's), ``outlier`` (a hospital
-gaming text-anchored weights: it reports an anchor agreement of 1.0 in its metrics,
-uploads its prototypes equal to the text anchors, the best agreement an upload can earn,
-and adds +10 to every other tensor).
+Kinds: ``crash`` (raises), ``forget`` (a restarted hospital: what it kept between rounds is
+lost, then the round runs as usual), ``nan`` (a tensor of NaN), ``keys`` (an unexpected
+tensor name), ``shape`` (a tensor of the wrong shape), ``norm`` (+1000 on every tensor),
+``prompts=PATH`` (the hospital's own prompts file differs from the server's), ``outlier`` (a
+hospital gaming text-anchored weights: it reports an anchor agreement of 1.0 in its
+metrics, uploads its prototypes equal to the text anchors, the best agreement an upload can
+earn, and adds +10 to every other tensor).
+
+With ``RECORD_KEY`` set to a folder, each hospital that trained writes there the fingerprint
+of the frozen weights its model held (base + FedEx residuals: the merged global model) as
+``p<partition>-r<round>.txt``, so a test can compare the hospitals' models.
 """
 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, Context, Message
@@ -29,9 +35,12 @@ from client.app import feature_stats as real_feature_stats
 from client.app import local_config
 from client.app import train as real_train
 from savlt_model.messages import ARRAYS, CONFIG, METRICS, RoundPlan
+from savlt_model.model.adapters import residual_targets
+from savlt_model.model.backbone import fingerprint_tensors
 from savlt_model.model.build import cached_model
 
 FAULTS_KEY = "test-faults"
+RECORD_KEY = "test-record-dir"
 app = ClientApp()
 
 
@@ -59,6 +68,15 @@ def _outlier(msg: Message, context: Context, reply: Message) -> Message:
     return reply
 
 
+def _record_weights(msg: Message, context: Context) -> None:
+    plan = RoundPlan.from_record(msg.content[CONFIG])
+    model = cached_model(local_config(plan.config, dict(context.node_config)), plan.seed)
+    weights = {k: w.detach() for k, (w, _) in residual_targets(model).items()}
+    pid = int(context.node_config["partition-id"])
+    path = Path(str(msg.content[CONFIG][RECORD_KEY])) / f"p{pid}-r{plan.round}.txt"
+    path.write_text(fingerprint_tensors(weights.items()))
+
+
 def _tamper(reply: Message, kind: str) -> Message:
     state = reply.content[ARRAYS].to_torch_state_dict()
     first = sorted(state)[0]
@@ -79,10 +97,15 @@ def train(msg: Message, context: Context) -> Message:
     kind, arg = _fault_for(msg, context)
     if kind == "crash":
         raise RuntimeError("injected crash: this hospital went down mid-round")
+    if kind == "forget":
+        for key in list(context.state):
+            del context.state[key]
     if kind == "prompts":
         context = copy.copy(context)
         context.node_config = {**context.node_config, "prompts": arg}
     reply = real_train(msg, context)
+    if RECORD_KEY in msg.content[CONFIG]:
+        _record_weights(msg, context)
     if kind == "outlier":
         return _outlier(msg, context, reply)
     return _tamper(reply, kind) if kind in ("nan", "keys", "shape", "norm") else reply

@@ -9,7 +9,7 @@ import torch
 from savlt_model.config import FederatedConfig
 from savlt_model.errors import SavltError
 from savlt_model.methods import cap_weights
-from savlt_model.model.adapters import residual_matrices
+from savlt_model.model.adapters import fold_residuals, residual_matrices
 from server.aggregation import (
     ClientUpdate,
     aggregate,
@@ -135,8 +135,10 @@ def test_lambda_zero_same_class_mix_is_fedavg() -> None:
         u.num_examples = sum(u.class_counts)
     glob = _global()
     for mode in ("naive", "fedex"):
-        fed, _ = aggregate(updates, glob, "fedavg", _fl(0.0, mode), SCALINGS, ANCHORS)
-        anchored, _ = aggregate(updates, glob, "text-anchored", _fl(0.0, mode), SCALINGS, ANCHORS)
+        fed, _, _ = aggregate(updates, glob, "fedavg", _fl(0.0, mode), SCALINGS, ANCHORS)
+        anchored, _, _ = aggregate(
+            updates, glob, "text-anchored", _fl(0.0, mode), SCALINGS, ANCHORS
+        )
         assert fed.keys() == anchored.keys()
         for key in fed:
             if key != "prototypes":
@@ -157,8 +159,8 @@ def test_lambda_zero_with_a_missing_class_is_the_per_class_average() -> None:
     for u in updates:
         u.num_examples = sum(u.class_counts)  # 40, 40, 20
     glob = _global()
-    fed, _ = aggregate(updates, glob, "fedavg", _fl(0.0), {}, ANCHORS)
-    anchored, report = aggregate(updates, glob, "text-anchored", _fl(0.0), {}, ANCHORS)
+    fed, _, _ = aggregate(updates, glob, "fedavg", _fl(0.0), {}, ANCHORS)
+    anchored, _, report = aggregate(updates, glob, "text-anchored", _fl(0.0), {}, ANCHORS)
     for key in fed:
         if key != "prototypes":
             assert torch.equal(fed[key], anchored[key]), key
@@ -211,7 +213,7 @@ def test_client_without_class_does_not_drag_prototype() -> None:
     updates = _updates(counts=counts, agreement=agreement)
     _, proto = client_weights(updates, "text-anchored", _fl(3.0), ANCHORS)
     assert proto[1, 1] == 0.0
-    new, _ = aggregate(updates, _global(), "text-anchored", _fl(3.0, "naive"), {}, ANCHORS)
+    new, _, _ = aggregate(updates, _global(), "text-anchored", _fl(3.0, "naive"), {}, ANCHORS)
     others = [updates[0], updates[2]]
     w = np.array(
         [u.class_counts[1] * np.exp(3.0 * a) for u, a in zip(others, (0.3, 0.5), strict=True)]
@@ -228,7 +230,7 @@ def test_client_without_class_does_not_drag_prototype() -> None:
 def test_fedex_is_exact(method: str, old_residual: str, k: int) -> None:
     updates = _updates(k=k, seed=3)
     glob = _global(residual=old_residual)
-    new, report = aggregate(updates, glob, method, _fl(1.5, "fedex"), SCALINGS, ANCHORS)
+    new, _, report = aggregate(updates, glob, method, _fl(1.5, "fedex"), SCALINGS, ANCHORS)
     shared, _ = client_weights(updates, method, _fl(1.5), ANCHORS)
     assert report["weights"] == shared.tolist()
     before, after = residual_matrices(glob), residual_matrices(new)
@@ -267,6 +269,25 @@ def _dense_fedex_residual(
     return old + SCALINGS[prefix] * (exact - b_bar @ a_bar)
 
 
+def test_a_hospital_replaying_the_steps_holds_the_servers_total_bit_for_bit() -> None:
+    """A stateful hospital folds each round's step into the total it kept; a stateless one
+    receives the total: both hold the same bits, through the turn to dense (round 3 of the
+    16 x 16 layer, see below), and the step never outgrows the total."""
+    glob, held = _global(), {}
+    for round_ in range(5):
+        new, step, _ = aggregate(
+            _updates(k=2, seed=30 + round_), glob, "fedavg", _fl(0.0, "fedex"), SCALINGS, ANCHORS
+        )
+        held = fold_residuals(held, step)
+        total = {k: v for k, v in new.items() if k.startswith("residual.")}
+        assert sorted(held) == sorted(total)
+        assert all(torch.equal(held[k], total[k]) for k in total), round_
+        assert sum(v.numel() for v in step.values()) <= sum(v.numel() for v in total.values())
+        assert all(k.startswith("residual.") for k in step)
+        glob = new
+    assert any(k.endswith(".B") for k in step)  # the step stays factorised
+
+
 def test_factorised_residual_equals_the_dense_one_and_turns_dense_when_larger() -> None:
     """Per layer, rounds' factors sit side by side while (out + in) q < out in; then dense.
 
@@ -278,7 +299,7 @@ def test_factorised_residual_equals_the_dense_one_and_turns_dense_when_larger() 
     layouts = []
     for round_ in range(4):
         updates = _updates(k=2, seed=10 + round_)
-        new, report = aggregate(updates, glob, "fedavg", _fl(0.0, "fedex"), SCALINGS, ANCHORS)
+        new, _, report = aggregate(updates, glob, "fedavg", _fl(0.0, "fedex"), SCALINGS, ANCHORS)
         layouts.append(report["residual_layout"])
         got = residual_matrices(new)
         for prefix, (out, inp) in LAYERS.items():
@@ -301,12 +322,14 @@ def test_factorised_residual_equals_the_dense_one_and_turns_dense_when_larger() 
 
 
 def test_naive_error_reported() -> None:
-    new, report = aggregate(_updates(seed=1), _global(), "fedavg", _fl(0.0, "naive"), {}, ANCHORS)
+    new, _, report = aggregate(
+        _updates(seed=1), _global(), "fedavg", _fl(0.0, "naive"), {}, ANCHORS
+    )
     assert not any(k.startswith("residual.") for k in new)
     assert report["lora_naive_rel_error"] > 0.3  # random factors: the product is badly wrong
     assert report["lora_max_rel_error"] >= report["lora_naive_rel_error"]
     glob = _global(residual="factors")
-    kept, _ = aggregate(_updates(seed=1), glob, "fedavg", _fl(0.0, "naive"), {}, ANCHORS)
+    kept, _, _ = aggregate(_updates(seed=1), glob, "fedavg", _fl(0.0, "naive"), {}, ANCHORS)
     for key in glob:  # naive mode leaves an earlier exact round's residual as it was
         if key.startswith("residual."):
             assert torch.equal(kept[key], glob[key])
@@ -314,7 +337,7 @@ def test_naive_error_reported() -> None:
     same = _updates(seed=1)
     for u in same[1:]:
         u.state = {k: v.clone() for k, v in same[0].state.items()}
-    _, report = aggregate(same, _global(), "text-anchored", _fl(1.0, "fedex"), SCALINGS, ANCHORS)
+    _, _, report = aggregate(same, _global(), "text-anchored", _fl(1.0, "fedex"), SCALINGS, ANCHORS)
     assert report["lora_naive_rel_error"] == pytest.approx(0.0, abs=1e-6)
     assert report["lora_max_rel_error"] == pytest.approx(0.0, abs=1e-6)
 
@@ -329,7 +352,7 @@ def test_ffa_aggregation_is_exact(method: str) -> None:
     for u in updates:
         u.state = {k: v for k, v in u.state.items() if ".lora_A." not in k}
     glob = {k: v for k, v in _global().items() if ".lora_A." not in k}
-    new, report = aggregate(updates, glob, method, _fl(1.5, "ffa"), {}, ANCHORS)
+    new, _, report = aggregate(updates, glob, method, _fl(1.5, "ffa"), {}, ANCHORS)
     shared, _ = client_weights(updates, method, _fl(1.5), ANCHORS)
     assert not any(k.startswith("residual.") or ".lora_A." in k for k in new)
     assert report["lora_naive_rel_error"] == 0.0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,28 +29,37 @@ from server import strategy as strategy_module
 from server.aggregation import client_weights, prototype_agreement
 from server.federation import FederatedJob
 from simulation.runner import server_app_for
-from tests.faulty_clientapp import FAULTS_KEY
+from tests.faulty_clientapp import FAULTS_KEY, RECORD_KEY
 from tests.faulty_clientapp import app as faulty_app
 
 pytestmark = pytest.mark.slow
 
 
 def _run(
-    cfg, out, faults: str, monkeypatch, method: str = "fedavg"
+    cfg,
+    out,
+    faults: str,
+    monkeypatch,
+    method: str = "fedavg",
+    record: Path | None = None,
+    per_partition: dict[int, dict] | None = None,
 ) -> tuple[dict, dict[str, torch.Tensor]]:
-    """One job whose hospitals misbehave as ``faults`` says; (summary, final adapter)."""
+    """One job whose hospitals misbehave as ``faults`` says; (summary, final adapter).
+    ``record``: the hospitals write their merged weights' fingerprints there."""
     original = strategy_module.SavltStrategy._plan_record
 
     def with_faults(self, server_round, config):
-        record = original(self, server_round, config)
-        record[FAULTS_KEY] = faults
-        return record
+        record_ = original(self, server_round, config)
+        record_[FAULTS_KEY] = faults
+        if record is not None:
+            record_[RECORD_KEY] = str(record)
+        return record_
 
     monkeypatch.setattr(strategy_module.SavltStrategy, "_plan_record", with_faults)
     job = FederatedJob(cfg, method, 42, out)
     run_simulation(
         server_app=server_app_for(job),
-        client_app=SimulatedHospitals(faulty_app, simulation_node_config(cfg)),
+        client_app=SimulatedHospitals(faulty_app, simulation_node_config(cfg), per_partition),
         num_supernodes=cfg.fl.hospitals,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
     )
@@ -65,6 +75,51 @@ def test_hospital_down_mid_round_then_rejoins(fed_config, tmp_path, monkeypatch)
     assert event["round"] == 1 and event["event"] == "failed"
     assert "injected crash" in event["reason"] and event["node"].isdigit()
     assert all(bool(t.isfinite().all()) for t in state.values())
+
+
+def test_kept_state_restarted_and_stateless_hospitals_hold_the_same_model(
+    fed_config, tmp_path, monkeypatch
+):
+    """FedEx, 3 rounds. Hospital 0 keeps the global state but restarts before round 2 and
+    loses it; hospital 1 keeps it; hospital 2 keeps nothing (keep-state = false).
+
+    Round 2: 0 and 1 are sent only the round's step; 0 refuses it (it keeps nothing), fails
+    the round and is sent the full state in round 3. In every round, every hospital that
+    trained held the same merged weights bit for bit, whatever it was sent.
+    """
+    cfg = fed_config("fl.lora_aggregation=fedex", "fl.rounds=3", "fl.min_hospitals=2")
+    record = tmp_path / "weights"
+    record.mkdir()
+    summary, _ = _run(
+        cfg,
+        tmp_path / "run",
+        "0:2:forget",
+        monkeypatch,
+        record=record,
+        per_partition={2: {"keep-state": "false"}},
+    )
+    rows = summary["history"]
+    assert [r["hospitals"] for r in rows] == [3, 2, 3]
+    assert [r["downlink-deltas"] for r in rows] == [0, 2, 1]
+    (event,) = summary["events"]
+    assert event["round"] == 2 and event["event"] == "failed"
+    assert "keeps version -1" in event["reason"] and "full state next round" in event["reason"]
+    prints = {f.stem: f.read_text() for f in record.iterdir()}
+    assert sorted(prints) == [
+        "p0-r1",
+        "p0-r3",
+        "p1-r1",
+        "p1-r2",
+        "p1-r3",
+        "p2-r1",
+        "p2-r2",
+        "p2-r3",
+    ]
+    for round_ in (1, 2, 3):
+        assert len({v for k, v in prints.items() if k.endswith(f"-r{round_}")}) == 1, round_
+    # round 1's residual is zero (B starts at zero, so one step leaves every A unchanged);
+    # round 2's is not: the kept total changed and was replayed exactly
+    assert prints["p1-r2"] != prints["p1-r3"]
 
 
 def test_bad_updates_are_rejected_and_never_averaged(fed_config, tmp_path, monkeypatch, caplog):
@@ -135,9 +190,9 @@ def test_a_gaming_hospital_gets_what_its_upload_earns_and_no_more_than_the_cap(
     real = strategy_module.aggregate
 
     def spy(*args):
-        state, report = real(*args)
+        state, step, report = real(*args)
         calls.append((args, state, report))
-        return state, report
+        return state, step, report
 
     monkeypatch.setattr(strategy_module, "aggregate", spy)
     cfg = fed_config("fl.rounds=1", "fl.anchor_lambda=20")

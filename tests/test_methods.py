@@ -46,9 +46,9 @@ def test_a_toy_method_by_one_registry_entry_runs_through_flower(
     real = strategy_module.aggregate
 
     def spy(*args, **kwargs):  # the real aggregation, its report kept
-        state, report = real(*args, **kwargs)
+        state, step, report = real(*args, **kwargs)
         reports.append(report)
-        return state, report
+        return state, step, report
 
     monkeypatch.setattr(strategy_module, "aggregate", spy)
     cfg = fed_config("fl.partition=paper")  # sub-sites of unequal size: uniform != FedAvg

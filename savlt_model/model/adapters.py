@@ -27,6 +27,9 @@ ADAPTER = "default"
 # factors ``residual.<prefix>.B`` (out x q) and ``residual.<prefix>.A`` (q x in), R = B A.
 RESIDUAL = "residual."
 FACTOR_B, FACTOR_A = ".B", ".A"
+# One round's residual step on the wire (to a hospital that holds the previous total):
+# the same layout under this prefix, so it can never be mistaken for a total.
+RESIDUAL_STEP = "residual-step."
 
 
 PROTOTYPES = "prototypes"  # payload key of the visual prototypes (class-wise rows)
@@ -183,6 +186,64 @@ def residual_matrices(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
         else:
             out[key] = value
     return out
+
+
+def _smaller_as_factors(out: int, inp: int, rank: int) -> bool:
+    return (out + inp) * rank < out * inp
+
+
+def residual_step(key: str, b: torch.Tensor, a: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One round's residual ``b @ a`` under ``key``, in its smaller float32 form: the factors
+    (``key.B``, ``key.A``) or the dense matrix (``key``)."""
+    if _smaller_as_factors(b.shape[0], a.shape[1], a.shape[0]):
+        return {key + FACTOR_B: b.float(), key + FACTOR_A: a.float()}
+    return {key: (b.double() @ a.double()).float()}
+
+
+def _layer(state: dict[str, torch.Tensor], key: str) -> torch.Tensor | tuple | None:
+    """Layer ``key`` of a residual dict: its dense matrix, its (B, A) factors, or None."""
+    if key in state:
+        return state[key]
+    if key + FACTOR_B in state:
+        return state[key + FACTOR_B], state[key + FACTOR_A]
+    return None
+
+
+def _as_dense(layer: torch.Tensor | tuple) -> torch.Tensor:
+    if isinstance(layer, tuple):
+        return layer[0].double() @ layer[1].double()
+    return layer.double()
+
+
+def fold_residuals(
+    total: dict[str, torch.Tensor], step: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Running FedEx residuals ``total`` plus one round's ``step`` (both keyed
+    ``residual.<prefix>``, each layer dense or factorised): the new total.
+
+    Factors are kept side by side while that is smaller than the dense matrix; a layer turns
+    dense once it is not, and stays dense. A pure function of float32 inputs, computed in
+    float64 and rounded once: the server's total and a hospital's replay of the steps agree
+    bit for bit, which is what lets a hospital that kept its total receive only the step.
+    """
+    out = dict(total)
+    layers = {k.removesuffix(FACTOR_B) for k in step if not k.endswith(FACTOR_A)}
+    for key in sorted(layers):
+        old, new = _layer(out, key), _layer(step, key)
+        for stale in (key, key + FACTOR_B, key + FACTOR_A):
+            out.pop(stale, None)
+        if isinstance(new, tuple) and not isinstance(old, torch.Tensor):
+            b, a = new
+            if old is not None:
+                b, a = torch.cat([old[0], b], dim=1), torch.cat([old[1], a], dim=0)
+            if _smaller_as_factors(b.shape[0], a.shape[1], a.shape[0]):
+                out.update({key + FACTOR_B: b, key + FACTOR_A: a})
+                continue
+            out[key] = (b.double() @ a.double()).float()
+            continue
+        dense = _as_dense(new) if old is None else _as_dense(old) + _as_dense(new)
+        out[key] = dense.float()
+    return dict(sorted(out.items()))
 
 
 def snapshot_base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
