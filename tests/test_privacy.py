@@ -69,7 +69,7 @@ def test_epsilon_matches_gaussian_rdp_composition(z: float, rounds: int) -> None
 def test_no_noise_is_unbounded_epsilon() -> None:
     """Clipping alone buys no DP: epsilon is None (JSON null, as results.json needs)."""
     from server.accounting import privacy_spent
-    from server.strategy import epsilon_line
+    from server.privacy import epsilon_line
 
     spent = privacy_spent(PrivacyConfig("server-fixed", noise_multiplier=0.0), 3)
     assert spent["epsilon"] is None
