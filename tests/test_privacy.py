@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from client.app import SimulatedHospitals, simulation_node_config
 from savlt_model.checkpoint import load_adapter
 from savlt_model.config import PrivacyConfig
 from savlt_model.errors import SavltError
@@ -15,9 +16,11 @@ from savlt_model.model.adapters import trainable_state
 from savlt_model.model.build import build_model
 from server import privacy as privacy_module
 from server.accounting import privacy_spent
+from server.federation import FederatedJob
 from server.privacy import epsilon_line, update_norm
-from simulation.runner import run_job
+from simulation.runner import run_job, server_app_for
 from tests.conftest import check_declared_replies
+from tests.faulty_clientapp import app as app_without_clipping
 
 
 def _cfg(fed_config, *extra: str):
@@ -165,3 +168,22 @@ def test_client_side_clipping_bounds_every_upload_and_reports_epsilon(
     assert printed.count(epsilon_line(spent)) == 2
     assert summary["records"]
     assert all(r["epsilon"] == spent["epsilon"] and r["delta"] == 1e-5 for r in summary["records"])
+
+
+@pytest.mark.slow
+def test_client_fixed_refuses_a_hospital_that_did_not_clip(fed_config, tmp_path, caplog):
+    """The noise is calibrated to the clip: a ClientApp without the clipping mod (the test
+    app runs the real training, no mod) sends unclipped updates, and every one is refused."""
+    from flwr.simulation import run_simulation
+
+    cfg = _cfg(fed_config, "privacy.mode=client-fixed", "privacy.clipping_norm=0.05")
+    failures: list[BaseException] = []
+    run_simulation(
+        server_app=server_app_for(FederatedJob(cfg, "fedavg", 42, tmp_path), failures=failures),
+        client_app=SimulatedHospitals(app_without_clipping, simulation_node_config(cfg)),
+        num_supernodes=3,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+    )
+    assert caplog.text.count("above privacy.clipping_norm 0.05: the hospital did not clip") == 3
+    (failure,) = failures
+    assert isinstance(failure, SavltError) and "no round completed" in str(failure)
