@@ -119,8 +119,9 @@ def privacy_statement(cfg: Config) -> str:
             "(Flower's fixedclipping_mod; the server refuses an update above it)"
         )
         seen = (
-            "The server never sees an unclipped update, but it does see each hospital's "
-            "clipped update before the noise (it is trusted to add it)"
+            "A hospital running the mod never sends its unclipped update (an update above the "
+            "norm is refused, not averaged in), but the server does see each clipped update "
+            "before the noise (it is trusted to add it)"
         )
     else:
         clip = (
