@@ -31,6 +31,7 @@ from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.policy import check_policy
+from client.privacy import clipping_mod
 from client.synced_state import keeps_state, synced_state
 from savlt_model.config import (
     HOSPITAL_LOCAL_KEYS,
@@ -67,7 +68,7 @@ from savlt_model.model.savlt import SavltModel
 from savlt_model.train import train_steps
 
 log = logging.getLogger(__name__)
-app = ClientApp()
+app = ClientApp(mods=[clipping_mod])  # clips only when the round asks (client-fixed)
 _PARTITIONS: dict[tuple[str, int], Partition] = {}
 
 

@@ -204,10 +204,11 @@ class PrivacyConfig:
     """Central DP on the hospitals' updates (Flower's DifferentialPrivacy*Clipping wrappers).
 
     Client-level and per round: each hospital's whole update is clipped to
-    ``clipping_norm`` and Gaussian noise is added to the uniform average (see docs/deploy.md).
+    ``clipping_norm`` (by the server, or by the hospital itself in ``client-fixed``) and
+    Gaussian noise is added to the uniform average by the server (see docs/deploy.md).
     """
 
-    mode: Literal["none", "server-fixed", "server-adaptive"] = "none"
+    mode: Literal["none", "server-fixed", "server-adaptive", "client-fixed"] = "none"
     noise_multiplier: float = 1.0  # noise std = noise_multiplier * clipping_norm / hospitals
     clipping_norm: float = 1.0  # server-adaptive: the initial norm
     target_clipped_quantile: float = 0.5  # server-adaptive only

@@ -1,13 +1,14 @@
 """The (epsilon, delta) that central DP buys over a run, from Opacus's RDP accountant.
 
-Client-level DP: every round the server averages the hospitals' clipped updates and adds
-Gaussian noise of std z C / n, so one hospital's whole contribution (any change to its
-data) moves the average by at most C / n: a Gaussian mechanism with noise multiplier z per
-round. Every hospital is sampled every round (DP requires ``fl.fraction_train: 1``), so
-there is no subsampling amplification: sample rate q = 1, and R rounds compose to
+Client-level DP: every round the server averages the hospitals' clipped updates (clipped
+by the server, or in ``client-fixed`` by each hospital before upload) and adds Gaussian
+noise of std z C / n, so one hospital's whole contribution (any change to its data) moves
+the average by at most C / n: a Gaussian mechanism with noise multiplier z per round.
+Every hospital is sampled every round (DP requires ``fl.fraction_train: 1``), so there is
+no subsampling amplification: sample rate q = 1, and R rounds compose to
 RDP(a) = R a / (2 z^2). Flower's adaptive clipping takes z as the effective multiplier of
 the update and its noised clipped-count query together (Andrew et al. 2021), so the same
-accounting holds for both server modes.
+accounting holds for every mode.
 """
 
 from __future__ import annotations

@@ -32,14 +32,8 @@ from savlt_model.model.adapters import lora_scalings, trainable_state
 from savlt_model.model.build import build_model, cached_model, image_sets
 from server.accounting import privacy_spent
 from server.calibration import federated_calibration_sums
-from server.strategy import (
-    RoundLog,
-    SavltStrategy,
-    epsilon_line,
-    load_checkpoint,
-    save_checkpoint,
-    with_privacy,
-)
+from server.privacy import epsilon_line, with_privacy
+from server.strategy import RoundLog, SavltStrategy, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 

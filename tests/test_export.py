@@ -17,7 +17,7 @@ from savlt_model.data.folders import scan_center
 from savlt_model.data.images import ImageSet
 from savlt_model.errors import SavltError
 from savlt_model.metrics import METRIC_KEYS
-from savlt_model.model.adapters import residual_targets, stable_name
+from savlt_model.model.adapters import frozen_lora_a, residual_targets, stable_name
 from savlt_model.model.backbone import load_backbone
 from savlt_model.model.build import build_model, cached_backbone
 from simulation.report import write_report
@@ -48,9 +48,9 @@ def run(tmp_path_factory, fed_data_root):
     return root, run_dir, model_dir
 
 
-def _run_model(run_dir, state=None):
+def _run_model(run_dir, state=None, name=ADAPTER):
     """The model exactly as the run scores it: config + adapter (+ FedEx residuals)."""
-    adapter, meta = load_adapter(run_dir / "adapters" / f"{ADAPTER}.safetensors")
+    adapter, meta = load_adapter(run_dir / "adapters" / f"{name}.safetensors")
     model = build_model(config_from_dict(meta["config"]), meta["seed"])
     model.load_global_state(adapter if state is None else state)
     return model.eval(), adapter, meta
@@ -122,6 +122,33 @@ def test_fedex_residuals_are_folded_into_lora(run, tmp_path):
     probe.eval().load_global_state(adapter)
     with torch.no_grad():
         assert not torch.allclose(probe(x).logits, want, atol=1e-2)
+
+
+def test_an_ffa_run_exports_and_the_export_reproduces_its_predictions(fed_data_root, tmp_path):
+    """FFA-LoRA's adapter holds only B (A is frozen from the seed at every hospital): the
+    export rebuilds A from the run's config and seed, and gives the run's logits."""
+    out = tmp_path / "ffa"
+    overrides = [
+        f"data.root={fed_data_root}",
+        "data.synthetic.enabled=false",
+        "fl.methods=[fedavg]",
+        "fl.lora_aggregation=ffa",
+        "fl.rounds=1",
+        "fl.local_steps=2",
+        "train.batch_size=8",
+    ]
+    args = ["simulate", "--config", "configs/smoke.yaml", "--out", str(out)]
+    assert main(args + [a for o in overrides for a in ("--set", o)]) == 0
+    trained, adapter, _ = _run_model(out, name="fedavg_seed42")
+    frozen_a = frozen_lora_a(trained)
+    assert frozen_a and not set(frozen_a) & set(adapter)  # A is not in the adapter
+    model_dir = export_model(out, tmp_path / "model")
+    assert json.loads((model_dir / HEAD_JSON).read_text())["lora"]["max_abs_error"] < 1e-6
+    x = _images(fed_data_root)
+    with torch.no_grad():
+        want, got = trained(x).logits, load_exported(model_dir)(x).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    assert got.argmax(-1).tolist() == want.argmax(-1).tolist()
 
 
 def test_predict_prints_and_writes_csv(run, tmp_path, capsys):
