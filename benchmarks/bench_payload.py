@@ -247,9 +247,9 @@ def main() -> None:
             pct = 100 * upload / full
             target = ("met" if pct < 1 else "not met") if name == "ViT-B-16" else "-"
             rows.append((name, r, full / MIB, upload / MIB, pct, residual / MIB, target))
-            if r == 8:
-                traffic += _traffic(name, model, ks, seed=0)
+            if r == 8:  # _traffic freezes A for FFA-LoRA: the FedEx rounds come first
                 by_round += _rounds(name, model, 3, ROUNDS, seed=0)
+                traffic += _traffic(name, model, ks, seed=0)
             del model
             gc.collect()
         del backbone
