@@ -4,10 +4,12 @@ The server sends a hospital that reported keeping the previous version only the 
 and the round's FedEx residual step (:mod:`server.downlink`); the hospital folds the step
 into the residual totals it kept in Flower's ``Context.state``
 (:func:`savlt_model.model.adapters.fold_residuals`: the server's bits exactly). A delta
-that does not apply to what is kept (another server session, another version, nothing
-kept after a restart) is refused: the hospital fails that round, and the server, told
-nothing is kept, sends the full state next round. A node config ``keep-state = false``
-keeps nothing (the full state every round: less memory, more traffic).
+for the version already kept (the server did not count the last reply: a skipped or timed
+out round) is served from what is kept; one that does not apply to it (another server
+session, another version, nothing kept after a restart) is refused: the hospital fails
+that round, and the server, told nothing is kept, sends the full state next round. A node
+config ``keep-state = false`` keeps nothing (the full state every round: less memory, more
+traffic).
 """
 
 from __future__ import annotations
@@ -56,19 +58,23 @@ def synced_state(
         kept = (
             dict(state[KEPT_VERSION]) if KEPT_VERSION in state else {"session": "", "version": -1}
         )
-        if (kept["session"], kept["version"]) != (session, base):
+        held = state[KEPT_RESIDUALS].to_torch_state_dict() if KEPT_RESIDUALS in state else {}
+        if (kept["session"], kept["version"]) == (session, version):
+            residuals = held  # already kept: the server did not count its last reply
+        elif (kept["session"], kept["version"]) == (session, base):
+            step = {
+                RESIDUAL + k[len(RESIDUAL_STEP) :]: v
+                for k, v in tensors.items()
+                if k.startswith(RESIDUAL_STEP)
+            }
+            residuals = fold_residuals(held, step)
+        else:
             _forget(state)
             raise SavltError(
                 f"the server sent the changes since global state version {base} (session "
                 f"{session}), but this hospital keeps version {kept['version']} (session "
                 f"{kept['session'] or 'none'}); it asks for the full state next round"
             )
-        step = {
-            RESIDUAL + k[len(RESIDUAL_STEP) :]: v
-            for k, v in tensors.items()
-            if k.startswith(RESIDUAL_STEP)
-        }
-        residuals = fold_residuals(state[KEPT_RESIDUALS].to_torch_state_dict(), step)
     else:
         residuals = {k: v for k, v in tensors.items() if k.startswith(RESIDUAL)}
     if not keep:
