@@ -56,7 +56,7 @@ class Downlink:
         payload = {k: v for k, v in state.items() if not k.startswith(RESIDUAL)}
         tags: dict[str, int | str] = {STATE_SESSION: self.session, STATE_VERSION: self.version}
         held = self.held.get(node)
-        if held == self.version:  # evaluated after the round it trained in: nothing new
+        if held == self.version:  # already holds it (e.g. evaluated last round): nothing new
             return payload, {**tags, STATE_BASE: held}
         if held == self.version - 1 and self.step is not None:
             step = {RESIDUAL_STEP + k[len(RESIDUAL) :]: v for k, v in self.step.items()}
