@@ -44,3 +44,8 @@ def privacy_spent(p: PrivacyConfig, rounds: int) -> dict:
         "rdp_order": None if order is None else float(order),
         "accountant": ACCOUNTANT,
     }
+
+
+def epsilon_text(spent: dict) -> str:
+    """A :func:`privacy_spent` result's epsilon as printed: 3 digits, or "unbounded"."""
+    return "unbounded" if spent["epsilon"] is None else f"{spent['epsilon']:.3g}"

@@ -68,6 +68,17 @@ def _payload_keys(state: dict[str, torch.Tensor]) -> list[str]:
     return sorted(k for k in state if not k.startswith(RESIDUAL))
 
 
+def update_norm(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
+    """L2 norm of a whole payload minus the global one it answers (float64): what the
+    update bound and DP clipping measure."""
+    return math.sqrt(
+        sum(
+            float((state[k].double() - reference[k].double()).square().sum())
+            for k in _payload_keys(reference)
+        )
+    )
+
+
 def check_update(
     update: ClientUpdate, reference: dict[str, torch.Tensor], max_norm: float = 0.0
 ) -> str | None:
@@ -81,7 +92,6 @@ def check_update(
     extra = sorted(set(update.state) - set(expected))
     if missing or extra:
         return f"payload keys differ: missing {missing[:3]}, extra {extra[:3]}"
-    sq_norm = 0.0
     for key in expected:
         got, ref = update.state[key], reference[key]
         if tuple(got.shape) != tuple(ref.shape):
@@ -90,8 +100,7 @@ def check_update(
             return f"{key} has dtype {got.dtype}, expected {ref.dtype}"
         if not bool(torch.isfinite(got).all()):
             return f"{key} has non-finite values"
-        sq_norm += float((got.double() - ref.double()).square().sum())
-    norm = math.sqrt(sq_norm)
+    norm = update_norm(update.state, reference)
     if max_norm > 0 and norm > max_norm:
         return f"update norm {norm:.4g} exceeds the bound {max_norm:.4g}"
     if update.num_examples <= 0:

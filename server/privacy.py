@@ -10,10 +10,8 @@ the checks they lack, and states the guarantee with its (epsilon, delta) from
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable
 
-import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
@@ -24,7 +22,8 @@ from flwr.serverapp.strategy import (
 
 from savlt_model.config import Config, check_privacy
 from savlt_model.messages import ARRAYS
-from server.accounting import privacy_spent
+from server.accounting import epsilon_text, privacy_spent
+from server.aggregation import update_norm
 from server.strategy import SavltStrategy
 
 log = logging.getLogger(__name__)
@@ -92,21 +91,13 @@ class _ClientFixedDP(_CheckedNoisedRound, DifferentialPrivacyClientSideFixedClip
         reason = super().refusal(msg)
         if reason:
             return reason
-        norm = update_norm(msg.content[ARRAYS], self.strategy.sent)
+        norm = update_norm(msg.content[ARRAYS].to_torch_state_dict(), self.strategy.sent)
         if norm > self.clipping_norm * (1 + CLIP_TOLERANCE):
             return (
                 f"update norm {norm:.4g} is above privacy.clipping_norm {self.clipping_norm:g}: "
                 "the hospital did not clip (its ClientApp needs client.privacy.clipping_mod)"
             )
         return None
-
-
-def update_norm(record: ArrayRecord, sent: dict[str, torch.Tensor]) -> float:
-    """L2 norm of a whole reply minus the global payload it answers, in float64."""
-    got = record.to_torch_state_dict()
-    return math.sqrt(
-        sum(float((got[k].double() - t.double()).square().sum()) for k, t in sent.items())
-    )
 
 
 def privacy_statement(cfg: Config) -> str:
@@ -144,9 +135,8 @@ def privacy_statement(cfg: Config) -> str:
 
 def epsilon_line(spent: dict) -> str:
     """One line for a :func:`server.accounting.privacy_spent` result."""
-    eps = "unbounded" if spent["epsilon"] is None else f"{spent['epsilon']:.3g}"
     return (
-        f"(epsilon, delta) = ({eps}, {spent['delta']:g}) after "
+        f"(epsilon, delta) = ({epsilon_text(spent)}, {spent['delta']:g}) after "
         f"{spent['rounds']} rounds at noise multiplier {spent['noise_multiplier']:g} "
         f"({spent['accountant']})"
     )

@@ -18,6 +18,7 @@ from savlt_model.config import resolve_path
 from savlt_model.data.protocol import is_synthetic
 from savlt_model.errors import SavltError
 from savlt_model.metrics import METRIC_KEYS, upgrade_keys
+from server.accounting import epsilon_text
 from simulation.plots import plot_round_curves
 from simulation.results import CALIBRATION_KEYS, SYNTHETIC_LABEL, read_results, summarize
 
@@ -166,7 +167,7 @@ def _privacy_section(jobs: list[dict]) -> list[str]:
                 p["mode"],
                 f"{p['noise_multiplier']:g}",
                 p["rounds"],
-                "unbounded" if p["epsilon"] is None else f"{p['epsilon']:.3g}",
+                epsilon_text(p),
                 f"{p['delta']:g}",
             ]
             for j, p in spent

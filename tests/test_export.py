@@ -29,21 +29,20 @@ pytestmark = pytest.mark.slow
 ADAPTER = "central_seed42"
 
 
+def _savlt(command: str, out, root, *overrides: str) -> None:
+    """``savlt <command>`` on configs/smoke.yaml with the test data, batch 8, into ``out``."""
+    sets = [f"data.root={root}", "data.synthetic.enabled=false", "train.batch_size=8"]
+    args = [command, "--config", "configs/smoke.yaml", "--out", str(out)]
+    assert main(args + [a for o in (*sets, *overrides) for a in ("--set", o)]) == 0
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, fed_data_root):
     """A tiny finished `savlt train` run: (data root, run dir, exported model dir)."""
     base = tmp_path_factory.mktemp("export")
     root = fed_data_root
     run_dir = base / "run"
-    overrides = [
-        f"data.root={root}",
-        "data.synthetic.enabled=false",
-        "data.external_centers=[huaxi]",
-        "train.iterations_per_shot=1",
-        "train.batch_size=8",
-    ]
-    args = ["train", "--config", "configs/smoke.yaml", "--out", str(run_dir)]
-    assert main(args + [a for o in overrides for a in ("--set", o)]) == 0
+    _savlt("train", run_dir, root, "data.external_centers=[huaxi]", "train.iterations_per_shot=1")
     model_dir = export_model(run_dir, base / "model")
     return root, run_dir, model_dir
 
@@ -128,17 +127,8 @@ def test_an_ffa_run_exports_and_the_export_reproduces_its_predictions(fed_data_r
     """FFA-LoRA's adapter holds only B (A is frozen from the seed at every hospital): the
     export rebuilds A from the run's config and seed, and gives the run's logits."""
     out = tmp_path / "ffa"
-    overrides = [
-        f"data.root={fed_data_root}",
-        "data.synthetic.enabled=false",
-        "fl.methods=[fedavg]",
-        "fl.lora_aggregation=ffa",
-        "fl.rounds=1",
-        "fl.local_steps=2",
-        "train.batch_size=8",
-    ]
-    args = ["simulate", "--config", "configs/smoke.yaml", "--out", str(out)]
-    assert main(args + [a for o in overrides for a in ("--set", o)]) == 0
+    ffa = ("fl.methods=[fedavg]", "fl.lora_aggregation=ffa", "fl.rounds=1", "fl.local_steps=2")
+    _savlt("simulate", out, fed_data_root, *ffa)
     trained, adapter, _ = _run_model(out, name="fedavg_seed42")
     frozen_a = frozen_lora_a(trained)
     assert frozen_a and not set(frozen_a) & set(adapter)  # A is not in the adapter

@@ -16,8 +16,9 @@ from savlt_model.model.adapters import trainable_state
 from savlt_model.model.build import build_model
 from server import privacy as privacy_module
 from server.accounting import privacy_spent
+from server.aggregation import update_norm
 from server.federation import FederatedJob
-from server.privacy import epsilon_line, update_norm
+from server.privacy import epsilon_line
 from simulation.runner import run_job, server_app_for
 from tests.conftest import check_declared_replies
 from tests.faulty_clientapp import app as app_without_clipping
@@ -126,7 +127,10 @@ def uploads(monkeypatch) -> list[float]:
 
     def spy(self, server_round, replies):
         replies = list(replies)
-        norms.extend(update_norm(m.content["arrays"], self.strategy.sent) for m in replies)
+        norms.extend(
+            update_norm(m.content["arrays"].to_torch_state_dict(), self.strategy.sent)
+            for m in replies
+        )
         return original(self, server_round, replies)
 
     monkeypatch.setattr(privacy_module._CheckedNoisedRound, "aggregate_train", spy)
