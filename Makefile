@@ -17,10 +17,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# Two workers: the tests that start Ray share one xdist group (tests/conftest.py), the rest
+# run beside them.
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist loadgroup
 
 simulate: install
 	$(BIN)/savlt simulate --config configs/default.yaml --out $(OUT)

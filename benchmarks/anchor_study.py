@@ -38,7 +38,7 @@ CELLS: dict[str, tuple[str, ...]] = {
         f"fl.partition={partition}",
         f"model.text_tower={tower}",
         "fl.methods=[fedavg,text-anchored]",
-        "fl.anchor_lambda=5",
+        "methods.text_anchored.anchor_lambda=5",
     )
     for partition in ("paper", "centers")
     for tower in ("backbone", "minilm")
@@ -48,7 +48,7 @@ CELLS |= {
         "fl.partition=paper",
         "model.text_tower=minilm",
         "fl.methods=[text-anchored]",
-        f"fl.anchor_lambda={lam:g}",
+        f"methods.text_anchored.anchor_lambda={lam:g}",
     )
     for lam in (0, 1, 10)
 }

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from common import machine, median_ms, parser, report, setup, table
 
-from savlt_model.config import FederatedConfig
+from savlt_model.config import Config, FederatedConfig, MethodsConfig
+from savlt_model.methods.text_anchored import TextAnchoredConfig
 from server.aggregation import ClientUpdate, aggregate
 
 R = 8
@@ -98,7 +99,10 @@ def main() -> None:
         for clients in (3, 10, 50):
             glob, updates = _round(shapes, clients, 1.0, seed=clients)
             for method, mode in MODES:
-                fl = FederatedConfig(anchor_lambda=1.0, lora_aggregation=mode)
+                fl = Config(
+                    fl=FederatedConfig(lora_aggregation=mode),
+                    methods=MethodsConfig(text_anchored=TextAnchoredConfig(anchor_lambda=1.0)),
+                )
                 step = partial(aggregate, updates, glob, method, fl, scalings, _anchors(dims[2]))
                 ms = median_ms({"aggregate": step}, device, 1, repeats)["aggregate"]
                 rows.append((name, clients, f"{method}-{mode}", ms, mb))
@@ -108,7 +112,7 @@ def main() -> None:
     for clients in (3, 10):
         for first, drift in ((True, 0.05), (True, 0.2), (False, 0.1), (False, 0.3), (False, 1.0)):
             glob, updates = _round(shapes, clients, drift, 7, first)
-            naive = FederatedConfig(lora_aggregation="naive")
+            naive = Config(fl=FederatedConfig(lora_aggregation="naive"))
             _, _, rep = aggregate(updates, glob, "fedavg", naive, {}, _anchors(MODELS[name][2]))
             label = "first" if first else "later"
             mean, worst = rep["lora_naive_rel_error"], rep["lora_max_rel_error"]

@@ -19,7 +19,7 @@ from common import machine, parser, report, setup
 
 from savlt_model.config import CERVICAL_CLASSES
 from savlt_model.data import folders, images
-from simulation.synth import generate
+from synthetic.write import generate
 
 SIZES = {"savlt-tiny": 128, "ViT-B-16": 224}
 MEAN, STD = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)

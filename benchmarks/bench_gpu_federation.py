@@ -37,7 +37,7 @@ from savlt_model.data.partition import build_partition
 from savlt_model.model.build import build_model, image_sets
 from savlt_model.train import train_steps
 from simulation.resources import actor_resources
-from simulation.synth import generate
+from synthetic.write import generate
 
 LOCAL_STEPS = 20
 

@@ -29,7 +29,7 @@ import torch
 from common import machine, parser, report, setup, table
 from flwr.app import ArrayRecord
 
-from savlt_model.config import FederatedConfig, load_config
+from savlt_model.config import Config, FederatedConfig, load_config
 from savlt_model.model.adapters import (
     fold_residuals,
     freeze_lora_a,
@@ -137,7 +137,7 @@ def _traffic(name: str, model: SavltModel, ks: tuple[int, ...], seed: int) -> li
             ffa = mode == "ffa"
             glob = {key: v for key, v in start.items() if not (ffa and ".lora_A." in key)}
             updates = _clients(glob, k, ffa, gen)
-            fl = FederatedConfig(lora_aggregation=mode.split("-")[0])  # type: ignore[arg-type]
+            fl = Config(fl=FederatedConfig(lora_aggregation=mode.split("-")[0]))  # type: ignore[arg-type]
             new, _, report_ = aggregate(updates, glob, "fedavg", fl, scalings, anchors)
             weights = report_["weights"]
             if mode == "fedex-dense":
@@ -162,7 +162,7 @@ def _rounds(name: str, model: SavltModel, k: int, rounds: int, seed: int) -> lis
     to one that does not; raises if the kept total, replayed from the steps, is not the
     server's bit for bit."""
     scalings, anchors = lora_scalings(model), model.anchors.detach().cpu()
-    fl = FederatedConfig(lora_aggregation="fedex")
+    fl = Config(fl=FederatedConfig(lora_aggregation="fedex"))
     gen = torch.Generator().manual_seed(seed)
     glob, kept, downlink, rows = trainable_state(model), {}, Downlink(0), []
     for round_ in range(1, rounds + 1):
@@ -197,7 +197,7 @@ def _svd_ranks(rounds: int = 5, k: int = 3, r: int = 8, shape=(576, 192)) -> lis
     ranks = []
     for _ in range(rounds):
         updates = _clients(glob, k, False, gen)
-        fl = FederatedConfig(lora_aggregation="fedex")
+        fl = Config(fl=FederatedConfig(lora_aggregation="fedex"))
         glob, _, _ = aggregate(updates, glob, "fedavg", fl, {"l": 1.0}, anchors)
         total = residual_matrices(glob)["residual.l"].double()
         sv = torch.linalg.svdvals(total)

@@ -1,7 +1,8 @@
 """Batched ROI attention pooling vs the original per-sample loop, forward + backward.
 
-Why: SAVLT_METHOD.md §3 reports the loop at 26x slower than one batched masked attention at
-batch 128 on an H200; this checks the claim for our implementation on the hardware at hand.
+Why: the method's reference (docs/method.md, structure awareness) reports the loop at 26x
+slower than one batched masked attention at batch 128 on an H200; this checks the claim for
+our implementation on the hardware at hand.
 Targets: >= 3x on CPU and >= 20x on GPU at batch 128.
 
     .venv/bin/python benchmarks/bench_roi_pool.py [--quick] [--threads N]

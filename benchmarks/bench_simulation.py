@@ -37,6 +37,7 @@ from typing import Any
 import psutil
 from common import machine, parser, report, setup, table
 
+import savlt_model.evaluation as evaluation
 import server.federation as federation
 from client.app import _val_metrics, hospital_data
 from savlt_model.config import Config, load_config
@@ -46,7 +47,7 @@ from savlt_model.model.build import build_model, image_sets
 from savlt_model.train import train_steps
 from server.strategy import SavltStrategy
 from simulation.runner import run_job
-from simulation.synth import generate
+from synthetic.write import generate
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
 SOURCES = ("mixed", "huaxi", "xiangya")
@@ -128,7 +129,7 @@ def _run(cfg: Config, out: Path) -> tuple[float, Events]:
         _wrap(SavltStrategy, "configure_train", "configure", events),
         _wrap(SavltStrategy, "aggregate_train", "aggregate", events),
         _wrap(federation, "build_model", "server build_model", events),
-        _wrap(federation, "score_centers", "server score", events),
+        _wrap(evaluation, "score_centers", "server score", events),
     ]
     start = time.perf_counter()
     try:

@@ -110,7 +110,7 @@ def norms() -> list[list[float]]:
     from savlt_model.train import train_steps
 
     cfg = load_config(ROOT / "configs/default.yaml", [*COMMON, *CELLS["ffa"]])
-    steps, terms = local_steps(cfg), get_method("fedavg").loss_terms(cfg.fl)
+    steps, terms = local_steps(cfg), get_method("fedavg").losses(cfg.methods)
     out = []
     for index, hospital in enumerate(build_partition(cfg, SEED).hospitals):
         model, data = build_model(cfg, SEED), image_sets(cfg, {"t": hospital.train}, True)["t"]

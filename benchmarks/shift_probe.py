@@ -18,7 +18,7 @@ docs/scanner-shift.md reads the table; numbers from synthetic data are not clini
         --set train.iterations_per_shot=2 --out /tmp/shift_smoke     # smoke check
 
 Held-out scanner names among ``--centres`` (``scanner_hr``, ``scanner_lc``) are added to a
-synthetic DATA folder first when missing (``simulation.synth.add_held_out_centres``, with the
+synthetic DATA folder first when missing (``synthetic.write.add_held_out_centres``, with the
 folder's own synth.json seed and scale); other centres must already be in data.root.
 Writes ``OUT/shift_probe.json`` and ``OUT/shift_probe.md``.
 """
@@ -49,7 +49,8 @@ from savlt_model.model.build import build_model, image_sets, pick_device
 from savlt_model.model.roi import roi_top
 from savlt_model.model.savlt import SavltModel
 from savlt_model.train import train_steps
-from simulation.synth import HELD_OUT_PROFILES, add_held_out_centres, ensure_data
+from synthetic.centres import HELD_OUT_PROFILES
+from synthetic.write import add_held_out_centres, ensure_data
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 RAW_KEYS = ("img_mean", "roi_p1", "roi_p50", "roi_p99", "roi_std", "above_frac", "surf", "aspect")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,9 +18,11 @@ from savlt_model.calibration import (
     shift_score,
     site_val_stats,
 )
+from savlt_model.config import Config
 from savlt_model.data.images import ImageSet, make_loader
+from savlt_model.data.partition import build_partition
 from savlt_model.metrics import compute_metrics
-from savlt_model.model.build import autocast
+from savlt_model.model.build import autocast, cached_model, image_sets
 from savlt_model.model.savlt import SavltModel
 
 
@@ -118,3 +121,24 @@ def site_calibration_stats(
         return empty, empty
     _, labels, feats = predict(model, val, batch_size)
     return site_val_stats(feats, labels, model.classifier().cpu().numpy(), reference)
+
+
+# A global trainable state in, its scores per test centre out: what the ServerApp's starter
+# injects for centralised evaluation (Flower's evaluate_fn convention).
+Evaluate = Callable[[dict[str, torch.Tensor]], dict[str, CenterScore]]
+
+
+def centre_evaluator(cfg: Config, seed: int) -> Evaluate | None:
+    """Scores a global state on the partition's test centres, or None without
+    ``fl.server_eval`` (or without test centres). The images are decoded once, here."""
+    tests = build_partition(cfg, seed).tests if cfg.fl.server_eval else {}
+    if not tests:
+        return None
+    sets = image_sets(cfg, tests, train=False)
+
+    def evaluate(state: dict[str, torch.Tensor]) -> dict[str, CenterScore]:
+        model = cached_model(cfg, seed)
+        model.load_global_state(state)
+        return score_centers(model, sets, cfg.train.eval_batch_size)
+
+    return evaluate

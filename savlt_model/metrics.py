@@ -1,4 +1,5 @@
-"""Classification metrics in percent, as reported in the SAVLT study (SAVLT_METHOD.md §2).
+"""Classification metrics in percent, as reported in the SAVLT study (docs/method.md, "The
+data protocol of the original study").
 
 Binary task: a case is high-risk when its class is in ``positive`` (cancer and HSIL for the
 cervical task). The binary prediction is "the argmax class is in ``positive``", so the

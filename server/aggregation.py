@@ -2,7 +2,7 @@
 
 Pure tensors and numpy, no Flower, so the maths is testable and benchmarkable on its own;
 the Flower strategy only unpacks messages, calls :func:`check_update` and :func:`aggregate`,
-and logs the report (SAVLT_METHOD.md §4).
+and logs the report (docs/method.md, "The federated extension").
 
 - the client weights come from the method's entry in :mod:`savlt_model.methods`
   (FedAvg's n_k, text-anchored's anchor agreement, ...); this module checks and applies them.
@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from savlt_model.config import FederatedConfig
+from savlt_model.config import Config
 from savlt_model.errors import SavltError
 from savlt_model.methods import HospitalStats, get_method
 from savlt_model.model.adapters import (
@@ -142,26 +142,22 @@ def hospital_stats(updates: list[ClientUpdate], anchors: torch.Tensor) -> Hospit
 
 
 def client_weights(
-    updates: list[ClientUpdate], method: str, fl: FederatedConfig, anchors: torch.Tensor
+    updates: list[ClientUpdate], method: str, cfg: Config, anchors: torch.Tensor
 ) -> tuple[np.ndarray, np.ndarray]:
     """(shared weights (K,), prototype weights (K, C)) by the method's registered rule.
 
     Whatever the rule, the weights must be finite and non-negative, and the vector and each
     column must sum to 1, or the aggregate would silently be no average at all.
     """
-    return _weights(hospital_stats(updates, anchors), method, fl)
+    return _weights(hospital_stats(updates, anchors), method, cfg)
 
 
-def _weights(
-    stats: HospitalStats, method: str, fl: FederatedConfig
-) -> tuple[np.ndarray, np.ndarray]:
+def _weights(stats: HospitalStats, method: str, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
     """:func:`client_weights` from the hospitals' numbers already gathered."""
     entry = get_method(method)
     if entry.weighting is None:
         raise SavltError(f"method {method!r} is not federated; it has no aggregation weights")
-    if not math.isfinite(fl.anchor_lambda):
-        raise SavltError(f"anchor_lambda must be finite, got {fl.anchor_lambda}")
-    shared, proto = entry.weighting(stats, fl)
+    shared, proto = entry.weighting(stats, entry.settings(cfg.methods))
     k, c = stats.class_counts.shape
     for name, w, shape in (("shared", shared, (k,)), ("prototype", proto, (k, c))):
         if w.shape != shape or not np.isfinite(w).all() or (w < 0).any():
@@ -193,7 +189,7 @@ def aggregate(
     updates: list[ClientUpdate],
     global_state: dict[str, torch.Tensor],
     method: str,
-    fl: FederatedConfig,
+    cfg: Config,
     scalings: dict[str, float],
     anchors: torch.Tensor,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
@@ -213,11 +209,11 @@ def aggregate(
     wrong naive averaging is this round, whichever mode was used; ``residual_layout``
     (fedex): how many layers' residuals are factorised and how many dense.
     """
-    lora_mode = fl.lora_aggregation
+    lora_mode = cfg.fl.lora_aggregation
     if lora_mode not in LORA_MODES:
         raise SavltError(f"unknown lora_mode {lora_mode!r}; choose one of {LORA_MODES}")
     stats = hospital_stats(updates, anchors)
-    shared_np, proto_np = _weights(stats, method, fl)
+    shared_np, proto_np = _weights(stats, method, cfg)
     keys = _payload_keys(global_state)
     for u in updates:
         if sorted(u.state) != keys:

@@ -23,13 +23,12 @@ from savlt_model.calibration import (
     fit_calibrations,
 )
 from savlt_model.config import Config
-from savlt_model.data.partition import build_partition
 from savlt_model.errors import SavltError
-from savlt_model.evaluation import score_centers
+from savlt_model.evaluation import Evaluate
 from savlt_model.messages import RoundPlan, local_steps
 from savlt_model.methods import get_method
 from savlt_model.model.adapters import lora_scalings, trainable_state
-from savlt_model.model.build import build_model, cached_model, image_sets
+from savlt_model.model.build import build_model
 from server.accounting import privacy_spent
 from server.calibration import federated_calibration_sums
 from server.privacy import epsilon_line, with_privacy
@@ -63,10 +62,14 @@ class FederatedJob:
         return self.out_dir / "jobs" / f"{self.tag}.json"
 
 
-def run_federated(grid: Grid, job: FederatedJob) -> dict:
-    """Train and checkpoint every round; returns the job summary (:func:`job_summary`)."""
+def run_federated(grid: Grid, job: FederatedJob, evaluate: Evaluate | None = None) -> dict:
+    """Train and checkpoint every round; returns the job summary (:func:`job_summary`).
+
+    ``evaluate`` is the centralised evaluation, injected by whoever starts the ServerApp
+    (:func:`savlt_model.evaluation.centre_evaluator`): the server itself never reads an image.
+    """
     cfg, method, seed = job.cfg, job.method, job.seed
-    terms = get_method(method).loss_terms(cfg.fl)
+    terms = get_method(method).losses(cfg.methods)
     reference = build_model(cfg, seed)
     steps = local_steps(cfg)
 
@@ -90,9 +93,6 @@ def run_federated(grid: Grid, job: FederatedJob) -> dict:
         log.info("%s: resuming after round %d of %d", job.tag, done, cfg.fl.rounds)
     else:
         state, done, history = trainable_state(reference), 0, RoundLog()
-    tests = (
-        image_sets(cfg, build_partition(cfg, seed).tests, train=False) if cfg.fl.server_eval else {}
-    )
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         round_ = done + server_round
@@ -101,9 +101,7 @@ def run_federated(grid: Grid, job: FederatedJob) -> dict:
         every = cfg.fl.eval_every
         if round_ != cfg.fl.rounds and (every == 0 or round_ % every):
             return None  # curves at the rounds asked for; the last round is always scored
-        model = cached_model(cfg, seed)
-        model.load_global_state(arrays.to_torch_state_dict())
-        scores = score_centers(model, tests, cfg.train.eval_batch_size)
+        scores = evaluate(arrays.to_torch_state_dict())
         flat = {}
         for center, s in scores.items():
             history.evals.append(
@@ -137,7 +135,7 @@ def run_federated(grid: Grid, job: FederatedJob) -> dict:
             initial_arrays=ArrayRecord(state),
             num_rounds=cfg.fl.rounds - done,
             timeout=cfg.fl.round_timeout,
-            evaluate_fn=evaluate_global if tests else None,
+            evaluate_fn=evaluate_global if evaluate else None,
         )
     calibrate_job(grid, job, plan_for(cfg.fl.rounds), reference.anchors.shape)
     summary = job_summary(job)[1]
@@ -192,7 +190,7 @@ def job_summary(job: FederatedJob) -> tuple[dict[str, torch.Tensor], dict]:
     The summary holds the per-round history, the server's per-round scores (``curves``),
     refused or failed hospitals (``events``), the bytes moved and, with central DP, the
     (epsilon, delta) spent over the rounds done (``privacy``); scoring the final model
-    is the caller's (:mod:`simulation.finish`, or the ``flwr run`` ServerApp's log).
+    is the caller's (:mod:`reporting.finish`, or the ``flwr run`` ServerApp's log).
     """
     final = load_checkpoint(job.checkpoint)
     if final is None:

@@ -168,7 +168,10 @@ class SavltStrategy(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         round_ = self.offset + server_round
         plan = self.plan_for(round_)
-        valid, errors = self._check_and_log_replies(replies, is_train=True, validate=False)
+        replies = list(replies)
+        errors = [m for m in replies if m.has_error()]
+        valid = [m for m in replies if not m.has_error()]
+        log.info("round %d: %d replies, %d failures", round_, len(valid), len(errors))
         for msg in errors:
             self._event(round_, str(msg.metadata.src_node_id), "failed", msg.error.reason)
         updates: list[ClientUpdate] = []
@@ -224,7 +227,7 @@ class SavltStrategy(FedAvg):
             updates,
             self.sent,
             plan.method,
-            cfg.fl,
+            cfg,
             self.scalings,
             self.anchors,
         )

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from reporting.finish import Finish, calibrations_for, finish_model
+from reporting.results import CALIBRATION_KEYS, make_record
 from savlt_model.config import Config
 from savlt_model.data.folders import Sample
 from savlt_model.data.partition import Hospital, Partition, build_partition
@@ -19,9 +21,7 @@ from savlt_model.messages import local_steps
 from savlt_model.metrics import METRIC_KEYS
 from savlt_model.model.build import build_model, image_sets
 from savlt_model.train import train_steps
-from simulation.finish import Finish, calibrations_for, finish_model
-from simulation.results import CALIBRATION_KEYS, make_record
-from simulation.synth import ensure_data
+from synthetic.write import ensure_data
 
 log = logging.getLogger(__name__)
 

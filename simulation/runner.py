@@ -3,7 +3,7 @@
 Centralised (pooled data) and local-only baselines train in this process; every federated
 method of the registry runs the real Flower ServerApp and ClientApp through
 ``flwr.simulation.run_simulation``, and its final global model is then finished like the
-baselines' (:mod:`simulation.finish`). Every (method, seed) job writes ``jobs/<tag>.json`` when
+baselines' (:mod:`reporting.finish`). Every (method, seed) job writes ``jobs/<tag>.json`` when
 it finishes, so ``--resume`` skips finished jobs and continues an interrupted federated job
 from its last checkpointed round.
 """
@@ -18,19 +18,21 @@ from pathlib import Path
 from flwr.serverapp import ServerApp
 from tqdm.auto import tqdm
 
+from reporting.finish import Finish, finish_model
+from reporting.plots import plot_method_bars
+from reporting.results import summarize
+from reporting.tensorboard import write_job_events
 from savlt_model.atomic import write_json
 from savlt_model.config import Config
 from savlt_model.data.partition import build_partition
 from savlt_model.data.protocol import data_root, is_synthetic
+from savlt_model.evaluation import centre_evaluator
 from savlt_model.methods import get_method
 from savlt_model.model.build import cached_model, image_sets
 from server.federation import FederatedJob, job_calibrations, job_summary, run_federated
 from simulation.baselines import run_baseline
-from simulation.finish import Finish, finish_model
-from simulation.plots import plot_method_bars
 from simulation.resources import actor_resources
-from simulation.results import summarize
-from simulation.synth import ensure_data
+from synthetic.write import ensure_data
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,7 @@ def server_app_for(
     def main(grid, context) -> None:
         for job in jobs:
             try:
-                run_federated(grid, job)
+                run_federated(grid, job, centre_evaluator(job.cfg, job.seed))
                 finish_federated(job)
             except Exception as exc:
                 log.error("%s failed: %s", job.tag, exc)
@@ -196,6 +198,8 @@ def run_simulate(cfg: Config, out: Path, resume: bool = False) -> list[dict]:
         simulate_federated(job_cfg, pending, bar)
         for job in jobs:
             summary = _result(job)
+            if cfg.tracking.tensorboard and get_method(job.method).federated:
+                write_job_events(job_out, job.tag, summary)
             records += [dict(r, center=r["center"] + suffix) for r in summary["records"]]
             if not suffix:
                 curves += summary["curves"]

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from savlt_model.config import Config, load_config
-from simulation.synth import generate
+from synthetic.write import generate
 
 
 @pytest.fixture(scope="session")
@@ -84,3 +85,31 @@ def tree_hashes(root: Path) -> dict[str, str]:
         for p in sorted(root.rglob("*"))
         if p.is_file()
     }
+
+
+# Tests that start a Flower simulation (Ray) run in one pytest-xdist group: one Ray runtime at
+# a time on a 2-core machine; the other tests share the second worker.
+_RAY_CALLS = ("run_job(", "simulate_federated(", "run_simulation(", "run_simulate(", '"simulate"')
+
+
+def _starts_ray(item: pytest.Item) -> bool:
+    funcs = [getattr(item, "function", None)]
+    infos = getattr(item, "_fixtureinfo", None)
+    if infos is not None:
+        funcs += [d.func for defs in infos.name2fixturedefs.values() for d in defs]
+    for func in funcs:
+        try:
+            source = inspect.getsource(func)
+        except (OSError, TypeError):
+            continue
+        if any(call in source for call in _RAY_CALLS):
+            return True
+    return False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("deploy"):  # real SuperLink/SuperNode processes, no Ray
+            item.add_marker(pytest.mark.xdist_group("deploy"))
+        elif _starts_ray(item):
+            item.add_marker(pytest.mark.xdist_group("ray"))

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from savlt_model.config import FederatedConfig
+from savlt_model.config import Config, FederatedConfig, MethodsConfig
 from savlt_model.errors import SavltError
-from savlt_model.methods import cap_weights
+from savlt_model.methods.text_anchored import TextAnchoredConfig, cap_weights
 from savlt_model.model.adapters import fold_residuals, residual_matrices
 from server.aggregation import (
     ClientUpdate,
@@ -91,12 +91,13 @@ def _global(seed: int = 99, residual: str = "") -> dict[str, torch.Tensor]:
     return state
 
 
-def _fl(anchor_lambda: float, lora: str = "naive", cap: float = np.inf) -> FederatedConfig:
+def _fl(anchor_lambda: float, lora: str = "naive", cap: float = np.inf) -> Config:
     """Weighting maths without the cap unless asked (the cap has its own tests)."""
-    return FederatedConfig(
-        anchor_lambda=anchor_lambda,
-        lora_aggregation=lora,  # type: ignore[arg-type]
-        max_weight_ratio=cap,
+    return Config(
+        fl=FederatedConfig(lora_aggregation=lora),  # type: ignore[arg-type]
+        methods=MethodsConfig(
+            text_anchored=TextAnchoredConfig(anchor_lambda=anchor_lambda, max_weight_ratio=cap)
+        ),
     )
 
 
@@ -448,8 +449,8 @@ def test_cap_bounds_every_share_and_keeps_the_sum() -> None:
         u.num_examples = n
         u.class_counts = [n // 4] * C
     liar[0].state["prototypes"] = 5.0 * ANCHORS
-    capped = FederatedConfig(anchor_lambda=5.0)  # the default cap
-    assert capped.max_weight_ratio == 2.0
+    capped = Config(methods=MethodsConfig(text_anchored=TextAnchoredConfig(anchor_lambda=5.0)))
+    assert capped.methods.text_anchored.max_weight_ratio == 2.0  # the default cap
     shared, proto = client_weights(liar, "text-anchored", capped, ANCHORS)
     free, _ = client_weights(liar, "text-anchored", _fl(5.0), ANCHORS)
     assert free[0] > 0.7  # without the cap: 0.77

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tools.cli import main
 
@@ -92,6 +93,19 @@ def test_simulate_command_and_resume(fed_data_root, tmp_path, capsys):
     assert "central+cal" in printed and " ece" in printed
     for name in ("report.md", "config.yaml", "savlt.log", "figures/accuracy_per_round.png"):
         assert (out / name).is_file(), name
+    # run tracking, read back with TensorBoard's own event reader
+    job = EventAccumulator(str(out / "tensorboard" / "fedavg_seed42"))
+    job.Reload()
+    scalars = set(job.Tags()["scalars"])
+    assert {"loss/train", "bytes/up", "bytes/down", "weight/hospital_0", "acc/mixed"} <= scalars
+    assert [e.step for e in job.Scalars("loss/train")] == [1]
+    assert [e.step for e in job.Scalars("acc/huaxi")] == [0, 1]  # before and after the round
+    weights = [job.Scalars(f"weight/hospital_{k}")[0].value for k in range(3)]
+    assert sum(weights) == pytest.approx(1.0, abs=1e-6)
+    run = EventAccumulator(str(out / "tensorboard" / "run"))
+    run.Reload()
+    assert {"results/text_summary", "config/text_summary"} <= set(run.Tags()["tensors"])
+    assert "fedavg" in run.Tensors("results/text_summary")[0].tensor_proto.string_val[0].decode()
     before = (out / "results.json").read_text()
     assert main([*args, "--resume"]) == 0  # every job finished: reused, same results
     assert (out / "results.json").read_text() == before

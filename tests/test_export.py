@@ -11,6 +11,7 @@ import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
+from reporting.report import write_report
 from savlt_model.checkpoint import load_adapter, save_adapter
 from savlt_model.config import config_from_dict
 from savlt_model.data.folders import scan_center
@@ -20,7 +21,6 @@ from savlt_model.metrics import METRIC_KEYS
 from savlt_model.model.adapters import frozen_lora_a, residual_targets, stable_name
 from savlt_model.model.backbone import load_backbone
 from savlt_model.model.build import build_model, cached_backbone
-from simulation.report import write_report
 from tools.cli import main
 from tools.export import HEAD_JSON, export_model, load_exported
 

@@ -19,7 +19,7 @@ from flwr.simulation import run_simulation
 
 from client.app import SimulatedHospitals, check_fingerprints, simulation_node_config
 from savlt_model.checkpoint import load_adapter
-from savlt_model.config import PROJECT_ROOT, load_config
+from savlt_model.config import PROJECT_ROOT, load_config, with_key
 from savlt_model.errors import SavltError
 from savlt_model.messages import RoundPlan
 from savlt_model.methods import LossTerms
@@ -195,21 +195,24 @@ def test_a_gaming_hospital_gets_what_its_upload_earns_and_no_more_than_the_cap(
         return state, step, report
 
     monkeypatch.setattr(strategy_module, "aggregate", spy)
-    cfg = fed_config("fl.rounds=1", "fl.anchor_lambda=20")
+    cfg = fed_config("fl.rounds=1", "methods.text_anchored.anchor_lambda=20")
     summary, final = _run(cfg, tmp_path, "0:1:outlier", monkeypatch, "text-anchored")
     assert summary["events"] == []
-    (((updates, _, _, fl, _, anchors), state, report),) = calls
+    (((updates, _, _, run_cfg, _, anchors), state, report),) = calls
     lied = [m for m in train_replies if "anchor-agreement" in m.content.metric_records["metrics"]]
     assert len(lied) == 1 and list(lied[0].content["metrics"]["anchor-agreement"]) == [1.0] * 5
     agreement = np.stack([prototype_agreement(u.state["prototypes"], anchors) for u in updates])
     (j,) = np.flatnonzero(agreement.min(axis=1) > 1 - 1e-6)  # the outlier's upload: a_kc = 1
     assert agreement[np.arange(3) != j].max() < 0.9  # honest uploads earn less
 
-    shared, _ = client_weights(updates, "text-anchored", fl, anchors)
+    shared, _ = client_weights(updates, "text-anchored", run_cfg, anchors)
     np.testing.assert_array_equal(report["weights"], shared)  # from uploads only
     n = np.array([u.num_examples for u in updates], dtype=float)
     uncapped, _ = client_weights(
-        updates, "text-anchored", dataclasses.replace(fl, max_weight_ratio=np.inf), anchors
+        updates,
+        "text-anchored",
+        with_key(run_cfg, "methods.text_anchored.max_weight_ratio", np.inf),
+        anchors,
     )
     assert uncapped[j] > 0.99  # what the upload alone would buy with lambda = 20
     assert shared[j] == pytest.approx(2 * n[j] / n.sum(), rel=1e-12)

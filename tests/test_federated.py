@@ -9,6 +9,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord
 
+from reporting.finish import calibrations_for
 from savlt_model.calibration import calibration_to_dict
 from savlt_model.checkpoint import load_adapter
 from savlt_model.data.partition import build_partition
@@ -24,7 +25,6 @@ from savlt_model.model.build import build_model
 from server import strategy as strategy_module
 from server.federation import job_calibrations
 from server.strategy import array_bytes, load_checkpoint
-from simulation.finish import calibrations_for
 from simulation.runner import run_job
 from tests.conftest import check_declared_replies
 
@@ -42,7 +42,11 @@ def test_lambda_zero_text_anchored_is_fedavg_with_per_class_prototypes(
 ):
     """lambda = 0 through Flower: shared tensors bit for bit FedAvg's, prototype row c the
     class-c sample-weighted average of the replies (the centres' class mixes differ)."""
-    cfg = fed_config("fl.anchor_lambda=0", "fl.anchor_loss_weight=0", "fl.rounds=1")
+    cfg = fed_config(
+        "methods.text_anchored.anchor_lambda=0",
+        "methods.text_anchored.anchor_loss_weight=0",
+        "fl.rounds=1",
+    )
     run_job(cfg, "fedavg", 42, tmp_path / "a", resume=False)
     run_job(cfg, "text-anchored", 42, tmp_path / "b", resume=False)
     fedavg, anchored = (
@@ -69,7 +73,11 @@ def test_lambda_zero_text_anchored_is_fedavg_with_per_class_prototypes(
     start = trainable_state(build_model(cfg, 42))
     assert any(not torch.equal(start[k], fedavg[k]) for k in start)
     # a positive lambda changes the shared aggregate
-    cfg5 = fed_config("fl.anchor_lambda=50", "fl.anchor_loss_weight=0", "fl.rounds=1")
+    cfg5 = fed_config(
+        "methods.text_anchored.anchor_lambda=50",
+        "methods.text_anchored.anchor_loss_weight=0",
+        "fl.rounds=1",
+    )
     run_job(cfg5, "text-anchored", 42, tmp_path / "c", resume=False)
     other = _final(tmp_path / "c", "text-anchored", 1)
     assert any(not torch.equal(other[k], fedavg[k]) for k in fedavg if k != "prototypes")

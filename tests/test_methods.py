@@ -6,16 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from savlt_model.config import FederatedConfig, load_config
+from savlt_model.config import MethodsConfig, load_config
 from savlt_model.errors import SavltError
 from savlt_model.methods import METHODS, HospitalStats, Method, federated_methods, get_method
+from savlt_model.methods.fedprox import FedProxConfig
 from server import strategy as strategy_module
 from server.federation import FederatedJob, job_summary
 from simulation.baselines import BASELINES
 from simulation.runner import simulate_federated
 
 
-def uniform_weights(stats: HospitalStats, fl: FederatedConfig) -> tuple[np.ndarray, np.ndarray]:
+def uniform_weights(stats: HospitalStats, params: None) -> tuple[np.ndarray, np.ndarray]:
     """The toy method's maths: every hospital weighs the same, whatever its size."""
     k, c = stats.class_counts.shape
     return np.full(k, 1.0 / k), np.full((k, c), 1.0 / k)
@@ -24,7 +25,7 @@ def uniform_weights(stats: HospitalStats, fl: FederatedConfig) -> tuple[np.ndarr
 def test_every_baseline_has_a_runner_and_every_federated_method_a_weighting() -> None:
     assert set(BASELINES) == {n for n, m in METHODS.items() if not m.federated}
     assert all(METHODS[n].weighting is not None for n in federated_methods())
-    assert get_method("fedprox").loss_terms(FederatedConfig(prox_mu=0.3)).prox_mu == 0.3
+    assert get_method("fedprox").losses(MethodsConfig(fedprox=FedProxConfig(mu=0.3))).prox_mu == 0.3
     with pytest.raises(SavltError, match=r"unknown method 'fedmedian'; choose from \["):
         get_method("fedmedian")
 

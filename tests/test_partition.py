@@ -14,7 +14,7 @@ from savlt_model.data.partition import build_partition, class_proportions, deal_
 from savlt_model.data.protocol import paper_protocol
 from savlt_model.errors import SavltError
 from simulation.runner import leave_one_out_configs
-from simulation.synth import add_held_out_centres, generate
+from synthetic.write import add_held_out_centres, generate
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,9 @@ import torch
 
 from savlt_model.config import CERVICAL_CLASSES
 from savlt_model.model.backbone import load_backbone
-from simulation import synth
-from tools.pretrain import PROFILE_RANGES, make_corpus, multi_positive_clip_loss, pretrain
+from synthetic import centres
+from synthetic.corpus import PROFILE_RANGES, make_corpus
+from tools.pretrain import multi_positive_clip_loss, pretrain
 
 
 def test_corpus_is_deterministic_per_seed_and_varies_its_scanners() -> None:
@@ -30,12 +31,12 @@ def test_corpus_is_deterministic_per_seed_and_varies_its_scanners() -> None:
         assert len(set(values)) > 1, field
         lo, hi = PROFILE_RANGES[field]
         assert all(lo <= v <= hi for v in values), field
-    assert not set(a.profiles) & set(synth.PROFILES.values())
+    assert not set(a.profiles) & set(centres.PROFILES.values())
 
 
 def test_profile_ranges_cover_every_site_profile() -> None:
     """Wider than all sites, so the corpus singles out no centre (evaluation ones included)."""
-    for prof in synth.PROFILES.values():
+    for prof in centres.PROFILES.values():
         for f in dataclasses.fields(prof):
             lo, hi = PROFILE_RANGES[f.name]
             assert lo <= getattr(prof, f.name) <= hi, f.name
@@ -59,7 +60,9 @@ def test_multi_positive_loss_rewards_class_alignment() -> None:
 
 def test_pretrain_writes_weights_that_load_backbone_accepts(tmp_path: Path) -> None:
     out = tmp_path / "tiny.pt"
-    summary = pretrain(out, seed=3, images=8, epochs=1, batch_size=4, heldout=5, progress=False)
+    summary = pretrain(
+        out, make_corpus, seed=3, images=8, epochs=1, batch_size=4, heldout=5, progress=False
+    )
     loaded, init = load_backbone("savlt-tiny", str(out)), load_backbone("savlt-tiny")
     assert loaded.fingerprint == summary["fingerprint"] != init.fingerprint
     assert summary["init_fingerprint"] == init.fingerprint

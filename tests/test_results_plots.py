@@ -9,16 +9,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
-from savlt_model.errors import SavltError
-from savlt_model.metrics import METRIC_KEYS, compute_metrics
-from simulation.plots import (
+from reporting.plots import (
     plot_confusion,
     plot_method_bars,
     plot_roc,
     plot_round_curves,
     short_name,
 )
-from simulation.results import (
+from reporting.results import (
     SYNTHETIC_LABEL,
     format_table,
     make_record,
@@ -27,6 +25,8 @@ from simulation.results import (
     write_results,
     write_summary,
 )
+from savlt_model.errors import SavltError
+from savlt_model.metrics import METRIC_KEYS, compute_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -150,7 +150,7 @@ def test_read_results_errors(tmp_path: Path, text: str, match: str) -> None:
 def test_results_json_from_before_the_rename_still_reports(tmp_path: Path) -> None:
     """A 5-class run's results.json and curves.json written with ``acc_5class`` load,
     summarise and report as ``acc_multiclass``."""
-    from simulation.report import write_report
+    from reporting.report import write_report
 
     old = [
         {("acc_5class" if k == "acc_multiclass" else k): v for k, v in r.items()}
@@ -175,9 +175,9 @@ def test_results_json_from_before_the_rename_still_reports(tmp_path: Path) -> No
 
 
 def test_report_states_the_epsilon_of_each_dp_job(tmp_path: Path) -> None:
+    from reporting.report import write_report
     from savlt_model.config import PrivacyConfig
     from server.accounting import privacy_spent
-    from simulation.report import write_report
 
     (tmp_path / "results.json").write_text(json.dumps(_records()))
     (tmp_path / "jobs").mkdir()

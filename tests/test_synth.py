@@ -18,7 +18,7 @@ from PIL import Image
 from savlt_model.config import CERVICAL_CLASSES
 from savlt_model.data.folders import scan_center
 from savlt_model.errors import SavltError
-from simulation import synth
+from synthetic import centres, write
 
 SCALE = 0.1
 CENTRES = ("mixed", "huaxi", "xiangya")
@@ -29,7 +29,7 @@ HSIL, ECTROPION = "high-grade_squamous_intraepithelial_lesion", "ectropion"
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("synth") / "data"
-    return out, synth.generate(out, seed=0, scale=SCALE, progress=False)
+    return out, write.generate(out, seed=0, scale=SCALE, progress=False)
 
 
 def _images(root: Path, centre: str, cls: str) -> list[Path]:
@@ -66,7 +66,7 @@ def test_layout_counts_and_summary(data: tuple[Path, dict]) -> None:
         info = summary["centres"][centre]
         for cls in CERVICAL_CLASSES:
             images = _images(root, centre, cls)
-            assert len(images) == info["counts"][cls] >= synth.MIN_PER_CELL
+            assert len(images) == info["counts"][cls] >= centres.MIN_PER_CELL
             masks = sorted(p.name for p in (root / centre / "masks" / cls).iterdir())
             assert masks == sorted(f"{p.stem}.png" for p in images)
         for profile in (s["profile"] for s in info["sites"].values()):
@@ -75,9 +75,9 @@ def test_layout_counts_and_summary(data: tuple[Path, dict]) -> None:
 
 
 def test_full_scale_counts() -> None:
-    counts = {s: synth._counts(s, CERVICAL_CLASSES, 1.0) for s in synth.PROFILES}
+    counts = {s: write._counts(s, CERVICAL_CLASSES, 1.0) for s in centres.PROFILES}
     for cls in CERVICAL_CLASSES:
-        assert sum(counts[s][cls] for s in synth.CENTRE_SITES["mixed"]) == 60
+        assert sum(counts[s][cls] for s in centres.CENTRE_SITES["mixed"]) == 60
         assert 20 <= counts["xiangya"][cls] <= 40 and 20 <= counts["huaxi"][cls] <= 40
     assert counts["xiangya"] != counts["huaxi"]
 
@@ -95,7 +95,8 @@ def test_sites_cover_mixed_with_different_class_mixes(data: tuple[Path, dict]) -
         ]
         assert min(per_class) >= 3
     full = [  # non-IID sites (at scale 0.1 every cell is at the minimum)
-        tuple(synth._counts(s, CERVICAL_CLASSES, 1.0).values()) for s in synth.CENTRE_SITES["mixed"]
+        tuple(write._counts(s, CERVICAL_CLASSES, 1.0).values())
+        for s in centres.CENTRE_SITES["mixed"]
     ]
     assert len(set(full)) == 3
 
@@ -122,8 +123,8 @@ def test_file_formats_and_masks(data: tuple[Path, dict]) -> None:
 def test_same_seed_same_bytes_regardless_of_classes(data: tuple[Path, dict], tmp_path: Path):
     root, _ = data
     (tmp_path / "same").mkdir()  # an existing empty folder is fine
-    synth.generate(tmp_path / "same", seed=0, scale=SCALE, classes=[CYST], progress=False)
-    synth.generate(tmp_path / "other", seed=1, scale=SCALE, classes=[CYST], progress=False)
+    write.generate(tmp_path / "same", seed=0, scale=SCALE, classes=[CYST], progress=False)
+    write.generate(tmp_path / "other", seed=1, scale=SCALE, classes=[CYST], progress=False)
     for centre in CENTRES:
         for part in ("images", "masks"):
             ref = sorted((root / centre / part / CYST).iterdir())
@@ -202,12 +203,12 @@ def test_refuses_non_empty_out_and_bad_arguments(tmp_path: Path) -> None:
     out.mkdir()
     (out / "keep.txt").write_text("x")
     with pytest.raises(SavltError, match="not empty"):
-        synth.generate(out, scale=SCALE, progress=False)
+        write.generate(out, scale=SCALE, progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     with pytest.raises(SavltError, match="tumour"):
-        synth.generate(tmp_path / "new", classes=["tumour"], progress=False)
+        write.generate(tmp_path / "new", classes=["tumour"], progress=False)
     with pytest.raises(SavltError, match="scale"):
-        synth.generate(tmp_path / "new", scale=0.0, progress=False)
+        write.generate(tmp_path / "new", scale=0.0, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
@@ -220,10 +221,10 @@ def test_failure_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.Monke
             raise RuntimeError("disk full")
         return real(*args, **kwargs)
 
-    real = synth.render
-    monkeypatch.setattr(synth, "render", failing)
+    real = write.render
+    monkeypatch.setattr(write, "render", failing)
     with pytest.raises(RuntimeError):
-        synth.generate(tmp_path / "out", scale=SCALE, classes=[MILD], progress=False)
+        write.generate(tmp_path / "out", scale=SCALE, classes=[MILD], progress=False)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -235,9 +236,9 @@ def _tree(root: Path) -> dict[Path, bytes]:
 def held_out(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict]:
     """A two-class DATA folder, its bytes before, and what add_held_out_centres wrote."""
     out = tmp_path_factory.mktemp("held_out") / "data"
-    synth.generate(out, seed=1, scale=SCALE, classes=[CYST, MILD], progress=False)
+    write.generate(out, seed=1, scale=SCALE, classes=[CYST, MILD], progress=False)
     before = _tree(out)
-    written = synth.add_held_out_centres(
+    written = write.add_held_out_centres(
         out, seed=1, scale=SCALE, classes=[CYST, MILD], progress=False
     )
     return out, before, written
@@ -247,7 +248,7 @@ def test_held_out_centres_are_opt_in_and_leave_the_standard_centres_alone(
     held_out: tuple[Path, dict, dict],
 ) -> None:
     out, before, written = held_out
-    assert set(written) == set(synth.HELD_OUT_PROFILES)
+    assert set(written) == set(centres.HELD_OUT_PROFILES)
     assert {p: p.read_bytes() for p in before} == before  # nothing existing changed
     assert not list(out.glob(".*"))  # no temp folder left
     for name, info in written.items():
@@ -257,7 +258,7 @@ def test_held_out_centres_are_opt_in_and_leave_the_standard_centres_alone(
         for cls in (CYST, MILD):
             masks = sorted(p.name for p in (out / name / "masks" / cls).iterdir())
             assert masks == sorted(f"{p.stem}.png" for p in _images(out, name, cls))
-        assert json.loads((out / name / synth.HELD_OUT_INFO).read_text()) == info
+        assert json.loads((out / name / centres.HELD_OUT_INFO).read_text()) == info
         assert info["note"] == "synthetic data, not clinical" and info["seed"] == 1
     hr = _images(out, "scanner_hr", CYST)[0]
     assert _png_depth(hr) == (16, 0)
@@ -275,16 +276,16 @@ def test_held_out_centres_are_idempotent(held_out: tuple[Path, dict, dict], tmp_
     args = {"seed": 1, "scale": SCALE, "classes": [CYST, MILD], "progress": False}
     kept = _tree(root / "scanner_hr")
     shutil.rmtree(root / "scanner_lc")
-    assert set(synth.add_held_out_centres(root, **args)) == {"scanner_lc"}  # only the missing
+    assert set(write.add_held_out_centres(root, **args)) == {"scanner_lc"}  # only the missing
     assert _tree(root / "scanner_hr") == kept
     full = _tree(root)
-    assert synth.add_held_out_centres(root, **args) == {}  # all there: nothing written
+    assert write.add_held_out_centres(root, **args) == {}  # all there: nothing written
     assert _tree(root) == full
     again = {p.relative_to(root): b for p, b in full.items() if "scanner_lc" in p.parts}
     first = {p.relative_to(out): b for p, b in _tree(out / "scanner_lc").items()}
     assert again == first  # rewritten byte for byte
     with pytest.raises(SavltError, match="remove the folder"):  # other arguments: refused
-        synth.add_held_out_centres(root, **{**args, "seed": 2})
+        write.add_held_out_centres(root, **{**args, "seed": 2})
     with pytest.raises(SavltError, match="scanner_hr, scanner_lc"):
-        synth.add_held_out_centres(root, names=("scanner_xx",), progress=False)
+        write.add_held_out_centres(root, names=("scanner_xx",), progress=False)
     assert _tree(root) == full

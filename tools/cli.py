@@ -78,7 +78,7 @@ def _bad_file_arg(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_synth(args: argparse.Namespace) -> None:
-    from simulation.synth import generate
+    from synthetic.write import generate
 
     summary = generate(args.out, seed=args.seed, scale=args.scale)
     counts = summary.get("counts", {})
@@ -100,19 +100,25 @@ def _start_run(args: argparse.Namespace):
 
 
 def _report(records: list[dict], out: Path, cfg, title: str) -> None:
+    from reporting.results import format_table, write_results, write_summary
+    from reporting.tensorboard import write_run_events
+    from savlt_model.config import dump_config
     from savlt_model.data.protocol import data_root, is_synthetic
-    from simulation.results import format_table, write_results, write_summary
 
     synthetic = is_synthetic(data_root(cfg))
     write_results(out / "results.json", records)
     write_summary(out / "summary.json", records, {"title": title, "synthetic": synthetic})
-    print(format_table(records, title=title, synthetic=synthetic))
+    table = format_table(records, title=title, synthetic=synthetic)
+    print(table)
     print(f"Results: {out / 'results.json'}")
+    if cfg.tracking.tensorboard:
+        write_run_events(out, table, dump_config(cfg))
+        print(f"TensorBoard: tensorboard --logdir {out}")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from reporting.report import write_report
     from simulation.baselines import run_central
-    from simulation.report import write_report
 
     cfg = _start_run(args)
     records = run_central(cfg, args.out)
@@ -121,7 +127,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_simulate(args: argparse.Namespace) -> None:
-    from simulation.report import write_report
+    from reporting.report import write_report
     from simulation.runner import run_simulate
 
     cfg = _start_run(args)
@@ -205,16 +211,18 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from simulation.report import write_report
+    from reporting.report import write_report
 
     print(f"Report: {write_report(args.run)}")
 
 
 def cmd_deploy_local(args: argparse.Namespace) -> None:
     from savlt_model.config import load_config
-    from tools.deploy import deploy_local, print_summary
+    from synthetic.write import ensure_data
+    from tools.deploy.local import deploy_local, print_summary
 
     cfg = load_config(args.config, args.overrides)
+    ensure_data(cfg)  # the demo's hospitals get synthetic data when the config asks for it
     print_summary(deploy_local(cfg, args.out, args.method, args.timeout), args.out)
 
 
@@ -235,13 +243,16 @@ def cmd_policy(args: argparse.Namespace) -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
+    from synthetic.corpus import make_corpus
     from tools.pretrain import pretrain
 
-    summary = pretrain(args.out, seed=args.seed, images=args.images, epochs=args.epochs)
+    summary = pretrain(
+        args.out, make_corpus, seed=args.seed, images=args.images, epochs=args.epochs
+    )
     print(
         f"Pretrained savlt-tiny written to {args.out} (held-out zero-shot accuracy "
         f"{summary['heldout_zero_shot_acc']}); use it with --set model.pretrained={args.out}. "
-        "Measured: it does not improve SAVLT at this budget (README)."
+        "Measured: it does not improve SAVLT at this budget (docs/simulation.md)."
     )
 
 

@@ -16,6 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from reporting.finish import Finish, finish_model
+from reporting.report import write_report
+from reporting.results import write_results, write_summary
 from savlt_model.atomic import write_json
 from savlt_model.calibration import (
     Calibration,
@@ -31,9 +34,6 @@ from savlt_model.evaluation import predict
 from savlt_model.metrics import binary_scores
 from savlt_model.model.build import pick_device
 from savlt_model.model.savlt import SavltModel
-from simulation.finish import Finish, finish_model
-from simulation.report import write_report
-from simulation.results import write_results, write_summary
 from tools.export import HEAD_JSON, load_exported
 
 BATCH = 32

@@ -7,8 +7,8 @@ class descriptions of ``configs/prompts/cervical_oct.yaml``.
 
 No leakage into the evaluation: the corpus is rendered in memory with a fresh, randomised
 scanner profile per image, drawn from ranges wider than every site of
-:mod:`simulation.synth` (a "many scanners" corpus, like the web data real CLIP saw), from a
-seed stream that :func:`simulation.synth.generate` never uses. No image of the evaluation
+:mod:`synthetic.corpus` (a "many scanners" corpus, like the web data real CLIP saw), from a
+seed stream that :func:`synthetic.write.generate` never uses. No image of the evaluation
 centres, and none of their fixed scanner profiles, is ever seen. The tissue signatures are
 the generator's own, so the descriptions do describe the pictures; that is what makes the
 anchors meaningful, and also why zero-shot accuracy must be measured before this is trusted.
@@ -17,19 +17,16 @@ anchors meaningful, and also why zero-shot accuracy must be measured before this
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 import time
-import zlib
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
-from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 from tqdm.auto import tqdm
 
@@ -44,72 +41,20 @@ from savlt_model.model.backbone import (
 )
 from savlt_model.model.roi import patch_keep_mask, roi_top
 from savlt_model.model.text import load_descriptions
-from simulation.synth import ScannerProfile, render
 
 PROMPTS = "configs/prompts/cervical_oct.yaml"
-CORPUS_KEY = zlib.crc32(b"savlt-pretrain-corpus")  # a seed stream synth.generate never draws
-JPEG_FRACTION = 0.3  # share of images re-encoded as JPEG, as some viewers export them
-
-# Per-field ranges of the randomised scanner profiles. Each contains, and extends beyond,
-# the values of all five fixed profiles in synth.PROFILES, so no centre is singled out.
-PROFILE_RANGES: dict[str, tuple[float, float]] = {
-    "width": (256, 448),
-    "height": (160, 288),
-    "speckle_looks": (0.9, 4.0),
-    "range_db": (26.0, 50.0),
-    "gain_db": (-20.0, -6.0),
-    "noise_db": (-30.0, -16.0),
-    "gamma": (0.7, 1.5),
-    "attenuation": (2.5, 7.5),
-    "blur_x": (0.5, 3.0),
-    "blur_y": (0.4, 1.8),
-    "tilt": (0.0, 0.14),
-    "sag": (-0.1, 0.14),
-    "surface": (0.1, 0.26),
-}
 
 
-def random_profile(rng: np.random.Generator) -> ScannerProfile:
-    """One scanner drawn uniformly from :data:`PROFILE_RANGES` (integer image size)."""
-    values: dict[str, Any] = {}
-    for f in dataclasses.fields(ScannerProfile):
-        lo, hi = PROFILE_RANGES[f.name]
-        values[f.name] = int(rng.integers(lo, hi + 1)) if f.type == "int" else rng.uniform(lo, hi)
-    return ScannerProfile(**values)
+class Corpus(Protocol):
+    """Class-labelled grey B-scans, e.g. :func:`synthetic.corpus.make_corpus`'s."""
 
-
-@dataclass
-class Corpus:
-    images: torch.Tensor  # (N, 1, size, size) uint8: grey, squashed like data.load_image
+    images: torch.Tensor  # (N, 1, size, size) uint8
     labels: torch.Tensor  # (N,) class index into CERVICAL_CLASSES
-    profiles: list[ScannerProfile]
+    info: dict[str, Any]  # how it was drawn, kept in the summary
 
 
-def make_corpus(
-    n: int, size: int, seed: int = 0, progress: bool = False, desc: str = "corpus"
-) -> Corpus:
-    """Render ``n`` class-balanced B-scans, each with its own random scanner, deterministically.
-
-    Every image is exported as 8-bit (sometimes through JPEG) and squashed to ``size``
-    with bicubic resampling, the path a real image takes through :func:`data.load_image`.
-    """
-    classes = list(CERVICAL_CLASSES)
-    images = torch.empty(n, 1, size, size, dtype=torch.uint8)
-    labels = torch.tensor([i % len(classes) for i in range(n)])
-    profiles = []
-    for i in tqdm(range(n), desc=desc, unit="img", disable=not progress):
-        rng = np.random.default_rng([CORPUS_KEY, seed, i])
-        prof = random_profile(rng)
-        img, _ = render(classes[int(labels[i])], prof, rng)
-        grey = Image.fromarray(np.round(img * 255).astype(np.uint8))
-        if rng.random() < JPEG_FRACTION:
-            buf = io.BytesIO()
-            grey.save(buf, format="JPEG", quality=int(rng.integers(75, 96)))
-            grey = Image.open(buf).convert("L")
-        grey = grey.resize((size, size), Image.Resampling.BICUBIC)
-        images[i, 0] = torch.from_numpy(np.array(grey, dtype=np.uint8))
-        profiles.append(prof)
-    return Corpus(images, labels, profiles)
+# (number of images, image size, seed, progress, description) -> the corpus
+MakeCorpus = Callable[..., Corpus]
 
 
 def caption_sets(prompts: Path) -> dict[str, list[str]]:
@@ -203,6 +148,7 @@ def _zero_shot(
 
 def pretrain(
     out: Path,
+    make_corpus: MakeCorpus,
     seed: int = 0,
     images: int = 1200,
     epochs: int = 5,
@@ -228,7 +174,12 @@ def pretrain(
     text_labels = torch.arange(len(CERVICAL_CLASSES)).repeat(len(sets))
     corpus = make_corpus(images + heldout, size, seed, progress, desc="pretrain corpus")
     train_images, train_labels = corpus.images[:images], corpus.labels[:images]
-    test = Corpus(corpus.images[images:], corpus.labels[images:], corpus.profiles[images:])
+    test = dataclasses.replace(
+        corpus,
+        images=corpus.images[images:],
+        labels=corpus.labels[images:],
+        profiles=corpus.profiles[images:],
+    )
     render_s = time.perf_counter() - t0
 
     detector = SurfaceDetector(backbone.mean, backbone.std)
@@ -288,8 +239,7 @@ def pretrain(
         "lr": lr,
         "prompts": str(prompts),
         "prompt_sets": list(sets),
-        "profile_ranges": PROFILE_RANGES,
-        "jpeg_fraction": JPEG_FRACTION,
+        **corpus.info,
         "loss_first": round(losses[0], 4) if losses else None,
         "loss_last": round(float(np.mean(losses[-per_epoch:])), 4) if losses else None,
         "logit_scale": round(float(model.logit_scale.detach().exp()), 3),

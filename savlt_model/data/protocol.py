@@ -46,7 +46,7 @@ class CenterData:
 
 
 def data_root(cfg: Config) -> Path:
-    """The DATA folder, which must exist (``simulation.synth.ensure_data`` generates one)."""
+    """The DATA folder, which must exist (``synthetic.write.ensure_data`` generates one)."""
     root = resolve_path(cfg.data.root)
     if not root.is_dir():
         raise SavltError(

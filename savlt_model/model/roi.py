@@ -1,4 +1,4 @@
-"""Structure awareness (SAVLT_METHOD.md §3): tissue mask -> ROI box -> masked attention pooling.
+"""Structure awareness (docs/method.md): tissue mask -> ROI box -> masked attention pooling.
 
 Everything here runs batched on the normalised image batch, on the model's device, so ROI
 extraction is part of the timed train step and the data pipeline stays a plain image loader.

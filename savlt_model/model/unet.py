@@ -1,4 +1,5 @@
-"""The tissue-segmentation U-Net of SAVLT_METHOD.md §3: ResNet-18 encoder, one sigmoid output.
+"""The tissue-segmentation U-Net (docs/method.md, structure awareness): ResNet-18 encoder,
+one sigmoid output.
 
 Trained once on the synthetic masks (``savlt roi train``, :mod:`tools.unet_train`) and then
 used frozen as a mask source. The decoder is deliberately narrow so that training at 128 px

@@ -11,47 +11,23 @@ See docs/deploy.md for the same steps by hand.
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
-import datetime as dt
-import ipaddress
 import json
 import logging
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-
-import psutil
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from client.policy import policy_for, write_policy
 from savlt_model.atomic import write_text
 from savlt_model.config import PROJECT_ROOT, Config, dump_config, load_config
+from savlt_model.data.protocol import data_root
 from savlt_model.errors import SavltError
-from simulation.synth import ensure_data
+from tools.deploy.certificates import Certificates, write_certificates, write_node_keys
+from tools.deploy.flwr_cli import CONNECTION, flwr_cli, flwr_env, supernode_list, write_flwr_config
+from tools.deploy.processes import Processes, free_port, managed
 
 log = logging.getLogger(__name__)
-
-CONNECTION = "savlt-local"  # the SuperLink connection name in OUT/flwr/config.toml
-CERT_DAYS = 30
-TAG = "SAVLT_DEPLOYMENT"  # environment marker inherited by every process a deployment starts
-
-
-@dataclass
-class Certificates:
-    ca: Path  # what SuperNodes and the flwr CLI trust (--root-certificates)
-    cert: Path  # the SuperLink's certificate, signed by the CA
-    key: Path  # the SuperLink's private key
 
 
 @dataclass
@@ -61,226 +37,6 @@ class HospitalNode:
     public_key: Path
     port: int  # the SuperNode's own runtime API port
     policy: Path | None = None  # the run policy the hospital approved (client/policy.py)
-
-
-def _write_private(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    path.chmod(0o600)
-    return path
-
-
-def write_certificates(
-    out: Path, hosts: Sequence[str] = ("localhost",), ips: Sequence[str] = ("127.0.0.1",)
-) -> Certificates:
-    """A private CA and a SuperLink certificate whose SANs cover ``hosts`` and ``ips``."""
-    now = dt.datetime.now(dt.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP384R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "savlt-fl federation CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=CERT_DAYS))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .sign(ca_key, hashes.SHA384())
-    )
-    key = ec.generate_private_key(ec.SECP384R1())
-    sans = [x509.DNSName(h) for h in hosts] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=CERT_DAYS))
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA384())
-    )
-    pem = serialization.Encoding.PEM
-    certs = Certificates(out / "ca.crt", out / "superlink.crt", out / "superlink.key")
-    write_text(certs.ca, ca.public_bytes(pem).decode())
-    write_text(certs.cert, cert.public_bytes(pem).decode())
-    _write_private(
-        certs.key,
-        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
-    )
-    return certs
-
-
-def write_node_keys(out: Path, name: str) -> tuple[Path, Path]:
-    """One EC P-384 key pair in OpenSSH format (what ``ssh-keygen -t ecdsa -b 384`` writes)."""
-    key = ec.generate_private_key(ec.SECP384R1())
-    private = _write_private(
-        out / name,
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.OpenSSH,
-            serialization.NoEncryption(),
-        ),
-    )
-    public = out / f"{name}.pub"
-    public.write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-        )
-        + f" {name}\n".encode()
-    )
-    return private, public
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Processes:
-    """Every process a deployment starts; :meth:`stop` kills them and all their descendants.
-
-    Flower's SuperLink and SuperNodes start helpers (SuperExec, ServerApp, ClientApps) in
-    new sessions, so killing a process group is not enough, and a helper whose parent died
-    is re-parented to init. Every process started here carries ``TAG`` in its environment,
-    which its descendants inherit: stopping everything kills whatever still carries it.
-    """
-
-    def __init__(self, log_dir: Path, env: dict[str, str]) -> None:
-        self.log_dir = log_dir
-        self.tag = f"{log_dir.resolve()}:{os.getpid()}"
-        self.env = {**env, TAG: self.tag}
-        self.procs: dict[str, subprocess.Popen] = {}
-        log_dir.mkdir(parents=True, exist_ok=True)
-
-    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
-        with open(self.log_dir / f"{name}.log", "ab") as fh:
-            self.procs[name] = subprocess.Popen(
-                argv,
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env={**self.env, **(env or {})},
-                start_new_session=True,
-            )
-        log.info("started %s (pid %d): %s", name, self.procs[name].pid, " ".join(argv))
-
-    def log_text(self, name: str) -> str:
-        path = self.log_dir / f"{name}.log"
-        return path.read_text(errors="replace") if path.is_file() else ""
-
-    def tagged(self) -> list[psutil.Process]:
-        """Live processes that this deployment started, directly or not."""
-        found = []
-        for p in psutil.process_iter():
-            with suppress(psutil.Error):
-                if p.status() != psutil.STATUS_ZOMBIE and p.environ().get(TAG) == self.tag:
-                    found.append(p)
-        return found
-
-    def stop(self, name: str | None = None, grace: float = 5.0) -> None:
-        """Terminate one process (or all) with its descendants; kill what outlives ``grace``."""
-        victims: list[psutil.Process] = []
-        for n in [name] if name else list(self.procs):
-            proc = self.procs.pop(n)
-            with suppress(psutil.Error):
-                parent = psutil.Process(proc.pid)
-                victims += [parent, *parent.children(recursive=True)]
-        if name is None:
-            victims += self.tagged()
-        for p in victims:
-            with suppress(psutil.Error):
-                p.terminate()
-        _, alive = psutil.wait_procs(victims, timeout=grace)
-        for p in alive:
-            with suppress(psutil.Error):
-                p.kill()
-        psutil.wait_procs(alive, timeout=grace)
-
-
-@contextmanager
-def managed(processes: Processes) -> Iterator[Processes]:
-    """Stop every process on exit, exception, Ctrl-C, SIGTERM or interpreter exit."""
-
-    def on_term(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, on_term)
-    atexit.register(processes.stop)
-    try:
-        yield processes
-    finally:
-        processes.stop()
-        atexit.unregister(processes.stop)
-        signal.signal(signal.SIGTERM, previous)
-
-
-def flwr_env(home: Path) -> dict[str, str]:
-    """Environment for Flower's processes: this venv's tools first, state under ``home``."""
-    bin_dir = str(Path(sys.executable).parent)
-    env = dict(os.environ)
-    env.update(
-        {
-            "PATH": bin_dir + os.pathsep + env.get("PATH", ""),
-            "FLWR_HOME": str(home),
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
-    return env
-
-
-def write_flwr_config(home: Path, address: str, ca: Path) -> Path:
-    """The flwr CLI's SuperLink connection, in FLWR_HOME so ~/.flwr stays untouched."""
-    return write_text(
-        home / "config.toml",
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-        f'[superlink.{CONNECTION}]\naddress = "{address}"\nroot-certificates = "{ca}"\n',
-    )
-
-
-def flwr_cli(env: dict[str, str], *args: str, timeout: float = 60.0) -> str:
-    """Run one ``flwr`` command; its stdout, or a SavltError with its output."""
-    try:
-        done = subprocess.run(
-            ["flwr", *args], env=env, capture_output=True, text=True, timeout=timeout
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise SavltError(f"flwr {' '.join(args[:2])} did not answer in {timeout:.0f} s") from exc
-    failed = bool(done.returncode)
-    if "json" in args and not failed:  # with --format json, flwr exits 0 and says success false
-        reply = json.loads(done.stdout)
-        failed = not reply.get("success", True)
-        done.stdout = reply.get("error-message", done.stdout) if failed else done.stdout
-    if failed:
-        tail = [s.strip() for s in (done.stdout + done.stderr).strip().splitlines()[-3:]]
-        raise SavltError(f"flwr {' '.join(args[:2])} failed: {' '.join(tail)}")
-    return done.stdout
-
-
-def supernode_list(env: dict[str, str]) -> list[dict]:
-    """``flwr supernode list`` as records (node id, owner, status, ...)."""
-    out = json.loads(flwr_cli(env, "supernode", "list", CONNECTION, "--format", "json"))
-    return list(out.get("nodes", []))
 
 
 def deploy_config(cfg: Config) -> Config:
@@ -327,7 +83,7 @@ def prepare(cfg: Config, out: Path) -> Deployment:
     """Job config, certificates, hospital keys, ports and the flwr CLI config under ``out``."""
     out = out.resolve()
     cfg = deploy_config(cfg)
-    root = ensure_data(cfg).resolve()  # generates synthetic data if the config asks for it
+    root = data_root(cfg).resolve()  # the caller generates synthetic data first if asked
     synthetic = dataclasses.replace(cfg.data.synthetic, enabled=False)
     cfg = dataclasses.replace(
         cfg, data=dataclasses.replace(cfg.data, root=str(root), synthetic=synthetic)

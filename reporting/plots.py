@@ -19,9 +19,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from reporting.results import SYNTHETIC_LABEL
 from savlt_model.atomic import atomic_write
 from savlt_model.errors import SavltError
-from simulation.results import SYNTHETIC_LABEL
 
 _MAX_NAME = 12
 
@@ -227,7 +227,7 @@ def plot_method_bars(
     synthetic: bool = False,
 ) -> Path:
     """Grouped bars of ``<metric>_mean`` with ``<metric>_std`` error bars from
-    :func:`simulation.results.summarize`: centre groups, one bar per method (per method
+    :func:`reporting.results.summarize`: centre groups, one bar per method (per method
     and K when the rows mix shot counts). A missing (None) mean leaves a gap.
     """
     mean_key, std_key = f"{metric}_mean", f"{metric}_std"

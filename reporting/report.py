@@ -13,14 +13,14 @@ from typing import Any
 
 import yaml
 
+from reporting.plots import plot_round_curves
+from reporting.results import CALIBRATION_KEYS, SYNTHETIC_LABEL, read_results, summarize
 from savlt_model.atomic import write_text
 from savlt_model.config import resolve_path
 from savlt_model.data.protocol import is_synthetic
 from savlt_model.errors import SavltError
 from savlt_model.metrics import METRIC_KEYS, upgrade_keys
 from server.accounting import epsilon_text
-from simulation.plots import plot_round_curves
-from simulation.results import CALIBRATION_KEYS, SYNTHETIC_LABEL, read_results, summarize
 
 
 def _read_json(path: Path) -> Any:

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from reporting.plots import plot_confusion, plot_reliability, plot_roc
+from reporting.results import make_record
 from savlt_model.calibration import (
     Calibration,
     CalibrationSums,
@@ -36,8 +38,6 @@ from savlt_model.metrics import binary_scores
 from savlt_model.model.build import image_sets
 from savlt_model.model.savlt import SavltModel
 from savlt_model.model.store import save_trained
-from simulation.plots import plot_confusion, plot_reliability, plot_roc
-from simulation.results import make_record
 
 log = logging.getLogger(__name__)
 TRANSDUCTIVE = "label-free, transductive"  # scores that used the scored centre's own scans

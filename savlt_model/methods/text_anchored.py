@@ -1,0 +1,90 @@
+"""Text-anchored aggregation: hospitals weighted by how well their uploaded prototypes agree
+with the frozen text anchors T, which are the same at every hospital (docs/method.md,
+"Text-anchored aggregation"); plus local prototype anchoring."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from savlt_model.errors import SavltError
+from savlt_model.methods.base import HospitalStats, LossTerms, Method, normalise, softweights
+
+
+@dataclass
+class TextAnchoredConfig:
+    """``methods.text_anchored``."""
+
+    anchor_lambda: float = 5.0  # lambda of n_k exp(lambda a_k); 0: FedAvg's shared weights
+    anchor_loss_weight: float = 0.1  # weight of the local CE(s P T^T, identity) term
+    # no hospital weighs more than this multiple of its lambda = 0 share (.inf: no cap)
+    max_weight_ratio: float = 2.0
+
+
+def cap_weights(weights: np.ndarray, base: np.ndarray, max_ratio: float) -> np.ndarray:
+    """``weights`` (summing to 1 along axis 0) with no entry above ``max_ratio * base``.
+
+    Water-filling per column: entries over their bound are set to it and the mass they lose
+    goes to the others in proportion to their weights, until none is over. The result still
+    sums to 1 (``base`` sums to 1 and ``max_ratio >= 1``; ``inf``: no cap), the uncapped
+    hospitals keep their relative weights, and weights already within the bounds are
+    returned untouched (bitwise).
+    """
+    if max_ratio == np.inf:
+        return weights
+    out = weights.astype(np.float64, copy=True).reshape(weights.shape[0], -1)
+    bounds = (max_ratio * base).reshape(out.shape)
+    for col, bound in zip(out.T, bounds.T, strict=True):  # views into ``out``
+        capped = np.zeros(len(col), dtype=bool)
+        while (over := (col > bound) & ~capped).any():
+            capped |= over
+            col[capped] = bound[capped]
+            free = col[~capped].sum()
+            col[~capped] *= (1.0 - col[capped].sum()) / free if free > 0 else 0.0
+    return out.reshape(weights.shape)
+
+
+def text_anchored_weights(
+    stats: HospitalStats, params: TextAnchoredConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """Shared tensors by n_k exp(lambda mean_c a_kc); prototype row c by n_kc exp(lambda a_kc).
+
+    Row c is learnt from class-c images, so it is weighted by how many a hospital holds: one
+    without class c does not drag it, and one with 1 image weighs 1/25 of one with 25.
+    lambda = 0: shared tensors are exactly FedAvg (bitwise, see
+    :func:`savlt_model.methods.base.softweights`) and prototype row c is the class-c
+    sample-weighted average, which equals FedAvg's only when every hospital has the same
+    class mix. A class nobody holds keeps the shared weights. Then :func:`cap_weights`: no
+    hospital gets more than ``max_weight_ratio`` times its lambda = 0 share, however well its
+    upload agrees with the anchors.
+    """
+    lam = params.anchor_lambda
+    if not math.isfinite(lam):
+        raise SavltError(f"anchor_lambda must be finite, got {lam}")
+    counts, n = stats.class_counts, stats.examples
+    present = counts > 0
+    if not present.any(axis=1).all():
+        raise SavltError("text-anchored weighting needs every client to report a class count")
+    agreement = np.where(present, stats.agreement, 0.0)  # NaN for absent classes must not leak
+    shared_logits = lam * (agreement.sum(axis=1) / present.sum(axis=1))
+    shared = softweights(n, shared_logits, np.ones(len(n), dtype=bool))
+    shared = cap_weights(shared, n / n.sum(), params.max_weight_ratio)
+    nobody = ~present.any(axis=0)  # no client has class c: fall back to the shared weights
+    n_kc = np.where(nobody, 1.0, counts)
+    proto = softweights(n_kc, lam * agreement, present | nobody)
+    proto = cap_weights(proto, normalise(n_kc), params.max_weight_ratio)
+    return shared, np.where(nobody, shared[:, None], proto)
+
+
+TEXT_ANCHORED = Method(
+    "text-anchored",
+    "weights from the hospitals' agreement with the frozen text anchors, plus local "
+    "prototype anchoring",
+    True,
+    text_anchored_weights,
+    loss_terms=lambda p: LossTerms(anchor_weight=p.anchor_loss_weight),
+    params=TextAnchoredConfig,
+    data_dependent_weights=True,
+)
