@@ -40,8 +40,8 @@ from common import machine, parser, report, setup, table
 import savlt_model.evaluation as evaluation
 import server.federation as federation
 from client.app import _val_metrics, hospital_data
+from savlt_model.budget import local_steps
 from savlt_model.config import Config, load_config
-from savlt_model.messages import local_steps
 from savlt_model.model.adapters import trainable_state
 from savlt_model.model.build import build_model, image_sets
 from savlt_model.train import train_steps

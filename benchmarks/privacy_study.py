@@ -101,9 +101,9 @@ def norms() -> list[list[float]]:
     scale the clipping norm is chosen from (no DP, seed 42)."""
     import torch
 
+    from savlt_model.budget import local_steps
     from savlt_model.config import load_config
     from savlt_model.data.partition import build_partition
-    from savlt_model.messages import local_steps
     from savlt_model.methods import get_method
     from savlt_model.model.adapters import trainable_state
     from savlt_model.model.build import build_model, image_sets

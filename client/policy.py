@@ -31,9 +31,10 @@ from typing import Any
 import yaml
 
 from savlt_model.atomic import write_text
+from savlt_model.budget import local_steps
 from savlt_model.config import Config
 from savlt_model.errors import SavltError
-from savlt_model.messages import RoundPlan, local_steps, run_config_hash
+from savlt_model.messages import RoundPlan, run_config_hash
 from savlt_model.methods import METHODS, federated_methods
 from savlt_model.model.build import build_model
 

@@ -152,6 +152,32 @@ def _round_section(run_dir: Path, jobs: list[dict], synthetic: bool) -> list[str
     return [*out, ""]
 
 
+BUDGET_COLUMNS = ("budget", "local_steps", "rounds", "steps_per_hospital", "total_steps")
+
+
+def _budget_section(records: list[dict]) -> list[str]:
+    """What each method trained (savlt_model/budget.py), so a gap is read against its budget.
+
+    Records written before budgets were recorded have none: the section is left out."""
+    rows: dict[str, list] = {}
+    for r in records:
+        if "budget" in r and not r["method"].endswith("+cal"):
+            rows.setdefault(r["method"], [r.get(k) for k in (*BUDGET_COLUMNS, "examples_seen")])
+    if not rows:
+        return []
+    header = ["method", *BUDGET_COLUMNS, "examples seen"]
+    table = [[m, *("-" if v is None else v for v in values)] for m, values in rows.items()]
+    return [
+        "## Budget",
+        "",
+        "Steps per hospital: what one hospital (or central's one trainer) trains over the run; "
+        "total: over all hospitals.",
+        "",
+        *_table(header, table),
+        "",
+    ]
+
+
 def _privacy_section(jobs: list[dict]) -> list[str]:
     """The (epsilon, delta) each central-DP job spent (server.accounting); none without DP."""
     spent = [(j, p) for j in jobs if (p := j.get("privacy"))]
@@ -217,6 +243,7 @@ def write_report(run_dir: Path) -> Path:
         ],
     )
     lines.append("")
+    lines += _budget_section(records)
     jobs = _jobs(run_dir)
     lines += _round_section(run_dir, jobs, synthetic)
     lines += _privacy_section(jobs)

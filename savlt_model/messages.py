@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -130,13 +129,6 @@ def run_config_hash(cfg: Config) -> str:
     policy pins when it approves one exact study (client/policy.py)."""
     text = json.dumps(server_view(cfg).to_dict(), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def local_steps(cfg: Config) -> int:
-    """Per-round local steps; by default the centralised budget is shared by all hospitals."""
-    if cfg.fl.local_steps:
-        return cfg.fl.local_steps
-    return max(1, math.ceil(cfg.total_iterations / (cfg.fl.rounds * cfg.fl.hospitals)))
 
 
 def metric_record(metrics: dict, declared: frozenset[str]) -> MetricRecord:

@@ -16,6 +16,7 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp import Grid
 
+from savlt_model.budget import local_steps
 from savlt_model.calibration import (
     Calibration,
     calibration_from_dict,
@@ -25,7 +26,7 @@ from savlt_model.calibration import (
 from savlt_model.config import Config
 from savlt_model.errors import SavltError
 from savlt_model.evaluation import Evaluate
-from savlt_model.messages import RoundPlan, local_steps
+from savlt_model.messages import RoundPlan
 from savlt_model.methods import get_method
 from savlt_model.model.adapters import lora_scalings, trainable_state
 from savlt_model.model.build import build_model

@@ -12,12 +12,12 @@ import numpy as np
 
 from reporting.finish import Finish, calibrations_for, finish_model
 from reporting.results import CALIBRATION_KEYS, make_record
+from savlt_model.budget import budget, local_steps
 from savlt_model.config import Config
 from savlt_model.data.folders import Sample
 from savlt_model.data.partition import Hospital, Partition, build_partition
 from savlt_model.data.protocol import data_root, is_synthetic, paper_protocol
 from savlt_model.evaluation import CenterScore
-from savlt_model.messages import local_steps
 from savlt_model.metrics import METRIC_KEYS
 from savlt_model.model.build import build_model, image_sets
 from savlt_model.train import train_steps
@@ -72,7 +72,9 @@ def run_central(cfg: Config, out_dir: Path, progress: bool = True) -> list[dict]
         center, tests = paper_protocol(cfg, seed)
         run = _finish_for(cfg, out_dir, f"central_seed{seed}", "central", seed)
         hospital = Hospital(center.name, center.train, center.val)
-        _, new = train_and_finish(cfg, run, [hospital], tests, cfg.total_iterations, progress)
+        _, new = train_and_finish(
+            cfg, run, [hospital], tests, cfg.total_iterations, progress, **budget(cfg, "central")
+        )
         records += new
     return records
 
@@ -97,6 +99,7 @@ def _central(cfg: Config, partition: Partition, seed: int, out: Path) -> list[di
         partition.tests,
         cfg.total_iterations,
         partition=cfg.fl.partition,
+        **budget(cfg, "central"),
     )
     return records
 
@@ -117,6 +120,7 @@ def _local(cfg: Config, partition: Partition, seed: int, out: Path) -> list[dict
             cfg.data.shots,
             _mean_metrics(rs),
             partition=cfg.fl.partition,
+            **budget(cfg, "local"),
             hospitals=[h.name for h in partition.hospitals],
             per_hospital_acc_multiclass=[r["acc_multiclass"] for r in rs],
             **({"calibration": rs[0]["calibration"]} if "calibration" in rs[0] else {}),

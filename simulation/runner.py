@@ -23,6 +23,7 @@ from reporting.plots import plot_method_bars
 from reporting.results import summarize
 from reporting.tensorboard import write_job_events
 from savlt_model.atomic import write_json
+from savlt_model.budget import budget
 from savlt_model.config import Config
 from savlt_model.data.partition import build_partition
 from savlt_model.data.protocol import data_root, is_synthetic
@@ -122,7 +123,7 @@ def finish_federated(job: FederatedJob) -> dict:
         adapter_state=state,
         adapter_extra={"rounds": summary["rounds"]},
         partition=cfg.fl.partition,
-        rounds=summary["rounds"],
+        **{**budget(cfg, job.method), "rounds": summary["rounds"]},  # the rounds done
         upload_bytes=summary["upload_bytes"],
         **(
             {}

@@ -92,7 +92,19 @@ def tree_hashes(root: Path) -> dict[str, str]:
 _RAY_CALLS = ("run_job(", "simulate_federated(", "run_simulation(", "run_simulate(", '"simulate"')
 
 
+@pytest.fixture
+def in_process(monkeypatch) -> None:
+    """Flower's simulation without Ray for this test (tests/inprocess.py)."""
+    import flwr.simulation
+
+    from tests.inprocess import run_in_process
+
+    monkeypatch.setattr(flwr.simulation, "run_simulation", run_in_process)
+
+
 def _starts_ray(item: pytest.Item) -> bool:
+    if "in_process" in getattr(item, "fixturenames", ()):
+        return False
     funcs = [getattr(item, "function", None)]
     infos = getattr(item, "_fixtureinfo", None)
     if infos is not None:

@@ -123,6 +123,7 @@ def test_fedex_residuals_are_folded_into_lora(run, tmp_path):
         assert not torch.allclose(probe(x).logits, want, atol=1e-2)
 
 
+@pytest.mark.usefixtures("in_process")
 def test_an_ffa_run_exports_and_the_export_reproduces_its_predictions(fed_data_root, tmp_path):
     """FFA-LoRA's adapter holds only B (A is frozen from the seed at every hospital): the
     export rebuilds A from the run's config and seed, and gives the run's logits."""

@@ -1,4 +1,5 @@
-"""Faults in a federated run, through real Flower (`run_simulation`, Ray, the real strategy).
+"""Faults in a federated run, through the real strategy and ClientApp: one end-to-end Ray run
+(a hospital down mid-round), the rest in process (tests/inprocess.py).
 
 Hospitals misbehave through :mod:`tests.faulty_clientapp` (faults travel in the round's
 ConfigRecord). A server killed mid-run and resumed is covered by
@@ -12,10 +13,10 @@ import dataclasses
 import json
 from pathlib import Path
 
+import flwr.simulation
 import numpy as np
 import pytest
 import torch
-from flwr.simulation import run_simulation
 
 from client.app import SimulatedHospitals, check_fingerprints, simulation_node_config
 from savlt_model.checkpoint import load_adapter
@@ -57,7 +58,7 @@ def _run(
 
     monkeypatch.setattr(strategy_module.SavltStrategy, "_plan_record", with_faults)
     job = FederatedJob(cfg, method, 42, out)
-    run_simulation(
+    flwr.simulation.run_simulation(
         server_app=server_app_for(job),
         client_app=SimulatedHospitals(faulty_app, simulation_node_config(cfg), per_partition),
         num_supernodes=cfg.fl.hospitals,
@@ -77,6 +78,7 @@ def test_hospital_down_mid_round_then_rejoins(fed_config, tmp_path, monkeypatch)
     assert all(bool(t.isfinite().all()) for t in state.values())
 
 
+@pytest.mark.usefixtures("in_process")
 def test_kept_state_restarted_and_stateless_hospitals_hold_the_same_model(
     fed_config, tmp_path, monkeypatch
 ):
@@ -122,6 +124,7 @@ def test_kept_state_restarted_and_stateless_hospitals_hold_the_same_model(
     assert prints["p1-r2"] != prints["p1-r3"]
 
 
+@pytest.mark.usefixtures("in_process")
 def test_bad_updates_are_rejected_and_never_averaged(fed_config, tmp_path, monkeypatch, caplog):
     """Rejected updates leave the adapter of a run where those hospitals were down."""
     cfg = fed_config("fl.min_hospitals=1", "fl.max_update_norm=100")
@@ -145,6 +148,7 @@ def test_bad_updates_are_rejected_and_never_averaged(fed_config, tmp_path, monke
         assert torch.allclose(state[key], without[key], rtol=1e-4, atol=1e-6), key
 
 
+@pytest.mark.usefixtures("in_process")
 def test_mismatched_prompts_are_refused_with_the_reason(fed_config, tmp_path, monkeypatch):
     prompts = tmp_path / "other_prompts.yaml"
     original = (PROJECT_ROOT / "configs/prompts/cervical_oct.yaml").read_text()
@@ -177,6 +181,7 @@ def test_backbone_and_class_list_mismatches_are_named():
         check_fingerprints(fewer_classes, plan, "h2")
 
 
+@pytest.mark.usefixtures("in_process")
 def test_a_gaming_hospital_gets_what_its_upload_earns_and_no_more_than_the_cap(
     fed_config, tmp_path, monkeypatch, train_replies
 ):

@@ -1,4 +1,5 @@
-"""Federated SAVLT through real Flower (`run_simulation`, Ray, real ClientApp/ServerApp)."""
+"""Federated SAVLT through the real ServerApp, strategy and ClientApp, in process
+(tests/inprocess.py: no Ray); the end-to-end Ray run is tests/test_cli.py's simulate test."""
 
 from __future__ import annotations
 
@@ -23,12 +24,12 @@ from savlt_model.model.adapters import (
 )
 from savlt_model.model.build import build_model
 from server import strategy as strategy_module
-from server.federation import job_calibrations
+from server.federation import FederatedJob, job_calibrations
 from server.strategy import array_bytes, load_checkpoint
-from simulation.runner import run_job
+from simulation.runner import run_job, simulate_federated
 from tests.conftest import check_declared_replies
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("in_process")]
 
 
 def _final(out, method: str, rounds: int = 2) -> dict[str, torch.Tensor]:
@@ -41,14 +42,20 @@ def test_lambda_zero_text_anchored_is_fedavg_with_per_class_prototypes(
     fed_config, tmp_path, train_replies
 ):
     """lambda = 0 through Flower: shared tensors bit for bit FedAvg's, prototype row c the
-    class-c sample-weighted average of the replies (the centres' class mixes differ)."""
-    cfg = fed_config(
-        "methods.text_anchored.anchor_lambda=0",
-        "methods.text_anchored.anchor_loss_weight=0",
-        "fl.rounds=1",
+    class-c sample-weighted average of the replies (the centres' class mixes differ); a
+    positive lambda changes the shared aggregate; and every reply holds only the declared
+    tensors and numbers. Three jobs in one simulation (one Ray start)."""
+    terms = ("methods.text_anchored.anchor_loss_weight=0", "fl.rounds=1")
+    cfg = fed_config("methods.text_anchored.anchor_lambda=0", *terms)
+    cfg5 = fed_config("methods.text_anchored.anchor_lambda=50", *terms)
+    simulate_federated(
+        cfg,
+        [
+            FederatedJob(cfg, "fedavg", 42, tmp_path / "a"),
+            FederatedJob(cfg, "text-anchored", 42, tmp_path / "b"),
+            FederatedJob(cfg5, "text-anchored", 42, tmp_path / "c"),
+        ],
     )
-    run_job(cfg, "fedavg", 42, tmp_path / "a", resume=False)
-    run_job(cfg, "text-anchored", 42, tmp_path / "b", resume=False)
     fedavg, anchored = (
         _final(tmp_path / "a", "fedavg", 1),
         _final(tmp_path / "b", "text-anchored", 1),
@@ -57,11 +64,13 @@ def test_lambda_zero_text_anchored_is_fedavg_with_per_class_prototypes(
     for key in fedavg:
         if key != "prototypes":
             assert torch.equal(fedavg[key], anchored[key]), key
-    replies = train_replies[3:]  # the text-anchored run's
+    replies = train_replies[3:6]  # the lambda = 0 text-anchored job's
+    check_declared_replies(replies, set(trainable_state(build_model(cfg, 42))), n=3)
     counts = torch.tensor(
         [list(m.content.metric_records["metrics"]["class-counts"]) for m in replies],
         dtype=torch.float64,
     )
+    assert counts.shape[1] == len(cfg.task.classes)
     assert len({tuple((row / row.sum()).tolist()) for row in counts}) == 3  # mixes differ
     protos = torch.stack(
         [m.content.array_records["arrays"].to_torch_state_dict()["prototypes"] for m in replies]
@@ -73,23 +82,8 @@ def test_lambda_zero_text_anchored_is_fedavg_with_per_class_prototypes(
     start = trainable_state(build_model(cfg, 42))
     assert any(not torch.equal(start[k], fedavg[k]) for k in start)
     # a positive lambda changes the shared aggregate
-    cfg5 = fed_config(
-        "methods.text_anchored.anchor_lambda=50",
-        "methods.text_anchored.anchor_loss_weight=0",
-        "fl.rounds=1",
-    )
-    run_job(cfg5, "text-anchored", 42, tmp_path / "c", resume=False)
     other = _final(tmp_path / "c", "text-anchored", 1)
     assert any(not torch.equal(other[k], fedavg[k]) for k in fedavg if k != "prototypes")
-
-
-def test_replies_hold_only_declared_tensors_and_numbers(fed_config, tmp_path, train_replies):
-    cfg = fed_config("fl.rounds=1")
-    run_job(cfg, "text-anchored", 42, tmp_path, resume=False)
-    check_declared_replies(train_replies, set(trainable_state(build_model(cfg, 42))), n=3)
-    for msg in train_replies:
-        counts = msg.content.metric_records["metrics"]["class-counts"]
-        assert len(counts) == len(cfg.task.classes)
 
 
 def test_fedex_through_flower_is_exact_with_factorised_residuals(

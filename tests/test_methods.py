@@ -38,6 +38,7 @@ def test_config_reads_the_registry_and_names_renamed_keys() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("in_process")
 def test_a_toy_method_by_one_registry_entry_runs_through_flower(
     fed_config, tmp_path, train_replies, monkeypatch
 ) -> None:

@@ -138,6 +138,7 @@ def uploads(monkeypatch) -> list[float]:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("in_process")
 def test_client_side_clipping_bounds_every_upload_and_reports_epsilon(
     fed_config, tmp_path, capsys, uploads
 ):
@@ -175,14 +176,15 @@ def test_client_side_clipping_bounds_every_upload_and_reports_epsilon(
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("in_process")
 def test_client_fixed_refuses_a_hospital_that_did_not_clip(fed_config, tmp_path, caplog):
     """The noise is calibrated to the clip: a ClientApp without the clipping mod (the test
     app runs the real training, no mod) sends unclipped updates, and every one is refused."""
-    from flwr.simulation import run_simulation
+    import flwr.simulation
 
     cfg = _cfg(fed_config, "privacy.mode=client-fixed", "privacy.clipping_norm=0.05")
     failures: list[BaseException] = []
-    run_simulation(
+    flwr.simulation.run_simulation(
         server_app=server_app_for(FederatedJob(cfg, "fedavg", 42, tmp_path), failures=failures),
         client_app=SimulatedHospitals(app_without_clipping, simulation_node_config(cfg)),
         num_supernodes=3,

@@ -43,6 +43,7 @@ def write_retina(root: Path, patients: int = 4, scans: int = 2) -> Path:
     return root
 
 
+@pytest.mark.usefixtures("in_process")
 def test_retinal_config_runs_end_to_end(tmp_path: Path) -> None:
     root = write_retina(tmp_path / "RETINA")
     out = tmp_path / "run"

@@ -1,13 +1,12 @@
-"""The hospital's trust boundary, through real Flower (`run_simulation`, Ray, the real ClientApp).
+"""The hospital's trust boundary, through the real ServerApp, strategy and ClientApp.
 
-One simulation runs every case as its own job over the same three hospitals (Ray starts
-once): partition 0 holds a run policy (client/policy.py) that the ServerApp rewrites before
-each job, as a hospital would approve or not approve a study. Checked: a server config that
-names a local path is refused with the key named; the policy refuses a disallowed method,
-a foreign backbone and too many rounds and accepts an approved config; no file under the
-hospitals' data folder is created or modified; and docs/deploy.md's table of what leaves a
-hospital matches the replies of every method.
-"""
+One in-process simulation (tests/inprocess.py) runs every case as its own job over the same
+three hospitals: partition 0 holds a run policy (client/policy.py) that the ServerApp
+rewrites before each job, as a hospital would approve or not approve a study. Checked: a
+server config that names a local path is refused with the key named; the policy refuses a
+disallowed method, a foreign backbone and too many rounds and accepts an approved config; no
+file under the hospitals' data folder is created or modified; and docs/deploy.md's table of
+what leaves a hospital matches the replies of every method."""
 
 from __future__ import annotations
 
@@ -20,7 +19,6 @@ import pytest
 import yaml
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import ServerApp
-from flwr.simulation import run_simulation
 
 from client.app import SimulatedHospitals, simulation_node_config
 from client.app import app as client_app
@@ -42,8 +40,13 @@ from server import calibration as calibration_module
 from server import strategy as strategy_module
 from server.federation import FederatedJob, run_federated
 from tests.conftest import tree_hashes
+from tests.inprocess import run_in_process
 
 CENTRES = ("mixed", "xiangya", "huaxi")
+
+
+# One worker runs this module: its federation fixture is built once, not once per worker.
+pytestmark = pytest.mark.xdist_group("trust")
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +143,7 @@ def federation(fed_config, fed_data_root, tmp_path_factory) -> dict:
         mp.setattr(strategy_module.SavltStrategy, "aggregate_train", aggregate_train)
         mp.setattr(strategy_module.SavltStrategy, "aggregate_evaluate", aggregate_evaluate)
         mp.setattr(calibration_module, "_ask", ask)
-        run_simulation(
+        run_in_process(
             server_app=server_app,
             client_app=SimulatedHospitals(
                 client_app, simulation_node_config(cfg), {0: {"policy": str(policy_file)}}

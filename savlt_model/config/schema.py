@@ -149,7 +149,10 @@ class FederatedConfig:
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     hospitals: int = 3
     rounds: int = 5
-    local_steps: int = 0  # 0: spread the centralised iteration budget evenly over rounds
+    # local steps per round: per-hospital = each hospital does central's steps over the rounds;
+    # same-total = central's steps shared by every hospital of every round (savlt_model/budget.py)
+    budget: Literal["per-hospital", "same-total"] = "per-hospital"
+    local_steps: int = 0  # > 0: exactly this many per round (wins over fl.budget)
     fraction_train: float = 1.0
     min_hospitals: int = 0  # 0: every hospital must answer
     # naive: average A and B; fedex: exact, with a residual; ffa: FFA-LoRA, A frozen from

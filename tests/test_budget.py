@@ -1,0 +1,64 @@
+"""The step budget: stated in every record, fair by default, pinned by a hospital's policy."""
+
+from __future__ import annotations
+
+import pytest
+
+from client.policy import policy_for, refusal
+from savlt_model.budget import budget, local_steps
+from savlt_model.config import load_config
+from savlt_model.errors import SavltError
+from savlt_model.messages import RoundPlan
+from savlt_model.methods import LossTerms
+
+DEFAULT = "configs/default.yaml"  # K = 16 x 10 iterations = 160 central steps, 5 rounds, 3 sites
+
+
+def _plan(cfg) -> RoundPlan:
+    steps = local_steps(cfg)
+    return RoundPlan(cfg, "fedavg", 42, 1, steps, steps * cfg.fl.rounds, "b", "a", LossTerms())
+
+
+def test_per_hospital_is_the_default_and_same_total_is_the_old_split() -> None:
+    fair = load_config(DEFAULT)
+    assert fair.fl.budget == "per-hospital" and local_steps(fair) == 32  # 160 / 5 rounds
+    old = load_config(DEFAULT, ["fl.budget=same-total"])
+    assert local_steps(old) == 11  # ceil(160 / (5 rounds x 3 hospitals)): main's split
+    explicit = load_config(DEFAULT, ["fl.local_steps=7", "fl.budget=same-total"])
+    assert local_steps(explicit) == 7
+    assert budget(explicit, "fedavg")["budget"].startswith("fl.local_steps=7 (explicit")
+
+
+def test_every_method_states_what_it_trained() -> None:
+    cfg = load_config(DEFAULT)
+    assert budget(cfg, "central") == {
+        "budget": "central",
+        "local_steps": None,
+        "rounds": None,
+        "steps_per_hospital": 160,
+        "total_steps": 160,
+        "examples_seen": 160 * 32,
+    }
+    fed = budget(cfg, "fedavg")
+    assert (fed["local_steps"], fed["rounds"], fed["steps_per_hospital"]) == (32, 5, 160)
+    assert (fed["total_steps"], fed["examples_seen"]) == (480, 480 * 32)  # 3 hospitals
+    assert budget(cfg, "local") == {**fed, "budget": "per-hospital"}
+    sampled = budget(load_config(DEFAULT, ["fl.fraction_train=0.34"]), "fedavg")
+    assert sampled["total_steps"] == 160  # one hospital scheduled per round
+
+
+def test_a_policy_approved_under_the_old_split_refuses_the_new_default() -> None:
+    old = load_config(DEFAULT, ["fl.budget=same-total"])
+    policy = policy_for(old, fingerprints=("b", "a"))
+    assert policy.max_local_steps == 11
+    assert refusal(policy, _plan(old)) is None
+    new = load_config(DEFAULT)
+    reason = refusal(policy, _plan(new))
+    assert reason == "32 local steps per round exceed the approved max_local_steps 11"
+    assert policy_for(new, fingerprints=("b", "a")).max_local_steps == 32  # savlt policy
+
+
+@pytest.mark.parametrize("key", ["fl.budget=all", "fl.budget=per_hospital"])
+def test_a_bad_budget_is_one_line_naming_the_key(key: str) -> None:
+    with pytest.raises(SavltError, match=r"config key 'fl\.budget' must be one of"):
+        load_config(DEFAULT, [key])
