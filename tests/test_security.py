@@ -378,3 +378,35 @@ def test_only_the_noised_aggregate_is_stored(fed_config, tmp_path):
     stored, _, _ = load_checkpoint(strategy.checkpoint)
     assert all(torch.equal(stored[k], noised[k]) for k in noised)
     assert not all(torch.allclose(stored[k], plain[k], atol=1e-4) for k in plain)
+
+
+# --- what a reader and a hospital can see ------------------------------------------------
+
+
+def test_transductive_records_are_marked_in_results_and_the_report():
+    from reporting.results import TRANSDUCTIVE, make_record, summarize
+    from savlt_model.metrics import METRIC_KEYS
+
+    metrics = dict.fromkeys(METRIC_KEYS, 50.0)
+    plain = make_record("fedavg", "huaxi", 42, 16, metrics)
+    adapted = make_record("fedavg+cal", "huaxi", 42, 16, metrics, calibration=TRANSDUCTIVE)
+    assert plain["transductive"] is False and adapted["transductive"] is True
+    rows = {r["method"]: r["transductive"] for r in summarize([plain, adapted])}
+    assert rows == {"fedavg": False, "fedavg+cal": True}
+
+
+def test_savlt_audit_summarises_what_left(hospital, capsys):
+    from tools.cli import main
+
+    cfg, node = hospital
+    reply, _ = _send(cfg, _record(_plan(cfg)), node)
+    _send(cfg, _record(_plan(cfg), **{"exfiltrate": 1}), node)
+    path = audit_file(node)
+    assert main(["audit", str(path)]) == 0
+    out = capsys.readouterr().out
+    total = sum(len(a.data) for a in reply.content[ARRAYS].values())
+    assert "2 replies in 1 run(s) [2626]" in out
+    assert "sent: train x1" in out and "refused: plan-invalid x1" in out
+    assert f"tensor bytes sent: {total} ({len(reply.content[ARRAYS])} names" in out
+    assert "num-examples" in out
+    assert main(["audit", str(path.with_name("missing.jsonl"))]) == 2
