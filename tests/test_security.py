@@ -260,6 +260,15 @@ def test_a_claimed_million_examples_weighs_as_the_registered_size(fed_config, tm
     assert row["fedavg-weights"] == pytest.approx([1 / 3] * 3)  # not 0.9999
 
 
+def test_the_operator_registers_dataset_sizes_in_the_run_config():
+    from server.app import registered_examples
+
+    assert registered_examples("12=40; 7=35") == {"12": 40, "7": 35}
+    assert registered_examples("") == {}
+    with pytest.raises(ValueError, match="'registered-examples': '12=lots' must be NODE_ID=N"):
+        registered_examples("12=lots")
+
+
 def test_scaled_and_huge_lora_updates_are_refused_and_everything_stays_finite(fed_config, tmp_path):
     cfg = fed_config()
     assert cfg.fl.max_update_norm == 10.0  # the default bound
