@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -419,3 +420,18 @@ def test_savlt_audit_summarises_what_left(hospital, capsys):
     assert f"tensor bytes sent: {total} ({len(reply.content[ARRAYS])} names" in out
     assert "num-examples" in out
     assert main(["audit", str(path.with_name("missing.jsonl"))]) == 2
+
+
+def test_every_row_of_the_attack_table_names_a_real_test():
+    from savlt_model.config import PROJECT_ROOT
+
+    text = (PROJECT_ROOT / "docs" / "security.md").read_text(encoding="utf-8")
+    section = text[text.index("## Attacks and what stops them") :]
+    rows = [line for line in section.splitlines() if line.startswith("|")][2:]
+    assert len(rows) >= 14
+    named = [re.search(r"`(tests/[\w/]+\.py)::(\w+)`", row) for row in rows]
+    assert sum(m is not None for m in named) >= 14
+    for m in filter(None, named):
+        source = (PROJECT_ROOT / m.group(1)).read_text(encoding="utf-8")
+        assert f"def {m.group(2)}(" in source, m.group(0)
+    assert sum("residual" in row for row in rows) >= 3
