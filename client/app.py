@@ -6,9 +6,10 @@ the values of the hospital-local config keys (:data:`savlt_model.config.HOSPITAL
 ``unet-checkpoint``, ``prompts``), plus an optional run ``policy`` file
 (:mod:`client.policy`) and ``keep-state`` (:mod:`client.synced_state`: the hospital keeps
 the global state between rounds, so only each round's change travels; default true). A
-server message that sets a hospital-local key is refused, naming it. In simulation the
-hospital is a partition id of :mod:`savlt_model.data.partition`, and the simulation gives
-its virtual SuperNodes their node config (:class:`SimulatedHospitals`).
+server message that sets a hospital-local key is refused with the code ``local-key``;
+every refusal leaves as a code only (:mod:`client.guard`), its text stays in the log.
+In simulation the hospital is a partition id of :mod:`savlt_model.data.partition`, and
+the simulation gives its virtual SuperNodes their node config (:class:`SimulatedHospitals`).
 A reply carries exactly the payload tensors and the metric names declared in
 :mod:`savlt_model.messages`. The loss terms of the round's method come with the server's
 plan: no per-method code here. After the last round, two queries ask for the sums the
@@ -160,8 +161,8 @@ def check_model_source(cfg: Config, policy: Policy | None) -> None:
 
 
 def answer_once(msg: Message, context: Context) -> None:
-    """A calibration query is answered once per (run, query, global model): a repeated one
-    would let the server difference answers or average away nothing new."""
+    """A calibration query is answered once per (run, query, global model): repeating one
+    (with another reference mean) would let the server probe the same scans again."""
     tensors = msg.content[ARRAYS].to_torch_state_dict()
     version = fingerprint_tensors(sorted(tensors.items()))
     key = f"{msg.metadata.message_type}:{context.run_id}:{version}"
@@ -188,11 +189,11 @@ def _plan(msg: Message, node_config: dict) -> tuple[RoundPlan, Config]:
         plan = RoundPlan.from_record(msg.content[CONFIG])
     except (KeyError, TypeError, ValueError, SavltError) as exc:
         raise Refused(Reason.PLAN_INVALID, f"malformed round plan: {exc}") from exc
-    if local_keys_set(plan.config):
-        try:
-            local_config(plan.config, node_config)
-        except SavltError as exc:
-            raise Refused(Reason.LOCAL_KEY, str(exc)) from exc
+    sent = local_keys_set(plan.config)
+    if sent:
+        raise Refused(
+            Reason.LOCAL_KEY, f"the server's run config sets hospital-local key(s) {sent}"
+        )
     try:
         return plan, local_config(plan.config, node_config)
     except SavltError as exc:
