@@ -196,7 +196,10 @@ def test_a_gaming_hospital_gets_what_its_upload_earns_and_no_more_than_the_cap(
         return state, step, report
 
     monkeypatch.setattr(strategy_module, "aggregate", spy)
-    cfg = fed_config("fl.rounds=1", "methods.text_anchored.anchor_lambda=20")
+    # no update bound: this checks that the weight cap, not the norm bound, stops the outlier
+    cfg = fed_config(
+        "fl.rounds=1", "methods.text_anchored.anchor_lambda=20", "fl.max_update_norm=0"
+    )
     summary, final = _run(cfg, tmp_path, "0:1:outlier", monkeypatch, "text-anchored")
     assert summary["events"] == []
     (((updates, _, _, run_cfg, _, anchors), state, report),) = calls
