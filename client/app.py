@@ -6,9 +6,10 @@ the values of the hospital-local config keys (:data:`savlt_model.config.HOSPITAL
 ``unet-checkpoint``, ``prompts``), plus an optional run ``policy`` file
 (:mod:`client.policy`) and ``keep-state`` (:mod:`client.synced_state`: the hospital keeps
 the global state between rounds, so only each round's change travels; default true). A
-server message that sets a hospital-local key is refused, naming it. In simulation the
-hospital is a partition id of :mod:`savlt_model.data.partition`, and the simulation gives
-its virtual SuperNodes their node config (:class:`SimulatedHospitals`).
+server message that sets a hospital-local key is refused with the code ``local-key``;
+every refusal leaves as a code only (:mod:`client.guard`), its text stays in the log.
+In simulation the hospital is a partition id of :mod:`savlt_model.data.partition`, and
+the simulation gives its virtual SuperNodes their node config (:class:`SimulatedHospitals`).
 A reply carries exactly the payload tensors and the metric names declared in
 :mod:`savlt_model.messages`. The loss terms of the round's method come with the server's
 plan: no per-method code here. After the last round, two queries ask for the sums the
@@ -27,10 +28,11 @@ from pathlib import Path
 
 import numpy as np
 import torch  # noqa: F401  (ArrayRecord.to_torch_state_dict needs torch imported here)
-from flwr.app import ArrayRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.policy import check_policy
+from client.guard import Refused, guard_mod
+from client.policy import Policy, check_policy
 from client.privacy import clipping_mod
 from client.synced_state import keeps_state, synced_state
 from savlt_model.config import (
@@ -55,6 +57,7 @@ from savlt_model.messages import (
     REFERENCE,
     STATE_VERSION,
     TRAIN_METRIC_KEYS,
+    Reason,
     RoundPlan,
     feature_stats_metrics,
     local_keys_set,
@@ -63,12 +66,15 @@ from savlt_model.messages import (
 )
 from savlt_model.metrics import compute_metrics
 from savlt_model.model.adapters import trainable_state
+from savlt_model.model.backbone import fingerprint_tensors
 from savlt_model.model.build import cached_model, image_sets
 from savlt_model.model.savlt import SavltModel
 from savlt_model.train import train_steps
 
 log = logging.getLogger(__name__)
-app = ClientApp(mods=[clipping_mod])  # clips only when the round asks (client-fixed)
+# the guard is outermost: it sees exactly what leaves (after clipping) and every exception
+app = ClientApp(mods=[guard_mod, clipping_mod])  # clips only when a round asks (client-fixed)
+ANSWERED = "savlt.answered"  # Context.state: the calibration queries already answered
 _PARTITIONS: dict[tuple[str, int], Partition] = {}
 
 
@@ -128,17 +134,44 @@ def hospital_data(cfg: Config, seed: int, node_config: dict) -> tuple[int, Hospi
 def check_fingerprints(model: SavltModel, plan: RoundPlan, hospital: str) -> None:
     """Refuse to train (or be averaged in) with a different backbone, prompts or class list."""
     if model.backbone_fingerprint != plan.backbone_fingerprint:
-        raise SavltError(
+        raise Refused(
+            Reason.FINGERPRINT,
             f"hospital {hospital}: frozen backbone differs from the server's "
             f"({model.backbone_id}, fingerprint {model.backbone_fingerprint} vs "
-            f"{plan.backbone_fingerprint}); use the same model.name and weights"
+            f"{plan.backbone_fingerprint}); use the same model.name and weights",
         )
     if model.anchor_fingerprint != plan.anchor_fingerprint:
-        raise SavltError(
+        raise Refused(
+            Reason.FINGERPRINT,
             f"hospital {hospital}: text anchors differ from the server's (fingerprint "
             f"{model.anchor_fingerprint} vs {plan.anchor_fingerprint}); class list "
-            f"{model.classes} or prompt descriptions differ"
+            f"{model.classes} or prompt descriptions differ",
         )
+
+
+def check_model_source(cfg: Config, policy: Policy | None) -> None:
+    """Never fetch weights by a name the server sent unless the policy allows that source:
+    an ``hf-hub:`` model name makes open_clip contact the hub."""
+    if cfg.model.name.startswith("hf-hub:") and not (policy and policy.allow_hub):
+        raise Refused(
+            Reason.MODEL_SOURCE,
+            f"model.name {cfg.model.name!r} would be fetched from a hub; set allow_hub: true "
+            "in this hospital's run policy to allow it",
+        )
+
+
+def answer_once(msg: Message, context: Context) -> None:
+    """A calibration query is answered once per (run, query, global model): repeating one
+    (with another reference mean) would let the server probe the same scans again."""
+    tensors = msg.content[ARRAYS].to_torch_state_dict()
+    version = fingerprint_tensors(sorted(tensors.items()))
+    key = f"{msg.metadata.message_type}:{context.run_id}:{version}"
+    answered = context.state.config_records.get(ANSWERED)
+    done = dict(answered) if answered is not None else {}
+    if key in done:
+        raise Refused(Reason.QUERY_REPEATED, f"query {key} was already answered")
+    done[key] = 1
+    context.state[ANSWERED] = ConfigRecord(done)
 
 
 @functools.cache
@@ -150,24 +183,53 @@ def _warn_without_policy(center: str) -> None:
     )
 
 
+def _plan(msg: Message, node_config: dict) -> tuple[RoundPlan, Config]:
+    """The plan and this hospital's config from it, every field checked; nothing read yet."""
+    try:
+        plan = RoundPlan.from_record(msg.content[CONFIG])
+    except (KeyError, TypeError, ValueError, SavltError) as exc:
+        raise Refused(Reason.PLAN_INVALID, f"malformed round plan: {exc}") from exc
+    sent = local_keys_set(plan.config)
+    if sent:
+        raise Refused(
+            Reason.LOCAL_KEY, f"the server's run config sets hospital-local key(s) {sent}"
+        )
+    try:
+        return plan, local_config(plan.config, node_config)
+    except SavltError as exc:
+        raise Refused(Reason.PLAN_INVALID, str(exc)) from exc
+
+
 def _model_for(
     msg: Message, context: Context
 ) -> tuple[RoundPlan, Config, int, Hospital, SavltModel, int]:
     """The round's plan, config, hospital data and model holding the global state, and the
-    state version this hospital now keeps (-1: none; :mod:`client.synced_state`)."""
+    state version this hospital now keeps (-1: none; :mod:`client.synced_state`).
+
+    In this order, so that nothing is read before the plan is approved: plan, policy,
+    model source, model (its fingerprints recomputed and compared with the plan's and the
+    policy's), then data and the state.
+    """
     node_config = dict(context.node_config)
-    plan = RoundPlan.from_record(msg.content[CONFIG])
-    cfg = local_config(plan.config, node_config)
+    plan, cfg = _plan(msg, node_config)
     name = str(node_config.get("center", f"partition {node_config.get('partition-id')}"))
-    if "policy" in node_config:  # before any data is read or model built
-        check_policy(str(node_config["policy"]), plan, name)
+    policy = None
+    if "policy" in node_config:
+        policy = check_policy(str(node_config["policy"]), plan, name)
     elif "center" in node_config:
         _warn_without_policy(name)
-    index, hospital = hospital_data(cfg, plan.seed, node_config)
+    check_model_source(cfg, policy)
     model = cached_model(cfg, plan.seed)
-    check_fingerprints(model, plan, hospital.name)
+    check_fingerprints(model, plan, name)  # the plan's strings, recomputed from its config
+    try:
+        index, hospital = hospital_data(cfg, plan.seed, node_config)
+    except SavltError as exc:
+        raise Refused(Reason.DATA, str(exc)) from exc
     tensors = msg.content[ARRAYS].to_torch_state_dict()
-    state, kept = synced_state(tensors, msg.content[CONFIG], context, keeps_state(node_config))
+    try:
+        state, kept = synced_state(tensors, msg.content[CONFIG], context, keeps_state(node_config))
+    except SavltError as exc:
+        raise Refused(Reason.STATE, str(exc)) from exc
     model.load_global_state(state)
     return plan, cfg, index, hospital, model, kept
 
@@ -248,6 +310,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 def feature_stats(msg: Message, context: Context) -> Message:
     """Calibration, step 1: the count and sum of this hospital's train + val features."""
     _, cfg, _, hospital, model, _ = _model_for(msg, context)
+    answer_once(msg, context)
     sets = image_sets(cfg, {"train": hospital.train, "val": hospital.val}, False)
     stats = site_feature_stats(model, list(sets.values()), cfg.train.eval_batch_size)
     metrics = metric_record(feature_stats_metrics(stats), FEATURE_STATS_KEYS)
@@ -258,6 +321,7 @@ def feature_stats(msg: Message, context: Context) -> Message:
 def calibration_stats(msg: Message, context: Context) -> Message:
     """Calibration, step 2: validation sums given the server's reference mean."""
     _, cfg, _, hospital, model, _ = _model_for(msg, context)
+    answer_once(msg, context)
     reference = np.asarray(msg.content[CONFIG][REFERENCE], dtype=np.float64)
     val = image_sets(cfg, {"val": hospital.val}, False)["val"]
     sums = site_calibration_stats(model, val, cfg.train.eval_batch_size, reference)

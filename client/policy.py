@@ -3,7 +3,8 @@
 The node config's ``policy`` names a YAML file the hospital keeps (``savlt policy`` writes one
 from a study's config file, so approving a study is reviewing one file). Every message the
 server sends is checked against it before the hospital loads data or builds a model; a run
-outside it is refused with the reason, which reaches the server's job events::
+outside it is refused; the reason stays in the hospital's log and the server is told only
+the code ``policy`` (client/guard.py)::
 
     methods: [fedavg, fedprox]          # federated methods the hospital runs
     backbone_fingerprint: 3f2a...       # the frozen backbone (model.name + weights)
@@ -13,6 +14,14 @@ outside it is refused with the reason, which reaches the server's job events::
     require_dp: false                   # true: only runs with central DP ...
     min_noise_multiplier: 0.0           # ... whose privacy.noise_multiplier is at least this
     run_config_sha256: null             # optional: the exact approved run config
+    classes: [normal, cancer]           # optional: task.classes exactly this list
+    seeds: [42]                         # optional: the plan's seed one of these
+    max_prox_mu: 0.01                   # optional: FedProx's mu at most this
+    max_anchor_weight: 0.1              # optional: the anchoring loss weight at most this
+    allow_hub: false                    # a model.name from a hub (hf-hub:) may be fetched
+
+``savlt policy`` writes every optional bound as the approved config has it; a key left out
+bounds nothing (``allow_hub`` left out is false: a hub is never contacted).
 
 The fingerprints are the ones the server announces in every round; the hospital's own
 model must also match them (:func:`client.app.check_fingerprints`). Central DP is applied
@@ -30,11 +39,12 @@ from typing import Any
 
 import yaml
 
+from client.guard import Refused
 from savlt_model.atomic import write_text
 from savlt_model.budget import local_steps
 from savlt_model.config import Config
 from savlt_model.errors import SavltError
-from savlt_model.messages import RoundPlan, run_config_hash
+from savlt_model.messages import Reason, RoundPlan, run_config_hash
 from savlt_model.methods import METHODS, federated_methods
 from savlt_model.model.build import build_model
 
@@ -51,6 +61,11 @@ class Policy:
     require_dp: bool = False
     min_noise_multiplier: float = 0.0
     run_config_sha256: str | None = None
+    classes: list[str] | None = None
+    seeds: list[int] | None = None
+    max_prox_mu: float | None = None
+    max_anchor_weight: float | None = None
+    allow_hub: bool = False
 
 
 REQUIRED = [f.name for f in dataclasses.fields(Policy) if f.default is dataclasses.MISSING]
@@ -78,7 +93,26 @@ def _checked(path: Path, key: str, value: Any) -> Any:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise bad("an integer >= 1")
         return value
-    if key == "require_dp":
+    if key == "classes":
+        ok = isinstance(value, list) and all(isinstance(c, str) and c for c in value)
+        if value is not None and not ok:
+            raise bad("null or a list of class names")
+        return value
+    if key == "seeds":
+        ok = isinstance(value, list) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        )
+        if value is not None and not (ok and value):
+            raise bad("null or a non-empty list of integer seeds")
+        return value
+    if key in ("max_prox_mu", "max_anchor_weight"):
+        if value is None:
+            return None
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok or not math.isfinite(value) or value < 0:
+            raise bad("null or a number >= 0")
+        return float(value)
+    if key in ("require_dp", "allow_hub"):
         if not isinstance(value, bool):
             raise bad("true or false")
         return value
@@ -138,6 +172,16 @@ def refusal(policy: Policy, plan: RoundPlan) -> str | None:
             f"{plan.local_steps} local steps per round exceed the approved max_local_steps "
             f"{policy.max_local_steps}"
         )
+    if policy.classes is not None and list(cfg.task.classes) != policy.classes:
+        return f"task.classes {list(cfg.task.classes)} are not the approved {policy.classes}"
+    if policy.seeds is not None and plan.seed not in policy.seeds:
+        return f"seed {plan.seed} is not approved (approved: {policy.seeds})"
+    for name, value, bound in (
+        ("prox-mu", plan.loss_terms.prox_mu, policy.max_prox_mu),
+        ("anchor weight", plan.loss_terms.anchor_weight, policy.max_anchor_weight),
+    ):
+        if bound is not None and not value <= bound:  # also refuses NaN
+            return f"{name} {value:g} exceeds the approved maximum {bound:g}"
     if policy.require_dp:
         if cfg.privacy.mode == "none":
             return "the policy requires central DP and privacy.mode is none"
@@ -156,11 +200,16 @@ def refusal(policy: Policy, plan: RoundPlan) -> str | None:
     return None
 
 
-def check_policy(path: str | Path, plan: RoundPlan, hospital: str) -> None:
-    """Refuse ``plan`` (before any data is read) unless the policy file at ``path`` allows it."""
-    reason = refusal(load_policy(path), plan)
+def check_policy(path: str | Path, plan: RoundPlan, hospital: str) -> Policy:
+    """Refuse ``plan`` (before any data is read) unless the policy file at ``path`` allows it;
+    the policy, for the checks that follow (model source, recomputed fingerprints)."""
+    policy = load_policy(path)
+    reason = refusal(policy, plan)
     if reason:
-        raise SavltError(f"hospital {hospital} refuses the run: {reason} (policy {path})")
+        raise Refused(
+            Reason.POLICY, f"hospital {hospital} refuses the run: {reason} (policy {path})"
+        )
+    return policy
 
 
 def policy_for(
@@ -183,6 +232,7 @@ def policy_for(
             "config key 'fl.methods' names no federated method; give one with --method"
         )
     dp = cfg.privacy.mode != "none"
+    terms = [METHODS[m].losses(cfg.methods) for m in chosen]
     policy = Policy(
         methods=chosen,
         backbone_fingerprint=backbone_fingerprint,
@@ -192,6 +242,11 @@ def policy_for(
         require_dp=dp,
         min_noise_multiplier=cfg.privacy.noise_multiplier if dp else 0.0,
         run_config_sha256=run_config_hash(cfg) if pin_config else None,
+        classes=list(cfg.task.classes),
+        seeds=list(cfg.seeds),
+        max_prox_mu=max(t.prox_mu for t in terms),
+        max_anchor_weight=max(t.anchor_weight for t in terms),
+        allow_hub=cfg.model.name.startswith("hf-hub:"),
     )
     for key, value in dataclasses.asdict(policy).items():  # the same checks as a loaded file
         _checked(Path("<new policy>"), key, value)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from reporting.plots import plot_confusion, plot_reliability, plot_roc
-from reporting.results import make_record
+from reporting.results import TRANSDUCTIVE, make_record
 from savlt_model.calibration import (
     Calibration,
     CalibrationSums,
@@ -40,7 +40,6 @@ from savlt_model.model.savlt import SavltModel
 from savlt_model.model.store import save_trained
 
 log = logging.getLogger(__name__)
-TRANSDUCTIVE = "label-free, transductive"  # scores that used the scored centre's own scans
 
 
 @dataclass(frozen=True)

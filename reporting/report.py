@@ -233,7 +233,7 @@ def write_report(run_dir: Path) -> Path:
         ["method", "center", "K", "seeds", *keys],
         [
             [
-                r["method"],
+                r["method"] + (" (transductive)" if r.get("transductive") else ""),
                 r["center"],
                 "-" if r["shots"] is None else r["shots"],
                 r["n_seeds"],

@@ -21,6 +21,7 @@ from savlt_model.errors import SavltError
 from savlt_model.metrics import METRIC_KEYS, upgrade_keys
 
 RECORD_KEYS = ("method", "center", "seed", "shots")
+TRANSDUCTIVE = "label-free, transductive"  # scores that used the scored centre's own scans
 SYNTHETIC_LABEL = "SYNTHETIC DATA — not clinical performance"
 # Confidence and shift scores of a calibrated model (savlt_model.calibration); older
 # results.json files lack them, so they are summarised where present.
@@ -67,6 +68,8 @@ def make_record(
     record["shots"] = None if shots is None else int(shots)
     record.update(_plain(metrics))
     record.update(_plain(extra))
+    # adapted on the scored centre's own scans: never to be read as an inductive result
+    record["transductive"] = record.get("calibration") == TRANSDUCTIVE
     return record
 
 
@@ -107,6 +110,7 @@ def summarize(records: Iterable[dict]) -> list[dict]:
             "shots": shots,
             "n_seeds": len(recs),
             "seeds": seeds,
+            "transductive": any(r.get("transductive", False) for r in recs),
         }
         for k in (*METRIC_KEYS, *CALIBRATION_KEYS):
             vals = np.array([r[k] for r in recs if r.get(k) is not None], dtype=np.float64)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from enum import Enum
 
 import numpy as np
 from flwr.app import MetricRecord
@@ -95,8 +96,13 @@ def val_stats_from(metrics, n_classes: int) -> tuple[ValStats, ValStats]:
 
     def read(kind: str) -> ValStats:
         nll = _finite(metrics[f"nll-{kind}"], (g,))
-        posterior = _finite(metrics[f"posterior-{kind}"], (g * n_classes,))
-        return ValStats(nll, posterior.reshape(g, n_classes), counts)
+        posterior = _finite(metrics[f"posterior-{kind}"], (g * n_classes,)).reshape(g, n_classes)
+        # sums over the counted scans: NLL >= 0, and each scan's posterior sums to 1
+        if (nll < 0).any() or (posterior < 0).any():
+            raise ValueError(f"nll-{kind} or posterior-{kind} has a negative sum")
+        if not np.allclose(posterior.sum(axis=1), counts.sum(), rtol=1e-4, atol=1e-3):
+            raise ValueError(f"posterior-{kind} does not add up to the class counts")
+        return ValStats(nll, posterior, counts)
 
     return read("plain"), read("recentred")
 
@@ -173,6 +179,9 @@ class RoundPlan:
 
     @classmethod
     def from_record(cls, record) -> RoundPlan:
+        unknown = sorted(set(record) - PLAN_KEYS)
+        if unknown:  # a field no policy could have approved
+            raise ValueError(f"round plan fields {unknown} are unknown (known: PLAN_KEYS)")
         return cls(
             # the hospital-local keys are the receiving hospital's to fill in and check
             config=config_from_dict(json.loads(str(record["savlt-config"])), local=False),
@@ -191,3 +200,61 @@ class RoundPlan:
     @property
     def start_step(self) -> int:
         return (self.round - 1) * self.local_steps
+
+
+class Reason(str, Enum):
+    """Why a hospital refused a message: the only words a refusal carries off its site.
+
+    A refusal's ``Error.reason`` is ``"<code> run <run id>"`` and nothing else; the full
+    text (which may name local paths or files) stays in the hospital's own log and audit
+    log (client/guard.py). docs/security.md lists what each code means.
+    """
+
+    LOCAL_KEY = "local-key"  # the plan sets a hospital-local key (a path on its disk)
+    PLAN_INVALID = "plan-invalid"  # malformed or unknown plan fields, bad config values
+    POLICY = "policy"  # outside the hospital's run policy
+    FINGERPRINT = "fingerprint"  # backbone or text anchors differ from the plan's
+    MODEL_SOURCE = "model-source"  # the plan names weights the policy does not allow fetching
+    STATE = "state-mismatch"  # a delta for a global state version it does not keep
+    QUERY_REPEATED = "query-repeated"  # a query already answered for this run and model
+    DATA = "data-error"  # its own data could not be read as the plan needs
+    INTERNAL = "internal-error"  # anything else
+
+
+REFUSAL_CODE = 4601  # Error.code of every refusal a hospital sends
+
+
+def refusal_reason(run_id: int, reason: Reason) -> str:
+    """The whole text of a refusal that leaves a hospital."""
+    return f"{reason.value} run {run_id}"
+
+
+def reason_code(text: str | None) -> str:
+    """The reason code in a reply's Error.reason; anything else (a hostile or foreign
+    hospital's free text, Flower's own errors) is stored as ``unknown``, never as sent."""
+    code = str(text or "").split(" run ", 1)[0]
+    return code if code in {r.value for r in Reason} else "unknown"
+
+
+# Every key a round plan or query config may carry; a hospital refuses any other.
+PLAN_KEYS = frozenset(
+    {
+        "savlt-config",
+        "method",
+        "seed",
+        "global-round",
+        "local-steps",
+        "total-steps",
+        "backbone-fingerprint",
+        "anchor-fingerprint",
+        "prox-mu",
+        "anchor-weight",
+        "feature-centring",
+        REFERENCE,
+        STATE_SESSION,
+        STATE_VERSION,
+        STATE_BASE,
+        "server-round",  # Flower's FedAvg adds it
+        "clipping_norm",  # Flower's client-side DP (flwr.supercore.differential_privacy)
+    }
+)

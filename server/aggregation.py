@@ -51,6 +51,7 @@ from savlt_model.model.adapters import (
 )
 
 LORA_MODES = ("naive", "fedex", "ffa")
+LORA_B = ".lora_B.weight"
 
 
 @dataclass
@@ -79,14 +80,28 @@ def update_norm(state: dict[str, torch.Tensor], reference: dict[str, torch.Tenso
     )
 
 
+def update_kind(state: dict[str, torch.Tensor]) -> str:
+    """The LoRA aggregation an update's payload is built for: ``ffa`` carries B alone (A is
+    frozen from the seed), ``naive`` / ``fedex`` carry both factors."""
+    keys = sorted(state)
+    return "ffa" if any(k.endswith(LORA_B) for k in keys) and not lora_pairs(keys) else "lora"
+
+
 def check_update(
-    update: ClientUpdate, reference: dict[str, torch.Tensor], max_norm: float = 0.0
+    update: ClientUpdate,
+    reference: dict[str, torch.Tensor],
+    max_norm: float = 0.0,
+    lora_mode: str | None = None,
 ) -> str | None:
     """None if ``update`` may be averaged in, else a one-line reason to refuse it.
 
     ``reference`` is the global state that was sent; ``max_norm > 0`` bounds the L2 norm of
-    the whole update (state - reference), a cheap guard against diverged or hostile clients.
+    the whole update (state - reference), a cheap guard against diverged or hostile clients;
+    ``lora_mode`` (the run's ``fl.lora_aggregation``) is the kind the payload must be.
     """
+    lora = lora_mode is not None and any(k.endswith(LORA_B) for k in reference)
+    if lora and update_kind(update.state) != ("ffa" if lora_mode == "ffa" else "lora"):
+        return f"the update's LoRA aggregation kind is not the run's {lora_mode}"
     expected = _payload_keys(reference)
     missing = sorted(set(expected) - set(update.state))
     extra = sorted(set(update.state) - set(expected))

@@ -58,7 +58,23 @@ def job_from_run_config(context: Context) -> FederatedJob:
         cfg.seeds[0] if seed < 0 else seed,
         resolve_path(str(rc["out"])),
         resume=bool(rc.get("resume", False)),
+        registered=registered_examples(str(rc.get("registered-examples", ""))),
     )
+
+
+def registered_examples(text: str) -> dict[str, int]:
+    """The run config's ``registered-examples`` ("NODE_ID=N;NODE_ID=N", from
+    ``flwr supernode list``): each hospital's dataset size as its operator registered it."""
+    out = {}
+    for item in filter(None, (s.strip() for s in text.split(";"))):
+        node, _, n = item.partition("=")
+        if not node.strip().isdigit() or not n.strip().isdigit() or int(n) < 1:
+            raise ValueError(
+                f"run config 'registered-examples': {item!r} must be NODE_ID=N with N >= 1 "
+                '(e.g. registered-examples="123=40;456=35")'
+            )
+        out[node.strip()] = int(n)
+    return out
 
 
 def finish_job(grid: Grid, job: FederatedJob, evaluate: Evaluate | None) -> dict:

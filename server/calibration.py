@@ -33,6 +33,7 @@ from savlt_model.messages import (
     METRICS,
     REFERENCE,
     feature_stats_from,
+    reason_code,
     val_stats_from,
 )
 
@@ -52,7 +53,9 @@ def _ask(
     replies = []
     for msg in grid.send_and_receive(messages, timeout=timeout):
         if msg.has_error():
-            event(str(msg.metadata.src_node_id), "calibration-failed", msg.error.reason)
+            event(
+                str(msg.metadata.src_node_id), "calibration-failed", reason_code(msg.error.reason)
+            )
         else:
             replies.append(msg)
     return replies

@@ -9,7 +9,7 @@ hospitals' loss terms for every round's plan.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -45,6 +45,8 @@ class FederatedJob:
     seed: int
     out_dir: Path
     resume: bool = False
+    # node id -> the dataset size its operator registered (a FedAvg weight uses at most it)
+    registered: dict[str, int] = field(default_factory=dict)
 
     @property
     def tag(self) -> str:
@@ -129,6 +131,7 @@ def run_federated(grid: Grid, job: FederatedJob, evaluate: Evaluate | None = Non
         min_hospitals=cfg.fl.min_hospitals or cfg.fl.hospitals,
         client_eval=cfg.fl.client_eval,
         fraction_train=cfg.fl.fraction_train,
+        registered=job.registered,
     )
     if done < cfg.fl.rounds:
         with_privacy(strategy, cfg, method).start(

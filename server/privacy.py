@@ -15,13 +15,12 @@ from collections.abc import Iterable
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
-    DifferentialPrivacyServerSideAdaptiveClipping,
     DifferentialPrivacyServerSideFixedClipping,
     Strategy,
 )
 
 from savlt_model.config import Config, check_privacy
-from savlt_model.messages import ARRAYS
+from savlt_model.messages import ARRAYS, reason_code
 from server.accounting import epsilon_text, privacy_spent
 from server.aggregation import update_norm
 from server.strategy import SavltStrategy
@@ -37,8 +36,9 @@ class _CheckedNoisedRound:
     They clip (or, client-side, expect clipped) each reply against the global arrays
     position by position before our checks run, so replies that do not line up are refused
     first (:meth:`refusal`); and they add the noise after
-    :meth:`SavltStrategy.aggregate_train` checkpointed the round, so the noised aggregate,
-    the one hospitals receive, is checkpointed again (else the final adapter has no noise).
+    :meth:`SavltStrategy.aggregate_train`, which under DP stores nothing
+    (``noised_later``): only the noised aggregate, the one hospitals receive, is written
+    to disk (:meth:`SavltStrategy.commit`), and only when it is finite.
     """
 
     strategy: SavltStrategy
@@ -52,7 +52,7 @@ class _CheckedNoisedRound:
         usable = []
         for msg in replies:
             node = str(msg.metadata.src_node_id)
-            reason = msg.error.reason if msg.has_error() else self.refusal(msg)
+            reason = reason_code(msg.error.reason) if msg.has_error() else self.refusal(msg)
             if reason:
                 inner._event(round_, node, "failed" if msg.has_error() else "rejected", reason)
             else:
@@ -64,8 +64,8 @@ class _CheckedNoisedRound:
             )
             return None, None
         arrays, metrics = super().aggregate_train(server_round, usable)  # type: ignore[misc]
-        if arrays is not None:
-            inner.commit(arrays)
+        if arrays is not None and not inner.commit(arrays):
+            return None, None  # a non-finite noised aggregate is neither stored nor sent
         return arrays, metrics
 
     def refusal(self, msg: Message) -> str | None:
@@ -74,10 +74,6 @@ class _CheckedNoisedRound:
 
 
 class _ServerFixedDP(_CheckedNoisedRound, DifferentialPrivacyServerSideFixedClipping):
-    pass
-
-
-class _ServerAdaptiveDP(_CheckedNoisedRound, DifferentialPrivacyServerSideAdaptiveClipping):
     pass
 
 
@@ -115,21 +111,17 @@ def privacy_statement(cfg: Config) -> str:
             "before the noise (it is trusted to add it)"
         )
     else:
-        clip = (
-            f"clipped to L2 norm {p.clipping_norm:g} on the server"
-            if p.mode == "server-fixed"
-            else f"clipped on the server to an adaptive L2 norm (start {p.clipping_norm:g}, "
-            f"tracking the {p.target_clipped_quantile:g} quantile of update norms, itself noised)"
-        )
+        clip = f"clipped to L2 norm {p.clipping_norm:g} on the server"
         seen = "The server sees the raw updates and the clipped ones before noise (it is trusted)"
     return (
         f"Central DP ({p.mode}): every round each of the {n} hospitals' whole updates is {clip}, "
         f"and the server adds Gaussian noise of std {p.noise_multiplier:g} x clip / {n} to their "
         f"uniform average. Per round this is the Gaussian mechanism with noise multiplier "
-        f"{p.noise_multiplier:g} at hospital level (any change to one hospital's data, so also "
-        f"to any one image). Accounted: {epsilon_line(spent)}. {seen}; the metrics sent in "
-        "clear (example and class counts, losses, val accuracy, the calibration's feature and "
-        "validation sums) are not covered."
+        f"{p.noise_multiplier:g} at hospital level for adding or removing one hospital (and "
+        f"{p.noise_multiplier / 2:g} for replacing one: any change to its data). "
+        f"Accounted: {epsilon_line(spent)}. {seen}; the metrics sent in clear (example and "
+        "class counts, losses, val accuracy, the calibration's feature and validation sums) "
+        "are not covered."
     )
 
 
@@ -149,12 +141,9 @@ def with_privacy(strategy: SavltStrategy, cfg: Config, method: str) -> Strategy:
         return strategy
     check_privacy(cfg, [method])
     strategy.uniform_weights = True
+    strategy.noised_later = True
     n = cfg.fl.hospitals
     print(privacy_statement(cfg))
     if p.mode == "server-fixed":
         return _ServerFixedDP(strategy, p.noise_multiplier, p.clipping_norm, n)
-    if p.mode == "client-fixed":
-        return _ClientFixedDP(strategy, p.noise_multiplier, p.clipping_norm, n)
-    return _ServerAdaptiveDP(
-        strategy, p.noise_multiplier, n, p.clipping_norm, p.target_clipped_quantile, p.clip_norm_lr
-    )
+    return _ClientFixedDP(strategy, p.noise_multiplier, p.clipping_norm, n)

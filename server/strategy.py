@@ -31,6 +31,7 @@ from savlt_model.messages import (
     STATE_VERSION,
     RoundPlan,
     feature_stats_from,
+    reason_code,
 )
 from savlt_model.metrics import upgrade_keys
 from savlt_model.model.backbone import fingerprint_tensors
@@ -75,6 +76,7 @@ class SavltStrategy(FedAvg):
         min_hospitals: int,
         client_eval: bool,
         fraction_train: float = 1.0,
+        registered: dict[str, int] | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -95,6 +97,9 @@ class SavltStrategy(FedAvg):
         self.sent: dict[str, torch.Tensor] = {}
         self.state: dict[str, torch.Tensor] = {}  # the last aggregate, as checkpointed
         self.uniform_weights = False  # central DP: its noise assumes a uniform average
+        self.noised_later = False  # central DP: only the noised aggregate is stored (commit)
+        # node id -> dataset size the operator registered: a FedAvg weight uses at most it
+        self.registered = dict(registered or {})
         self.downlink = Downlink(start_round)  # the full state, or a delta, per hospital
         self.upload_bytes = 0
         self.download_bytes = 0  # the largest message of the round
@@ -172,8 +177,10 @@ class SavltStrategy(FedAvg):
         errors = [m for m in replies if m.has_error()]
         valid = [m for m in replies if not m.has_error()]
         log.info("round %d: %d replies, %d failures", round_, len(valid), len(errors))
-        for msg in errors:
-            self._event(round_, str(msg.metadata.src_node_id), "failed", msg.error.reason)
+        for msg in errors:  # only a reason code is kept, never a hospital's free text
+            self._event(
+                round_, str(msg.metadata.src_node_id), "failed", reason_code(msg.error.reason)
+            )
         updates: list[ClientUpdate] = []
         losses: list[float] = []
         features: list[FeatureStats] = []
@@ -194,10 +201,13 @@ class SavltStrategy(FedAvg):
             except (KeyError, TypeError, ValueError) as exc:
                 self._event(round_, node, "rejected", f"malformed reply: {exc}")
                 continue
-            reason = check_update(update, self.sent, plan.config.fl.max_update_norm)
+            fl = plan.config.fl
+            reason = check_update(update, self.sent, fl.max_update_norm, fl.lora_aggregation)
             if reason:
                 self._event(round_, node, "rejected", reason)
                 continue
+            if node in self.registered:  # a claim above the registered size counts as it
+                update.num_examples = min(update.num_examples, self.registered[node])
             self.upload_bytes = max(self.upload_bytes, array_bytes(record))
             updates.append(update)
             losses.append(loss)
@@ -231,6 +241,14 @@ class SavltStrategy(FedAvg):
             self.scalings,
             self.anchors,
         )
+        if not all(bool(torch.isfinite(t).all()) for t in state.values()):
+            log.error(
+                "round %d: the aggregate is not finite; the global model is unchanged", round_
+            )
+            self.history.events.append(
+                {"round": round_, "node": "-", "event": "skipped", "reason": "non-finite aggregate"}
+            )
+            return None, None
         if report["residual_layout"] != self.residual_layout:  # per layer: the smaller form
             self.residual_layout = report["residual_layout"]
             log.info(
@@ -263,9 +281,10 @@ class SavltStrategy(FedAvg):
         if features:  # order-free integer count; the float sum in content order (see above)
             total = reduce(add, (features[i] for i in order))
             self.history.reference = total.mean.tolist()
-        self.state = state
         self.downlink.advance(round_, step)
-        save_checkpoint(self.checkpoint, state, round_, self.history)
+        if not self.noised_later:  # under DP, commit stores the noised aggregate instead
+            self.state = state
+            save_checkpoint(self.checkpoint, state, round_, self.history)
         return ArrayRecord(state), MetricRecord(
             {k: v for k, v in row.items() if isinstance(v, (int, float))}
         )
@@ -281,7 +300,8 @@ class SavltStrategy(FedAvg):
         replies = list(replies)
         for msg in replies:
             if msg.has_error():
-                self._event(round_, str(msg.metadata.src_node_id), "eval-failed", msg.error.reason)
+                node = str(msg.metadata.src_node_id)
+                self._event(round_, node, "eval-failed", reason_code(msg.error.reason))
             else:
                 self._note_held(msg)
         metrics = super().aggregate_evaluate(server_round, replies)
@@ -292,10 +312,23 @@ class SavltStrategy(FedAvg):
             save_checkpoint(self.checkpoint, self.state, round_, self.history)
         return metrics
 
-    def commit(self, arrays: ArrayRecord) -> None:
-        """Checkpoint ``arrays`` as this round's global state (a DP wrapper noised it)."""
-        self.state = arrays.to_torch_state_dict()
+    def commit(self, arrays: ArrayRecord) -> bool:
+        """Checkpoint ``arrays`` as this round's global state (a DP wrapper noised it);
+        False, storing nothing, when it is not finite."""
+        state = arrays.to_torch_state_dict()
+        if not all(bool(torch.isfinite(t).all()) for t in state.values()):
+            self.history.events.append(
+                {
+                    "round": self.history.rows[-1]["round"],
+                    "node": "-",
+                    "event": "skipped",
+                    "reason": "non-finite aggregate",
+                }
+            )
+            return False
+        self.state = state
         save_checkpoint(self.checkpoint, self.state, self.history.rows[-1]["round"], self.history)
+        return True
 
     def payload_mismatch(self, msg: Message) -> str | None:
         """Why a reply's tensors do not line up with the global ones (DP clips them by position)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -125,3 +126,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.xdist_group("deploy"))
         elif _starts_ray(item):
             item.add_marker(pytest.mark.xdist_group("ray"))
+
+
+_FILE_LIKE = re.compile(r"[\w.-]+\.(jpe?g|png|tiff?|bmp|ya?ml|json|pt|pth|safetensors|txt|csv)\b")
+
+
+def assert_no_local_text(texts: list[str], local: list[str | Path] = ()) -> None:
+    """No reply or event text names a path or file: no separator-joined path, no file name
+    with an image/config/weights extension, none of the ``local`` paths."""
+    for text in texts:
+        text = str(text)
+        assert not re.search(r"(^|[\s'\"(])(/|~/|\.{1,2}/|[A-Za-z]:\\)", text), text
+        assert not _FILE_LIKE.search(text), text
+        for path in local:
+            assert str(path) not in text, (path, text)

@@ -34,6 +34,7 @@ from client.app import evaluate as real_evaluate
 from client.app import feature_stats as real_feature_stats
 from client.app import local_config
 from client.app import train as real_train
+from client.guard import guard_mod
 from savlt_model.messages import ARRAYS, CONFIG, METRICS, RoundPlan
 from savlt_model.model.adapters import residual_targets
 from savlt_model.model.backbone import fingerprint_tensors
@@ -41,7 +42,18 @@ from savlt_model.model.build import cached_model
 
 FAULTS_KEY = "test-faults"
 RECORD_KEY = "test-record-dir"
-app = ClientApp()
+app = ClientApp(mods=[guard_mod])  # as the real app: refusals leave as reason codes
+
+
+def _strip(msg: Message) -> str | None:
+    """Remove this test app's keys from the plan (a real hospital refuses unknown fields);
+    the record folder, if one was asked for."""
+    config = msg.content[CONFIG]
+    record = str(config[RECORD_KEY]) if RECORD_KEY in config else None
+    for key in (FAULTS_KEY, RECORD_KEY):
+        if key in config:
+            del config[key]
+    return record
 
 
 def _fault_for(msg: Message, context: Context) -> tuple[str, str]:
@@ -68,12 +80,12 @@ def _outlier(msg: Message, context: Context, reply: Message) -> Message:
     return reply
 
 
-def _record_weights(msg: Message, context: Context) -> None:
+def _record_weights(msg: Message, context: Context, folder: str) -> None:
     plan = RoundPlan.from_record(msg.content[CONFIG])
     model = cached_model(local_config(plan.config, dict(context.node_config)), plan.seed)
     weights = {k: w.detach() for k, (w, _) in residual_targets(model).items()}
     pid = int(context.node_config["partition-id"])
-    path = Path(str(msg.content[CONFIG][RECORD_KEY])) / f"p{pid}-r{plan.round}.txt"
+    path = Path(folder) / f"p{pid}-r{plan.round}.txt"
     path.write_text(fingerprint_tensors(weights.items()))
 
 
@@ -95,6 +107,7 @@ def _tamper(reply: Message, kind: str) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     kind, arg = _fault_for(msg, context)
+    record = _strip(msg)
     if kind == "crash":
         raise RuntimeError("injected crash: this hospital went down mid-round")
     if kind == "forget":
@@ -104,8 +117,8 @@ def train(msg: Message, context: Context) -> Message:
         context = copy.copy(context)
         context.node_config = {**context.node_config, "prompts": arg}
     reply = real_train(msg, context)
-    if RECORD_KEY in msg.content[CONFIG]:
-        _record_weights(msg, context)
+    if record is not None:
+        _record_weights(msg, context, record)
     if kind == "outlier":
         return _outlier(msg, context, reply)
     return _tamper(reply, kind) if kind in ("nan", "keys", "shape", "norm") else reply
@@ -113,14 +126,17 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    _strip(msg)
     return real_evaluate(msg, context)
 
 
 @app.query("feature_stats")
 def feature_stats(msg: Message, context: Context) -> Message:
+    _strip(msg)
     return real_feature_stats(msg, context)
 
 
 @app.query("calibration_stats")
 def calibration_stats(msg: Message, context: Context) -> Message:
+    _strip(msg)
     return real_calibration_stats(msg, context)

@@ -77,7 +77,10 @@ def test_no_noise_is_unbounded_epsilon() -> None:
     """Clipping alone buys no DP: epsilon is None (JSON null, as results.json needs)."""
     spent = privacy_spent(PrivacyConfig("server-fixed", noise_multiplier=0.0), 3)
     assert spent["epsilon"] is None
-    assert "(epsilon, delta) = (unbounded, 1e-05) after 3 rounds" in epsilon_line(spent)
+    assert (
+        "(epsilon, delta) = (unbounded add/remove-one, unbounded replace-one, 1e-05) after 3 rounds"
+        in epsilon_line(spent)
+    )
 
 
 @pytest.mark.slow
@@ -104,7 +107,8 @@ def test_server_side_dp_noises_the_adapter_and_replies_stay_declared(
     spent = summary["privacy"]
     assert spent["rounds"] == 1 and spent["delta"] == 1e-5
     assert spent["epsilon"] == pytest.approx(4.73, abs=0.01)
-    assert printed.count("(epsilon, delta) = (4.73, 1e-05) after 1 rounds") == 2
+    line = "(epsilon, delta) = (4.73 add/remove-one, 10.7 replace-one, 1e-05) after 1 rounds"
+    assert printed.count(line) == 2
     assert summary["records"]
     assert all(r["epsilon"] == spent["epsilon"] and r["delta"] == 1e-5 for r in summary["records"])
 

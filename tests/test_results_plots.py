@@ -187,7 +187,10 @@ def test_report_states_the_epsilon_of_each_dp_job(tmp_path: Path) -> None:
         (tmp_path / "jobs" / f"fedavg_seed{seed}.json").write_text(json.dumps(job))
     report = write_report(tmp_path).read_text()
     assert "## Differential privacy" in report and "opacus RDP" in report
-    assert "| fedavg | 5 | server-fixed | 1 | 5 | 12.3 | 1e-05 |" in report
+    assert (
+        "| fedavg | 5 | server-fixed | 1 | 5 | 12.3 add/remove-one, 30.1 replace-one | 1e-05 |"
+        in report
+    )
     assert "| fedavg | 6 |" not in report.split("## Differential privacy")[1]
 
 

@@ -242,6 +242,12 @@ def cmd_policy(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_audit(args: argparse.Namespace) -> None:
+    from client.audit import summarise
+
+    print(summarise(args.file))
+
+
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from synthetic.corpus import make_corpus
     from tools.pretrain import pretrain
@@ -381,6 +387,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="approve only this exact run config (its SHA-256), not just its limits",
     )
     p.set_defaults(func=cmd_policy, log_dir=None)
+
+    p = sub.add_parser("audit", help="summarise a hospital's audit log: what left it, by reply")
+    p.add_argument("file", type=Path, help="the hospital's <work dir>/audit/<hospital>.jsonl")
+    p.set_defaults(func=cmd_audit, log_dir=None)
 
     p = sub.add_parser("report", help="(re)write RUN_DIR/report.md")
     p.add_argument("--run", type=Path, required=True, help="run directory")

@@ -17,6 +17,12 @@ def validate(cfg: Config, local: bool = True) -> Config:
     t = cfg.task
     if len(set(t.classes)) != len(t.classes) or len(t.classes) < 2:
         raise SavltError("config key 'task.classes' needs at least two distinct class names")
+    for c in t.classes:  # a class name is a folder name under each centre: never a path
+        if not c or c == "." or any(bad in c for bad in ("/", "\\", "..", "\0")):
+            raise SavltError(
+                f"config key 'task.classes': {c!r} is not a plain folder name (no '/', '\\' "
+                "or '..'); name each class folder of the DATA tree"
+            )
     unknown = [c for c in t.positive if c not in t.classes]
     if unknown or not t.positive:
         raise SavltError(
@@ -53,6 +59,12 @@ def validate(cfg: Config, local: bool = True) -> Config:
         raise SavltError(
             f"config key 'data.held_out_centers': {overlap} are also training or external "
             "centres; a held-out centre is test-only"
+        )
+    if cfg.privacy.mode == "server-adaptive":  # Flower 1.42's wrapper fails at its first round
+        raise SavltError(
+            "config key 'privacy.mode': server-adaptive is not supported (Flower's adaptive "
+            "clipping needs a clipped-count noise it cannot set here); use server-fixed or "
+            "client-fixed"
         )
     if cfg.fl.held_out is not None and cfg.fl.held_out not in centers:
         raise SavltError(
