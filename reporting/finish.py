@@ -74,7 +74,7 @@ def calibrations_for(
         if len(s["val"])
     ]
     sums = CalibrationSums(
-        reference, reduce(add, (v[0] for v in val_sums)), reduce(add, (v[1] for v in val_sums))
+        reference, *(reduce(add, parts) for parts in zip(*val_sums, strict=True))
     )
     return fit_calibrations(sums, cfg.calibration)
 

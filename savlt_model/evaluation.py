@@ -15,6 +15,7 @@ from savlt_model.calibration import (
     ValStats,
     brier_score,
     expected_calibration_error,
+    referral_counts_of,
     shift_score,
     site_val_stats,
 )
@@ -24,6 +25,7 @@ from savlt_model.data.partition import build_partition
 from savlt_model.metrics import compute_metrics
 from savlt_model.model.build import autocast, cached_model, image_sets
 from savlt_model.model.savlt import SavltModel
+from savlt_model.referral import ReferralCounts
 
 
 @torch.no_grad()
@@ -113,12 +115,14 @@ def site_feature_stats(model: SavltModel, sets: list[ImageSet], batch_size: int)
 
 def site_calibration_stats(
     model: SavltModel, val: ImageSet, batch_size: int, reference: np.ndarray
-) -> tuple[ValStats, ValStats]:
-    """A training site's validation sums, as scored and re-centred on its own mean
-    (:func:`savlt_model.calibration.site_val_stats`); zero sums without validation scans."""
+) -> tuple[ValStats, ValStats, ReferralCounts]:
+    """A training site's validation sums, as scored and re-centred on its own mean, and its
+    referral counts (:func:`savlt_model.calibration.site_val_stats`); zero sums without
+    validation scans."""
     if not len(val):
-        empty = ValStats.of(np.zeros((0, len(model.classes))), np.zeros(0, dtype=int))
-        return empty, empty
+        logits, labels = np.zeros((0, len(model.classes))), np.zeros(0, dtype=int)
+        empty = ValStats.of(logits, labels)
+        return empty, empty, referral_counts_of(logits, labels)
     _, labels, feats = predict(model, val, batch_size)
     return site_val_stats(feats, labels, model.classifier().cpu().numpy(), reference)
 

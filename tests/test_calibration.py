@@ -105,7 +105,8 @@ def test_temperature_fit_recovers_the_generating_temperature():
 def test_hospitals_validation_sums_add_up_to_the_pooled_ones():
     feats, labels, w = _clusters(120, seed=8, noise=1.0)
     reference = feats.mean(0)
-    parts = [site_val_stats(feats[a:b], labels[a:b], w, reference) for a, b in ((0, 50), (50, 120))]
+    bounds = ((0, 50), (50, 120))
+    parts = [site_val_stats(feats[a:b], labels[a:b], w, reference) for a, b in bounds]
     pooled = ValStats.of(feats @ w.T, labels)
     summed = parts[0][0] + parts[1][0]
     np.testing.assert_allclose(summed.nll, pooled.nll, rtol=1e-12)
