@@ -25,7 +25,7 @@ from savlt_model.data.partition import build_partition
 from savlt_model.metrics import compute_metrics
 from savlt_model.model.build import autocast, cached_model, image_sets
 from savlt_model.model.savlt import SavltModel
-from savlt_model.referral import ReferralCounts
+from savlt_model.referral import ReferralCounts, accepted_scores
 
 
 @torch.no_grad()
@@ -75,7 +75,9 @@ def centre_outputs(
 def score_outputs(
     model: SavltModel, outputs: dict[str, CenterOutputs], calibration: Calibration | None
 ) -> dict[str, CenterScore]:
-    """The metrics per test centre; with ``calibration`` also ECE, Brier and shift score.
+    """The metrics per test centre; with ``calibration`` also ECE, Brier and shift score,
+    and with its referral threshold the referral rate and the accepted scans' sensitivity
+    and specificity (savlt_model.referral).
 
     A re-centring calibration uses each centre's own unlabelled features (label-free,
     transductive); labels are only used to score.
@@ -91,6 +93,10 @@ def score_outputs(
                 "brier": 100 * brier_score(probs, o.labels),
                 "shift_score": shift_score(o.features, calibration.reference),
             }
+            if calibration.refer_below is not None:
+                extra.update(
+                    accepted_scores(probs, o.labels, model.positive, calibration.refer_below)
+                )
         metrics = {**compute_metrics(probs, o.labels, model.positive), **extra}
         scores[center] = CenterScore(metrics, probs, o.labels)
     return scores

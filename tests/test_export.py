@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 
 import pytest
@@ -154,6 +155,12 @@ def test_predict_prints_and_writes_csv(run, tmp_path, capsys):
     for r in rows:
         high = float(r["p_cancer"]) + float(r["p_high-grade_squamous_intraepithelial_lesion"])
         assert abs(high - float(r["high_risk"])) < 1e-4
+    # the decision column: the class, or "refer" below the model's referral threshold
+    threshold = json.loads((model_dir / HEAD_JSON).read_text())["calibration"]["refer_below"]
+    assert 0 < threshold < 1
+    for r in rows:
+        accept = math.floor(float(r["probability"]) * 100) >= round(threshold * 100)
+        assert r["decision"] == (r["class"] if accept else "refer")
 
 
 def test_evaluate_matches_the_run_and_writes_report(run, tmp_path, capsys):
@@ -180,12 +187,16 @@ def test_evaluate_matches_the_run_and_writes_report(run, tmp_path, capsys):
     (want,) = [r for r in run_records if r["center"] == "huaxi" and r["method"] == "central"]
     assert {k: got[k] for k in METRIC_KEYS} == {k: want[k] for k in METRIC_KEYS}
     assert got["ece"] == pytest.approx(want["ece"], abs=1e-3)  # the run's temperature
+    assert got["referral_rate"] == pytest.approx(want["referral_rate"])  # the run's threshold
+    assert 0 <= got["referral_rate"] <= 100
     report = (out / "report.md").read_text()
     assert "SYNTHETIC DATA" in report and "| huaxi |" in report
+    assert "## Referral (selective prediction)" in report
     for name in (
         f"confusion_{ADAPTER}_huaxi.png",
         f"roc_{ADAPTER}.png",
         f"reliability_{ADAPTER}.png",
+        f"risk_coverage_{ADAPTER}.png",
     ):
         assert (out / "figures" / name).is_file() and f"(figures/{name})" in report
 

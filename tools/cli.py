@@ -169,9 +169,10 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from tools.inference import predict_images
 
     rows = predict_images(args.model, args.images, args.on_bad_file)
-    header = ["file", "class", "probability", "high_risk"]
+    header = ["file", "class", "probability", "decision", "high_risk"]
     cells = [
-        [r["file"], r["class"], f"{r['probability']:.4f}", f"{r['high_risk']:.4f}"] for r in rows
+        [r["file"], r["class"], f"{r['probability']:.4f}", r["decision"], f"{r['high_risk']:.4f}"]
+        for r in rows
     ]
     widths = [max(len(c[i]) for c in [header, *cells]) for i in range(len(header))]
     for line in [header, *cells]:

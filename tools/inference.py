@@ -34,6 +34,7 @@ from savlt_model.evaluation import predict
 from savlt_model.metrics import binary_scores
 from savlt_model.model.build import pick_device
 from savlt_model.model.savlt import SavltModel
+from savlt_model.referral import decide
 from tools.export import HEAD_JSON, load_exported
 
 BATCH = 32
@@ -85,8 +86,9 @@ def warn_on_score(info: dict, score: float, where: str) -> None:
 
 def predict_images(model_dir: Path, paths: Sequence[Path], on_bad_file: str = "stop") -> list[dict]:
     """Per image (per frame of a DICOM volume): ``file``, ``class``, ``probability`` (of that
-    class), ``high_risk`` (summed probability of the positive classes) and ``probs``
-    (class -> probability).
+    class: the confidence), ``decision`` (the class, or "refer" below the model's referral
+    threshold, :mod:`savlt_model.referral`), ``high_risk`` (summed probability of the
+    positive classes) and ``probs`` (class -> probability).
 
     Images go through the same checks, decoding and normalisation as in training (an
     ImageSet of unlabelled samples) and the same evaluation loop
@@ -108,14 +110,17 @@ def predict_images(model_dir: Path, paths: Sequence[Path], on_bad_file: str = "s
     if cal is not None:
         probs = cal.probs(feats, model.classifier().cpu().numpy())
     high = binary_scores(probs, model.positive)
+    threshold = 0.0 if cal is None or cal.refer_below is None else cal.refer_below
+    decisions = decide(probs, model.classes, threshold)
     rows: list[dict] = []
-    for sample, p, h in zip(samples, probs, high, strict=True):
+    for sample, p, h, d in zip(samples, probs, high, decisions, strict=True):
         best = int(np.argmax(p))
         rows.append(
             {
                 "file": sample.key,
                 "class": model.classes[best],
                 "probability": float(p[best]),
+                "decision": d,
                 "high_risk": float(h),
                 "probs": dict(zip(model.classes, map(float, p), strict=True)),
             }
