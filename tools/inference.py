@@ -19,6 +19,7 @@ import numpy as np
 from reporting.finish import Finish, finish_model
 from reporting.report import write_report
 from reporting.results import write_results, write_summary
+from savlt_model.adaptation import GuardChoice, guard
 from savlt_model.atomic import write_json
 from savlt_model.calibration import (
     Calibration,
@@ -60,27 +61,54 @@ def _calibration(info: dict, key: str = "calibration") -> Calibration | None:
     return None if raw is None else calibration_from_dict(raw)
 
 
-def warn_if_shifted(info: dict, features: np.ndarray, where: str) -> float | None:
-    """Warn when the scans' features sit far from the training hospitals' reference; the
-    score (:func:`savlt_model.calibration.shift_score`) or None without a reference."""
+def site_guard(model: SavltModel, info: dict, features: np.ndarray) -> GuardChoice | None:
+    """The label-free guard's pick for these scans (:mod:`savlt_model.adaptation`), or
+    None for a model exported without a calibration."""
+    inductive = _calibration(info)
+    if inductive is None:
+        return None
+    return guard(
+        features,
+        model.classifier().cpu().numpy(),
+        list(model.positive),
+        inductive,
+        _calibration(info, "centre_calibration"),
+        float(info["config"]["calibration"]["shift_threshold"]),
+    )
+
+
+def warn_if_shifted(
+    model: SavltModel, info: dict, features: np.ndarray, where: str
+) -> float | None:
+    """Warn when the scans' features sit far from the training hospitals' reference, with
+    the guard's advice; the score (:func:`savlt_model.calibration.shift_score`) or None
+    without a reference."""
     cal = _calibration(info)
     if cal is None:
         return None
     score = shift_score(features, cal.reference)
-    warn_on_score(info, score, where)
+    if score > float(info["config"]["calibration"]["shift_threshold"]):
+        picked = site_guard(model, info, features)
+        assert picked is not None  # a calibration exists
+        advice = (
+            f"the label-free guard picks {picked.choice!r} ({picked.reason}; "
+            f"{picked.referral_rate:.0%} of these scans would be referred); "
+            "`savlt site-check` on this folder reports why"
+        )
+        warn_on_score(info, score, where, advice)
     return score
 
 
-def warn_on_score(info: dict, score: float, where: str) -> None:
+def warn_on_score(info: dict, score: float, where: str, advice: str) -> None:
     threshold = float(info["config"]["calibration"]["shift_threshold"])
     if score > threshold:
         log.warning(
             "%s: shift score %.2f exceeds %.2f: these scans are out of the training "
-            "distribution (another scanner or protocol?); predictions may be unreliable. "
-            "`savlt calibrate` adapts the model to this site's unlabelled scans",
+            "distribution (another scanner or protocol?); predictions may be unreliable: %s",
             where,
             score,
             threshold,
+            advice,
         )
 
 
@@ -105,7 +133,7 @@ def predict_images(model_dir: Path, paths: Sequence[Path], on_bad_file: str = "s
         raise SavltError("none of the given images is readable")
     model, info = _load(model_dir)
     probs, _, feats = predict(model, _images(info, samples), BATCH)
-    warn_if_shifted(info, feats, f"{len(samples)} image(s)")
+    warn_if_shifted(model, info, feats, f"{len(samples)} image(s)")
     cal = _calibration(info)
     if cal is not None:
         probs = cal.probs(feats, model.classifier().cpu().numpy())
@@ -160,7 +188,8 @@ def evaluate_folder(
         model, {center: dataset}, BATCH, run, adapter_cfg=None, calibrations=calibrations
     )
     if "shift_score" in scores[center].metrics:  # scored with the model's reference
-        warn_on_score(info, scores[center].metrics["shift_score"], str(center_dir))
+        advice = f"`savlt site-check {center_dir}` says which adaptation is safe"
+        warn_on_score(info, scores[center].metrics["shift_score"], str(center_dir), advice)
     write_results(out_dir / "results.json", records)
     title = f"Exported model {Path(model_dir).name} ({tag}) on {center_dir}"
     write_summary(out_dir / "summary.json", records, {"title": title, "synthetic": synthetic})
@@ -214,7 +243,7 @@ def calibrate_model(
             f"{min_scans} unlabelled scans of the site"
         )
     feats = predict(model, _images(info, samples), BATCH)[2]
-    before = warn_if_shifted(info, feats, str(folder))
+    before = warn_if_shifted(model, info, feats, str(folder))
     fixed = replace(centre.at_centre(feats), recentre=False)  # this site's mean, kept fixed
     if out.resolve() != model_dir.resolve():
         shutil.copytree(model_dir, out, dirs_exist_ok=True)
