@@ -44,12 +44,16 @@ MIN_SCANS = 10  # fewer scans give no usable site statistics
 CANDIDATES = ("none", "recentre", "restandardise")
 
 
-def restandardise(features: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """Site features re-standardised onto the reference: mean and (one) spread."""
+def restandardise(
+    features: np.ndarray, reference: np.ndarray, site: np.ndarray | None = None
+) -> np.ndarray:
+    """Features re-standardised onto the reference: mean and (one) spread, estimated on
+    the ``site``'s scans (default: the features themselves)."""
     f = np.asarray(features, dtype=np.float64)
+    s = f if site is None else np.asarray(site, dtype=np.float64)
     mu_ref = np.asarray(reference, dtype=np.float64)
-    mu = f.mean(axis=0)
-    s_site = math.sqrt(max(float(((f - mu) ** 2).sum(axis=1).mean()), 1e-12))
+    mu = s.mean(axis=0)
+    s_site = math.sqrt(max(float(((s - mu) ** 2).sum(axis=1).mean()), 1e-12))
     s_ref = math.sqrt(max(1.0 - float(mu_ref @ mu_ref), 1e-12))
     g = mu_ref + (f - mu) * (s_ref / s_site)
     return g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12)
@@ -117,15 +121,19 @@ def candidate_probs(
     classifier: np.ndarray,
     inductive: Calibration,
     centre: Calibration | None,
+    site: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """Each candidate's calibrated probabilities for the site's scans (``recentre`` and
-    ``restandardise`` need the re-centring calibration's class bias and temperature)."""
+    """Each candidate's calibrated probabilities for ``features``, with the site statistics
+    taken from ``site`` (default: the features themselves; a labelled spot check is scored
+    with the statistics of all the site's scans). ``recentre`` and ``restandardise`` need
+    the re-centring calibration's class bias and temperature."""
     f = np.asarray(features, dtype=np.float64)
+    s = f if site is None else np.asarray(site, dtype=np.float64)
     out = {"none": inductive.probs(f, classifier)}
     if centre is not None:
-        out["recentre"] = centre.at_centre(f).probs(f, classifier)
+        out["recentre"] = centre.at_centre(s).probs(f, classifier)
         plain = replace(centre, recentre=False, center_mean=None)
-        out["restandardise"] = plain.probs(restandardise(f, centre.reference), classifier)
+        out["restandardise"] = plain.probs(restandardise(f, centre.reference, s), classifier)
     return out
 
 

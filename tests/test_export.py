@@ -24,6 +24,7 @@ from savlt_model.model.backbone import load_backbone
 from savlt_model.model.build import build_model, cached_backbone
 from tools.cli import main
 from tools.export import HEAD_JSON, export_model, load_exported
+from tools.site_check import wilson
 
 pytestmark = pytest.mark.slow
 
@@ -366,3 +367,28 @@ def test_bad_inputs_are_one_line_errors(run, tmp_path, capsys):
     image = next((run[0] / "huaxi" / "images" / "cyst").iterdir())
     _one_line_error(capsys, ["predict", "--model", str(bad), str(image)], "fingerprint mismatch")
     _one_line_error(capsys, ["predict", "--model", str(run_dir), str(image)], "not a savlt export")
+
+
+def test_site_check_reports_the_guard_referral_and_a_spot_check(run, tmp_path, capsys):
+    root, _, model_dir = run
+    out = tmp_path / "site.json"
+    images = root / "huaxi" / "images"  # unlabelled scans; its class folders are the spot check
+    argv = ["site-check", str(images), "--model", str(model_dir), "--labels", str(images)]
+    assert main([*argv, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    got = json.loads(out.read_text())
+    assert got["scans"] == sum(1 for p in images.rglob("*") if p.is_file())
+    assert (
+        got["adaptation"] in got["candidates"]
+        and not got["candidates"][got["adaptation"]]["refused"]
+    )
+    assert set(got["candidates"]) == {"none", "recentre", "restandardise"}
+    assert sum(got["before"].values()) == pytest.approx(1.0)
+    assert sum(got["after"].values()) == pytest.approx(1.0)
+    assert 0.0 <= got["expected_referral_rate"] <= 1.0
+    assert got["verdict"].split(":")[0] in ("go", "go with referral", "no-go")
+    spot = got["spot_check"]["candidates"][got["adaptation"]]
+    sens = spot["sensitivity"]
+    assert sens["wilson95"] == pytest.approx([100 * v for v in wilson(sens["k"], sens["n"])])
+    assert got["spot_check"]["interval"] == "Wilson score, 95 %"
+    assert f"verdict: {got['verdict']}" in printed and "shift score" in printed

@@ -211,6 +211,14 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_site_check(args: argparse.Namespace) -> None:
+    from tools.site_check import format_site_check, site_check, write_site_check
+
+    report = site_check(args.model, args.folder, args.labels, args.on_bad_file)
+    print(format_site_check(report))
+    print(f"JSON: {write_site_check(report, args.out)}")
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from reporting.report import write_report
 
@@ -351,6 +359,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="calibrated model directory")
     _bad_file_arg(p)
     p.set_defaults(func=cmd_calibrate, log_dir=None)
+
+    p = sub.add_parser(
+        "site-check",
+        help="is an exported model safe on a new scanner's unlabelled scans? (go / no-go)",
+    )
+    p.add_argument("folder", type=Path, help="folder of the new site's unlabelled scans")
+    p.add_argument("--model", type=Path, required=True, help="directory from savlt export")
+    p.add_argument(
+        "--labels",
+        type=Path,
+        help="small labelled spot check: a CSV file,class (relative to FOLDER) or class folders",
+    )
+    p.add_argument("--out", type=Path, default=Path("site_check.json"), help="JSON report")
+    _bad_file_arg(p)
+    p.set_defaults(func=cmd_site_check, log_dir=None)
 
     p = sub.add_parser(
         "deploy-local",

@@ -44,19 +44,19 @@ SKIP_HINT = "use --on-bad-file skip"
 log = logging.getLogger(__name__)
 
 
-def _load(model_dir: Path) -> tuple[SavltModel, dict]:
+def load_model(model_dir: Path) -> tuple[SavltModel, dict]:
     model = load_exported(model_dir).to(pick_device())
     return model, json.loads((Path(model_dir) / HEAD_JSON).read_text(encoding="utf-8"))
 
 
-def _images(info: dict, samples: list[Sample]) -> ImageSet:
+def image_set(info: dict, samples: list[Sample]) -> ImageSet:
     """The scans decoded and standardised exactly as the model was trained (models exported
     before intensity standardisation existed record none)."""
     size, mean, std = info["image_size"], info["mean"], info["std"]
     return ImageSet(samples, size, mean, std, train=False, intensity=info.get("intensity", "none"))
 
 
-def _calibration(info: dict, key: str = "calibration") -> Calibration | None:
+def calibration_of(info: dict, key: str = "calibration") -> Calibration | None:
     raw = info.get(key)
     return None if raw is None else calibration_from_dict(raw)
 
@@ -64,7 +64,7 @@ def _calibration(info: dict, key: str = "calibration") -> Calibration | None:
 def site_guard(model: SavltModel, info: dict, features: np.ndarray) -> GuardChoice | None:
     """The label-free guard's pick for these scans (:mod:`savlt_model.adaptation`), or
     None for a model exported without a calibration."""
-    inductive = _calibration(info)
+    inductive = calibration_of(info)
     if inductive is None:
         return None
     return guard(
@@ -72,7 +72,7 @@ def site_guard(model: SavltModel, info: dict, features: np.ndarray) -> GuardChoi
         model.classifier().cpu().numpy(),
         list(model.positive),
         inductive,
-        _calibration(info, "centre_calibration"),
+        calibration_of(info, "centre_calibration"),
         float(info["config"]["calibration"]["shift_threshold"]),
     )
 
@@ -83,7 +83,7 @@ def warn_if_shifted(
     """Warn when the scans' features sit far from the training hospitals' reference, with
     the guard's advice; the score (:func:`savlt_model.calibration.shift_score`) or None
     without a reference."""
-    cal = _calibration(info)
+    cal = calibration_of(info)
     if cal is None:
         return None
     score = shift_score(features, cal.reference)
@@ -131,10 +131,10 @@ def predict_images(model_dir: Path, paths: Sequence[Path], on_bad_file: str = "s
     samples = expand_files(listed, "predict", on_bad_file, skip_hint=SKIP_HINT)
     if not samples:
         raise SavltError("none of the given images is readable")
-    model, info = _load(model_dir)
-    probs, _, feats = predict(model, _images(info, samples), BATCH)
+    model, info = load_model(model_dir)
+    probs, _, feats = predict(model, image_set(info, samples), BATCH)
     warn_if_shifted(model, info, feats, f"{len(samples)} image(s)")
-    cal = _calibration(info)
+    cal = calibration_of(info)
     if cal is not None:
         probs = cal.probs(feats, model.classifier().cpu().numpy())
     high = binary_scores(probs, model.positive)
@@ -172,18 +172,18 @@ def evaluate_folder(
     ``recentre`` the ``<method>+cal`` records re-centre on this folder's own scans.
     """
     center_dir, out_dir = Path(center_dir), Path(out_dir)
-    model, info = _load(model_dir)
+    model, info = load_model(model_dir)
     root, center = center_dir.parent, center_dir.name
     samples = scan_center(root, center, model.classes, on_bad_file, skip_hint=SKIP_HINT)
-    dataset = _images(info, samples)
+    dataset = image_set(info, samples)
     synthetic = is_synthetic(root)
     method, seed = str(info["method"]), int(info["seed"])
     tag = f"{method}_seed{seed}"
     run = Finish(out_dir, tag, method, seed, None, synthetic)
-    centre = _calibration(info, "centre_calibration") if recentre else None
+    centre = calibration_of(info, "centre_calibration") if recentre else None
     if recentre and centre is None:
         raise SavltError(f"{model_dir}: exported without a centre calibration; drop --recentre")
-    calibrations = (_calibration(info), centre) if "calibration" in info else None
+    calibrations = (calibration_of(info), centre) if "calibration" in info else None
     scores, records = finish_model(
         model, {center: dataset}, BATCH, run, adapter_cfg=None, calibrations=calibrations
     )
@@ -229,8 +229,8 @@ def calibrate_model(
     the site's mean feature is kept (no image, no per-scan feature). Returns a summary.
     """
     model_dir, out = Path(model_dir), Path(out)
-    model, info = _load(model_dir)
-    centre = _calibration(info, "centre_calibration")
+    model, info = load_model(model_dir)
+    centre = calibration_of(info, "centre_calibration")
     if centre is None:
         raise SavltError(
             f"{model_dir} has no centre calibration (exported before it existed, or trained "
@@ -242,7 +242,7 @@ def calibrate_model(
             f"--data {folder} has {len(samples)} scan(s); calibration needs at least "
             f"{min_scans} unlabelled scans of the site"
         )
-    feats = predict(model, _images(info, samples), BATCH)[2]
+    feats = predict(model, image_set(info, samples), BATCH)[2]
     before = warn_if_shifted(model, info, feats, str(folder))
     fixed = replace(centre.at_centre(feats), recentre=False)  # this site's mean, kept fixed
     if out.resolve() != model_dir.resolve():
