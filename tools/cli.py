@@ -78,8 +78,19 @@ def _bad_file_arg(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_synth(args: argparse.Namespace) -> None:
-    from synthetic.write import generate
+    from synthetic.write import add_family_centres, generate
 
+    if args.held_out_family:  # adds to an existing DATA folder (made here if absent)
+        if not args.out.exists():
+            generate(args.out, seed=args.seed, scale=args.scale)
+        written = add_family_centres(
+            args.out, args.held_out_family, args.family_seed, args.seed, args.scale
+        )
+        print(
+            f"Held-out style family {args.family_seed} (synthetic, test-only) in {args.out}: "
+            f"{len(written)} centre(s) written, {args.held_out_family - len(written)} already there"
+        )
+        return
     summary = generate(args.out, seed=args.seed, scale=args.scale)
     counts = summary.get("counts", {})
     print(
@@ -281,6 +292,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=float, default=1.0, help="images per class multiplier")
+    p.add_argument(
+        "--held-out-family",
+        type=int,
+        default=0,
+        metavar="N",
+        help="add N test-only centres of a held-out scanner-style family (synthetic/family.py)",
+    )
+    p.add_argument("--family-seed", type=int, default=0, help="which family (0: tuning)")
     p.set_defaults(func=cmd_synth, log_dir=None)
 
     p = sub.add_parser("train", help="centralised SAVLT on the original protocol")
