@@ -106,6 +106,9 @@ def referral_counts_from(metrics) -> ReferralCounts:
     if (count < 0).any() or (correct < 0).any() or (correct > count).any():
         raise ValueError("referral counts are negative or correct exceeds count")
     grid = (len(LOG_T_GRID), CONFIDENCE_BINS)
+    rows = count.reshape(grid).sum(axis=1)
+    if (rows != rows[0]).any():  # every temperature's row counts every validation scan once
+        raise ValueError("referral-count rows hold different numbers of scans")
     return ReferralCounts(count.reshape(grid), correct.reshape(grid))
 
 

@@ -81,6 +81,10 @@ def test_threshold_from_summed_hospital_counts_equals_the_pooled_one():
         calibration_from_dict(calibration_to_dict(inductive)).refer_below == inductive.refer_below
     )
     assert summed.count.shape == (len(LOG_T_GRID), CONFIDENCE_BINS)
+    forged = val_stats_metrics(*parts[0])
+    forged["referral-count"] = [*forged["referral-count"][:-1], 5]  # one row counts more scans
+    with pytest.raises(ValueError, match="different numbers of scans"):
+        referral_counts_from(forged)
     assert summed.count.sum() == len(LOG_T_GRID) * len(labels)
 
 
