@@ -73,7 +73,10 @@ def _summary(rows: dict[str, dict]) -> dict[str, Any]:
         "mean_auc_guard": float(np.mean(list(auc.values()))),
         "min_auc_guard": float(min(auc.values())),
         "worst_guard_drop": float(max(base[c] - auc[c] for c in rows)),
-        "worst_recentre_drop": float(max(base[c] - rows[c]["recentre"]["auc"] for c in rows)),
+        **{
+            f"worst_{k}_drop": float(max(base[c] - rows[c][k]["auc"] for c in rows))
+            for k in ("recentre", "restandardise", "t3a")
+        },
         "spearman_referral_vs_auc": float(spearmanr(rates, list(auc.values())).statistic),
         "centres_meeting_sens85_spec75": sum(
             (r["guard"]["accepted_sensitivity"] or 0) >= 85
@@ -108,22 +111,26 @@ def main() -> None:
         export_model(run, model_dir)
     model, info = load_model(model_dir)
     result: dict[str, Any] = {"classes": list(CERVICAL_CLASSES), "overrides": args.set}
-    result["in_distribution"] = _centre(model, info, root, "mixed")
+    # in distribution: the run's own records on the mixed test split (results.json)
+    result["in_distribution"] = [
+        {k: r.get(k) for k in ("method", "center", "auc_binary", "referral_rate")}
+        for r in json.loads((run / "results.json").read_text())
+    ]
     for s in args.family_seeds:
         rows = {
             family_name(s, k): _centre(model, info, root, family_name(s, k)) for k in range(args.n)
         }
         result[f"family{s}"] = {"centres": rows, "summary": _summary(rows)}
     write_json(args.out / "family_probe.json", result)
-    lines = ["| centre | shift | guard | AUC none / recentre / restd / guard | refer % | "
+    lines = ["| centre | shift | guard | AUC none / recentre / restd / t3a / guard | refer % | "
              "acc. sens / spec (guard) |", "|---|---|---|---|---|---|"]  # fmt: skip
-    everything = {"mixed": result["in_distribution"]}
+    everything: dict[str, dict] = {}
     for s in args.family_seeds:
         everything.update(result[f"family{s}"]["centres"])
     for c, r in everything.items():
         aucs = " / ".join(
             f"{r[k]['auc']:.1f}" if r[k]["auc"] is not None else "-"
-            for k in ("none", "recentre", "restandardise", "guard")
+            for k in ("none", "recentre", "restandardise", "t3a", "guard")
         )
         g = r["guard"]
         ss = "/".join(

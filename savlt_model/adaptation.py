@@ -12,7 +12,10 @@ guard checks on the site's own scans, without labels, and refuses when it looks 
   at the site with their mean *and* spread (one scale, as LayerNorm uses one variance
   across channels): f' = mu_ref + (f - mu_site) * s_ref / s_site, re-normalised. For unit
   features the reference spread is known from its mean alone, s_ref^2 = 1 - |mu_ref|^2,
-  so it needs no statistic beyond those the federation already sums.
+  so it needs no statistic beyond those the federation already sums;
+- ``t3a``: T3A (Iwasawa & Matsuo 2021), the classifier adjusted from confident site
+  features: each class's weight becomes the mean direction of itself and the site's
+  :data:`T3A_SUPPORT` lowest-entropy scans predicted as that class, at the weight's norm.
 
 Signals, each a reason to refuse a candidate: its predictions collapse onto one class
 (largest predicted-class share above :data:`MAX_CLASS_SHARE`), it reorders the scans
@@ -41,7 +44,11 @@ MIN_RANK_AGREEMENT = 0.7  # Spearman of high-risk scores, adapted vs unadapted
 MAX_ADAPT_SHIFT = 3.0  # x shift_threshold: beyond it, no map is trusted
 MIN_GAIN = 0.05  # entropy (nats) a candidate must add over "none"
 MIN_SCANS = 10  # fewer scans give no usable site statistics
-CANDIDATES = ("none", "recentre", "restandardise")
+T3A_SUPPORT = 10  # confident site scans per class that adjust its weight (fixed, not tuned)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def restandardise(
@@ -57,6 +64,24 @@ def restandardise(
     s_ref = math.sqrt(max(1.0 - float(mu_ref @ mu_ref), 1e-12))
     g = mu_ref + (f - mu) * (s_ref / s_site)
     return g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12)
+
+
+def t3a_classifier(site: np.ndarray, classifier: np.ndarray, inductive: Calibration) -> np.ndarray:
+    """T3A's adjusted classifier for a site: per class, the unit mean of its own weight
+    direction and the site's most confident scans of that class, rescaled to the weight's
+    norm (so the temperature fitted on validation still applies)."""
+    f = np.asarray(site, dtype=np.float64)
+    w = np.asarray(classifier, dtype=np.float64)
+    p = inductive.probs(f, w)
+    entropy = -(p * np.log(np.maximum(p, 1e-12))).sum(axis=1)
+    pred = p.argmax(axis=1)
+    out = np.empty_like(w)
+    for c in range(len(w)):
+        mine = np.flatnonzero(pred == c)
+        support = mine[np.argsort(entropy[mine], kind="stable")[:T3A_SUPPORT]]
+        direction = _unit(np.vstack([_unit(w[c]), f[support]]).mean(axis=0))
+        out[c] = direction * np.linalg.norm(w[c])
+    return out
 
 
 def class_shares(probs: np.ndarray) -> np.ndarray:
@@ -134,6 +159,7 @@ def candidate_probs(
         out["recentre"] = centre.at_centre(s).probs(f, classifier)
         plain = replace(centre, recentre=False, center_mean=None)
         out["restandardise"] = plain.probs(restandardise(f, centre.reference, s), classifier)
+    out["t3a"] = inductive.probs(f, t3a_classifier(s, classifier, inductive))
     return out
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from savlt_model.adaptation import choose, guard, restandardise
+from savlt_model.adaptation import choose, guard, restandardise, t3a_classifier
 from savlt_model.calibration import Calibration, shift_score
 
 
@@ -91,3 +91,12 @@ def test_guard_on_a_common_feature_offset_picks_a_map_and_refers_at_the_model_th
     assert got.choice in ("recentre", "restandardise") and not got.candidates[got.choice].refused
     assert got.candidates[got.choice].shares.max() < 0.6
     assert got.refer_below == 0.5 and 0 <= got.referral_rate <= 1
+
+
+def test_t3a_moves_a_class_weight_toward_its_confident_site_scans_at_the_same_norm():
+    w = np.array([[2.0, 0.0], [0.0, 3.0]])
+    site = np.array([[0.6, 0.8]] * 3)  # logits (1.2, 2.4): all predicted class 1
+    got = t3a_classifier(site, w, Calibration(np.zeros(2)))
+    np.testing.assert_allclose(got[0], [2.0, 0.0])  # no scan of class 0: unchanged
+    mean = np.array([0.0 + 3 * 0.6, 1.0 + 3 * 0.8]) / 4  # (0.45, 0.85)
+    np.testing.assert_allclose(got[1], 3.0 * mean / np.linalg.norm(mean))

@@ -382,7 +382,7 @@ def test_site_check_reports_the_guard_referral_and_a_spot_check(run, tmp_path, c
         got["adaptation"] in got["candidates"]
         and not got["candidates"][got["adaptation"]]["refused"]
     )
-    assert set(got["candidates"]) == {"none", "recentre", "restandardise"}
+    assert set(got["candidates"]) == {"none", "recentre", "restandardise", "t3a"}
     assert sum(got["before"].values()) == pytest.approx(1.0)
     assert sum(got["after"].values()) == pytest.approx(1.0)
     assert 0.0 <= got["expected_referral_rate"] <= 1.0
