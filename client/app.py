@@ -319,7 +319,7 @@ def feature_stats(msg: Message, context: Context) -> Message:
 
 @app.query("calibration_stats")
 def calibration_stats(msg: Message, context: Context) -> Message:
-    """Calibration, step 2: validation sums given the server's reference mean."""
+    """Calibration, step 2: validation sums and referral counts given the server's reference."""
     _, cfg, _, hospital, model, _ = _model_for(msg, context)
     answer_once(msg, context)
     reference = np.asarray(msg.content[CONFIG][REFERENCE], dtype=np.float64)

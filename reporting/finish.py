@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reporting.plots import plot_confusion, plot_reliability, plot_roc
+from reporting.plots import plot_confusion, plot_reliability, plot_risk_coverage, plot_roc
 from reporting.results import TRANSDUCTIVE, make_record
 from savlt_model.calibration import (
     Calibration,
@@ -38,6 +38,7 @@ from savlt_model.metrics import binary_scores
 from savlt_model.model.build import image_sets
 from savlt_model.model.savlt import SavltModel
 from savlt_model.model.store import save_trained
+from savlt_model.referral import risk_coverage
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def calibrations_for(
         if len(s["val"])
     ]
     sums = CalibrationSums(
-        reference, reduce(add, (v[0] for v in val_sums)), reduce(add, (v[1] for v in val_sums))
+        reference, *(reduce(add, parts) for parts in zip(*val_sums, strict=True))
     )
     return fit_calibrations(sums, cfg.calibration)
 
@@ -161,5 +162,11 @@ def save_figures(
         {c: reliability(s.probs, s.labels) for c, s in scores.items()},
         out_dir / f"reliability_{tag}.png",
         title=f"Reliability — {tag}",
+        synthetic=synthetic,
+    )
+    plot_risk_coverage(
+        {c: risk_coverage(s.probs, s.labels) for c, s in scores.items()},
+        out_dir / f"risk_coverage_{tag}.png",
+        title=f"Risk-coverage — {tag}",
         synthetic=synthetic,
     )

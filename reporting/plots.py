@@ -160,6 +160,31 @@ def plot_reliability(
     return _save(fig, path, synthetic)
 
 
+def plot_risk_coverage(
+    curves: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    path: str | Path,
+    title: str,
+    target: float | None = None,
+    synthetic: bool = False,
+) -> Path:
+    """Error rate among the accepted scans vs the share accepted (most confident first),
+    one line per centre (label -> (coverage, risk)); ``target``: the referral coverage."""
+    fig = _new_figure(5.5, 5.0)
+    ax = fig.add_subplot()
+    for label, (cov, risk) in curves.items():
+        ax.plot(np.asarray(cov), 100 * np.asarray(risk), lw=1.5, label=label)
+    if target is not None:
+        ax.axvline(target, ls="--", color="grey", lw=1, label=f"target coverage {target:.0%}")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("coverage (share of scans the model reads)")
+    ax.set_ylabel("error among accepted scans (%)")
+    ax.set_title(title)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper left", fontsize=8)
+    return _save(fig, path, synthetic)
+
+
 def _ordered(values: Sequence[Any]) -> list[Any]:
     return list(dict.fromkeys(values))
 

@@ -14,7 +14,13 @@ from typing import Any
 import yaml
 
 from reporting.plots import plot_round_curves
-from reporting.results import CALIBRATION_KEYS, SYNTHETIC_LABEL, read_results, summarize
+from reporting.results import (
+    CALIBRATION_KEYS,
+    REFERRAL_KEYS,
+    SYNTHETIC_LABEL,
+    read_results,
+    summarize,
+)
 from savlt_model.atomic import write_text
 from savlt_model.config import resolve_path
 from savlt_model.data.protocol import is_synthetic
@@ -202,6 +208,31 @@ def _privacy_section(jobs: list[dict]) -> list[str]:
     return [*out, ""]
 
 
+def _referral_section(records: list[dict]) -> list[str]:
+    """Per method and centre: the share referred and the accepted scans' sensitivity and
+    specificity (records of a model with a referral threshold only)."""
+    rows = [r for r in summarize(records) if r["referral_rate_n"]]
+    if not rows:
+        return []
+    keys = REFERRAL_KEYS
+    return [
+        "## Referral (selective prediction)",
+        "",
+        "Scans whose top calibrated probability is below the threshold set for "
+        "`calibration.referral_coverage` of the training hospitals' validation scans are "
+        "referred to a human reader; sensitivity and specificity count the accepted scans only.",
+        "",
+        *_table(
+            ["method", "center", "seeds", *keys],
+            [
+                [r["method"], r["center"], r["n_seeds"], *(_mean_std(r, k) for k in keys)]
+                for r in rows
+            ],
+        ),
+        "",
+    ]
+
+
 def write_report(run_dir: Path) -> Path:
     """Write ``RUN_DIR/report.md`` for a ``train``, ``simulate`` or ``evaluate`` directory."""
     run_dir = Path(run_dir)
@@ -244,6 +275,7 @@ def write_report(run_dir: Path) -> Path:
     )
     lines.append("")
     lines += _budget_section(records)
+    lines += _referral_section(records)
     jobs = _jobs(run_dir)
     lines += _round_section(run_dir, jobs, synthetic)
     lines += _privacy_section(jobs)
@@ -252,6 +284,7 @@ def write_report(run_dir: Path) -> Path:
         ("Confusion matrices", "confusion_*.png"),
         ("ROC curves (high-risk score)", "roc_*.png"),
         ("Reliability diagrams", "reliability_*.png"),
+        ("Risk-coverage curves (referral)", "risk_coverage_*.png"),
         ("Methods compared", "methods_*.png"),
     ):
         pngs = sorted(figures.glob(pattern))

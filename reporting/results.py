@@ -26,6 +26,8 @@ SYNTHETIC_LABEL = "SYNTHETIC DATA — not clinical performance"
 # Confidence and shift scores of a calibrated model (savlt_model.calibration); older
 # results.json files lack them, so they are summarised where present.
 CALIBRATION_KEYS = ("ece", "brier", "shift_score")
+# Selective prediction of a model with a referral threshold (savlt_model.referral), in %.
+REFERRAL_KEYS = ("referral_rate", "accepted_sensitivity", "accepted_specificity")
 DEFAULT_TABLE_METRICS = (
     "acc_multiclass",
     "acc_binary",
@@ -112,7 +114,7 @@ def summarize(records: Iterable[dict]) -> list[dict]:
             "seeds": seeds,
             "transductive": any(r.get("transductive", False) for r in recs),
         }
-        for k in (*METRIC_KEYS, *CALIBRATION_KEYS):
+        for k in (*METRIC_KEYS, *CALIBRATION_KEYS, *REFERRAL_KEYS):
             vals = np.array([r[k] for r in recs if r.get(k) is not None], dtype=np.float64)
             row[f"{k}_mean"] = round(float(vals.mean()), 4) if vals.size else None
             row[f"{k}_std"] = round(float(vals.std(ddof=0)), 4) if vals.size else None

@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from savlt_model.config import CalibrationConfig
+from savlt_model.referral import ReferralCounts, threshold_for_coverage
 
 # Temperatures tried when fitting: log T in [-3, 3] in steps of 0.025 (T from 0.05 to 20,
 # 2.5 % apart). A grid, not a 1-D search, so that each hospital can send its sums at every
@@ -94,6 +95,8 @@ class Calibration:
     center_mean: np.ndarray | None = None
     recentre: bool = False  # whether at_centre() re-centres (fixed when it was fitted)
     em_priors: bool = False  # re-estimate the scored centre's class priors (EM)
+    # confidence below which a scan is referred (savlt_model.referral); None: never
+    refer_below: float | None = None
 
     def at_centre(self, features: np.ndarray) -> Calibration:
         """This calibration for the centre whose unlabelled ``features`` are given."""
@@ -182,14 +185,25 @@ def fit_calibration(
     )
 
 
+def referral_counts_of(logits: np.ndarray, labels: np.ndarray) -> ReferralCounts:
+    """Scans and correct predictions per confidence bin at every temperature of
+    :data:`LOG_T_GRID` (rows), so the server can read them at the temperature it fits."""
+    z = np.asarray(logits, dtype=np.float64)
+    rows = [ReferralCounts.of(softmax(z / math.exp(t)), labels) for t in LOG_T_GRID]
+    return ReferralCounts(np.stack([r.count for r in rows]), np.stack([r.correct for r in rows]))
+
+
 def site_val_stats(
     features: np.ndarray, labels: np.ndarray, classifier: np.ndarray, reference: np.ndarray
-) -> tuple[ValStats, ValStats]:
-    """One site's validation sums: (as the model scores, re-centred on the site's own mean)."""
+) -> tuple[ValStats, ValStats, ReferralCounts]:
+    """One site's validation sums: (as the model scores, re-centred on the site's own mean,
+    referral counts of the scores at every temperature)."""
     f = np.asarray(features, dtype=np.float64)
     w = np.asarray(classifier, dtype=np.float64)
     recentred = Calibration(reference, recentre=True).at_centre(f).features(f)
-    return ValStats.of(f @ w.T, labels), ValStats.of(recentred @ w.T, labels)
+    plain = f @ w.T
+    referral = referral_counts_of(plain, labels)
+    return ValStats.of(plain, labels), ValStats.of(recentred @ w.T, labels), referral
 
 
 @dataclass(frozen=True)
@@ -200,6 +214,7 @@ class CalibrationSums:
     reference: FeatureStats
     plain: ValStats
     recentred: ValStats
+    referral: ReferralCounts | None = None  # (G, B): per temperature, per confidence bin
 
 
 def fit_calibrations(
@@ -210,14 +225,23 @@ def fit_calibrations(
     The inductive one only rescales (temperature). The re-centring one (None when
     ``calibration.recentre`` is off) also moves each scored centre onto the reference and
     removes the class bias (``calibration.debias``), optionally with EM priors.
+
+    The referral threshold (``calibration.referral_coverage`` of the validation scans
+    accepted) is set on the inductive calibration's confidence, at its fitted temperature,
+    and the re-centring one keeps it: re-centring is meant to restore that confidence.
     """
     inductive = fit_calibration(sums.plain, sums.reference, recentre=False, debias=False)
+    if sums.referral is not None:
+        count = sums.referral.count[sums.plain.best]
+        inductive = replace(
+            inductive, refer_below=threshold_for_coverage(count, cfg.referral_coverage)
+        )
     if not cfg.recentre:
         return inductive, None
     recentred = fit_calibration(
         sums.recentred, sums.reference, True, debias=cfg.debias, em_priors=cfg.priors == "em"
     )
-    return inductive, recentred
+    return inductive, replace(recentred, refer_below=inductive.refer_below)
 
 
 def em_prior_shift(
@@ -285,6 +309,7 @@ def calibration_to_dict(cal: Calibration) -> dict:
         "center_mean": None if cal.center_mean is None else cal.center_mean.tolist(),
         "recentre": cal.recentre,
         "em_priors": cal.em_priors,
+        "refer_below": cal.refer_below,
     }
 
 
@@ -299,4 +324,5 @@ def calibration_from_dict(raw: dict) -> Calibration:
         center_mean=arr("center_mean"),
         recentre=bool(raw.get("recentre", False)),
         em_priors=bool(raw.get("em_priors", False)),
+        refer_below=None if raw.get("refer_below") is None else float(raw["refer_below"]),
     )

@@ -15,6 +15,7 @@ from savlt_model.calibration import (
     ValStats,
     brier_score,
     expected_calibration_error,
+    referral_counts_of,
     shift_score,
     site_val_stats,
 )
@@ -24,6 +25,7 @@ from savlt_model.data.partition import build_partition
 from savlt_model.metrics import compute_metrics
 from savlt_model.model.build import autocast, cached_model, image_sets
 from savlt_model.model.savlt import SavltModel
+from savlt_model.referral import ReferralCounts, accepted_scores
 
 
 @torch.no_grad()
@@ -73,7 +75,9 @@ def centre_outputs(
 def score_outputs(
     model: SavltModel, outputs: dict[str, CenterOutputs], calibration: Calibration | None
 ) -> dict[str, CenterScore]:
-    """The metrics per test centre; with ``calibration`` also ECE, Brier and shift score.
+    """The metrics per test centre; with ``calibration`` also ECE, Brier and shift score,
+    and with its referral threshold the referral rate and the accepted scans' sensitivity
+    and specificity (savlt_model.referral).
 
     A re-centring calibration uses each centre's own unlabelled features (label-free,
     transductive); labels are only used to score.
@@ -89,6 +93,10 @@ def score_outputs(
                 "brier": 100 * brier_score(probs, o.labels),
                 "shift_score": shift_score(o.features, calibration.reference),
             }
+            if calibration.refer_below is not None:
+                extra.update(
+                    accepted_scores(probs, o.labels, model.positive, calibration.refer_below)
+                )
         metrics = {**compute_metrics(probs, o.labels, model.positive), **extra}
         scores[center] = CenterScore(metrics, probs, o.labels)
     return scores
@@ -113,12 +121,14 @@ def site_feature_stats(model: SavltModel, sets: list[ImageSet], batch_size: int)
 
 def site_calibration_stats(
     model: SavltModel, val: ImageSet, batch_size: int, reference: np.ndarray
-) -> tuple[ValStats, ValStats]:
-    """A training site's validation sums, as scored and re-centred on its own mean
-    (:func:`savlt_model.calibration.site_val_stats`); zero sums without validation scans."""
+) -> tuple[ValStats, ValStats, ReferralCounts]:
+    """A training site's validation sums, as scored and re-centred on its own mean, and its
+    referral counts (:func:`savlt_model.calibration.site_val_stats`); zero sums without
+    validation scans."""
     if not len(val):
-        empty = ValStats.of(np.zeros((0, len(model.classes))), np.zeros(0, dtype=int))
-        return empty, empty
+        logits, labels = np.zeros((0, len(model.classes))), np.zeros(0, dtype=int)
+        empty = ValStats.of(logits, labels)
+        return empty, empty, referral_counts_of(logits, labels)
     _, labels, feats = predict(model, val, batch_size)
     return site_val_stats(feats, labels, model.classifier().cpu().numpy(), reference)
 

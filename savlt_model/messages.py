@@ -21,6 +21,7 @@ from flwr.app import MetricRecord
 from savlt_model.calibration import LOG_T_GRID, FeatureStats, ValStats
 from savlt_model.config import HOSPITAL_LOCAL_KEYS, Config, config_from_dict, get_key, with_key
 from savlt_model.methods import LossTerms
+from savlt_model.referral import CONFIDENCE_BINS, ReferralCounts
 
 ARRAYS = "arrays"
 CONFIG = "config"
@@ -61,7 +62,15 @@ CALIBRATION_STATS = "query.calibration_stats"  # validation sums, given the refe
 REFERENCE = "feature-reference"  # the config key carrying the reference mean
 FEATURE_STATS_KEYS = frozenset({"feature-count", "feature-sum"})
 CALIBRATION_STATS_KEYS = frozenset(
-    {"class-counts", "nll-plain", "posterior-plain", "nll-recentred", "posterior-recentred"}
+    {
+        "class-counts",
+        "nll-plain",
+        "posterior-plain",
+        "nll-recentred",
+        "posterior-recentred",
+        "referral-count",  # validation scans per confidence bin, per temperature (G x B)
+        "referral-correct",  # of which correctly classified
+    }
 )
 
 
@@ -77,14 +86,30 @@ def feature_stats_from(metrics, dim: int) -> FeatureStats:
     return FeatureStats(count, total)
 
 
-def val_stats_metrics(plain: ValStats, recentred: ValStats) -> dict:
+def val_stats_metrics(plain: ValStats, recentred: ValStats, referral: ReferralCounts) -> dict:
     return {
         "class-counts": plain.counts.tolist(),
         "nll-plain": plain.nll.tolist(),
         "posterior-plain": plain.posterior.ravel().tolist(),
         "nll-recentred": recentred.nll.tolist(),
         "posterior-recentred": recentred.posterior.ravel().tolist(),
+        "referral-count": referral.count.astype(int).ravel().tolist(),
+        "referral-correct": referral.correct.astype(int).ravel().tolist(),
     }
+
+
+def referral_counts_from(metrics) -> ReferralCounts:
+    """Checked :class:`ReferralCounts` (G x B) from a reply; ValueError says what is wrong."""
+    shape = (len(LOG_T_GRID) * CONFIDENCE_BINS,)
+    count = _finite(metrics["referral-count"], shape)
+    correct = _finite(metrics["referral-correct"], shape)
+    if (count < 0).any() or (correct < 0).any() or (correct > count).any():
+        raise ValueError("referral counts are negative or correct exceeds count")
+    grid = (len(LOG_T_GRID), CONFIDENCE_BINS)
+    rows = count.reshape(grid).sum(axis=1)
+    if (rows != rows[0]).any():  # every temperature's row counts every validation scan once
+        raise ValueError("referral-count rows hold different numbers of scans")
+    return ReferralCounts(count.reshape(grid), correct.reshape(grid))
 
 
 def val_stats_from(metrics, n_classes: int) -> tuple[ValStats, ValStats]:

@@ -6,7 +6,8 @@ final global model, in two queries (the message contract is :mod:`savlt_model.me
 1. ``query.feature_stats``: the count and sum of its train + val features. Their total is
    the training reference mean that every scored centre is re-centred onto;
 2. ``query.calibration_stats`` (with that reference): its validation NLL and posterior sums
-   at every temperature of the grid, as scored and re-centred on its own mean.
+   at every temperature of the grid, as scored and re-centred on its own mean, and its
+   referral counts (validation scans and correct ones per confidence bin, per temperature).
 
 The server adds them and fits temperature and class bias
 (:func:`savlt_model.calibration.fit_calibrations`), the same fit the simulation's baselines
@@ -34,6 +35,7 @@ from savlt_model.messages import (
     REFERENCE,
     feature_stats_from,
     reason_code,
+    referral_counts_from,
     val_stats_from,
 )
 
@@ -103,7 +105,7 @@ def federated_calibration_sums(
         s
         for s in checked(
             _ask(grid, CALIBRATION_STATS, content, timeout, event),
-            lambda m: val_stats_from(m, n_classes),
+            lambda m: (*val_stats_from(m, n_classes), referral_counts_from(m)),
         )
         if s[0].counts.sum() > 0
     ]
@@ -115,6 +117,4 @@ def federated_calibration_sums(
         len(stats),
         len(sums),
     )
-    return CalibrationSums(
-        reference, reduce(add, (s[0] for s in sums)), reduce(add, (s[1] for s in sums))
-    )
+    return CalibrationSums(reference, *(reduce(add, parts) for parts in zip(*sums, strict=True)))

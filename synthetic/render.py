@@ -16,6 +16,7 @@ from PIL import Image
 
 from savlt_model.config import CERVICAL_CLASSES
 from synthetic.centres import HeldOutProfile, ScannerProfile
+from synthetic.family import FamilyProfile
 
 F32 = np.float32
 Array = np.ndarray
@@ -228,6 +229,46 @@ def _confounders(rng: np.random.Generator, cls: str, refl: Array, top: Array, ge
     return refl
 
 
+# ---------------------------------------------------------------- family-only axes
+# Only a FamilyProfile (synthetic.family) reaches these, so the standard profiles draw no
+# extra random number and keep their bytes.
+
+
+def _vessel_shadows(
+    rng: np.random.Generator, prof: FamilyProfile, signal: Array, d: Array
+) -> Array:
+    """Vertical shadows below the surface, as under superficial vessels."""
+    w = signal.shape[1]
+    xs = np.arange(w, dtype=F32)
+    band = np.zeros(w, dtype=F32)
+    for _ in range(int(rng.poisson(prof.shadow_count))):
+        c, half = rng.uniform(0, w), rng.uniform(1.5, 6.0) * w / 350
+        band = np.maximum(band, _sig((half - np.abs(xs - c)) * 1.5))
+    below = _sig((d - rng.uniform(2, 12)) / 2)  # the vessel sits a little below the surface
+    return signal * (1 - prof.shadow_strength * band[None, :] * below)
+
+
+def _grain(speckle: Array, sigma: float) -> Array:
+    """Speckle correlated over ``sigma`` px, with its mean and contrast kept."""
+    blurred = _blur(speckle, sigma, sigma)
+    scale = speckle.std() / max(float(blurred.std()), 1e-6)
+    return np.clip(speckle.mean() + (blurred - blurred.mean()) * scale, 0, None).astype(F32)
+
+
+def _specular(rng: np.random.Generator, prof: FamilyProfile, img: Array, top: Array) -> Array:
+    """A saturated specular flash at the surface (probability ``specular``) and a display
+    that clips the top ``0.3 * specular`` of its range to white."""
+    h, w = img.shape
+    if rng.random() < prof.specular:
+        xs = np.arange(w, dtype=F32)
+        c, half = rng.uniform(0, w), rng.uniform(1.0, 4.0) * w / 350
+        depth = rng.uniform(0.2, 1.0) * h
+        column = _sig((half - np.abs(xs - c)) * 2)[None, :]
+        reach = _sig((top[None, :] + depth - np.arange(h, dtype=F32)[:, None]) / 3)
+        img = np.maximum(img, column * reach)
+    return np.clip(img / (1 - 0.3 * prof.specular), 0, 1).astype(F32)
+
+
 # ---------------------------------------------------------------- image formation
 
 
@@ -257,9 +298,17 @@ def render(cls: str, prof: ScannerProfile, rng: np.random.Generator) -> tuple[Ar
     line = rng.uniform(0.3, 1.0) if cls == _C else rng.uniform(0.8, 2.0)
     refl = refl + line * np.exp(-((d / 1.5) ** 2))  # entry reflection at the surface
     signal = np.where(d >= -1, refl * np.exp(-prof.attenuation * np.clip(d, 0, None) / h), 0)
-    signal = signal.astype(F32) * rng.standard_gamma(prof.speckle_looks, (h, w), dtype=F32)
+    family = prof if isinstance(prof, FamilyProfile) else None
+    if family is not None and family.shadow_count > 0:
+        signal = _vessel_shadows(rng, family, signal, d)
+    speckle = rng.standard_gamma(prof.speckle_looks, (h, w), dtype=F32)
+    if family is not None and family.speckle_grain > 0:
+        speckle = _grain(speckle, family.speckle_grain)
+    signal = signal.astype(F32) * speckle
     noise = 10 ** (prof.noise_db / 10) * rng.standard_exponential((h, w), dtype=F32)
     inten = _blur(signal / prof.speckle_looks + noise, prof.blur_x, prof.blur_y)
     db = 10 * np.log10(inten + 1e-9) + prof.gain_db + rng.uniform(-1.5, 1.5)
     img = np.clip(1 + db / prof.range_db, 0, 1) ** prof.gamma
+    if family is not None:
+        img = _specular(rng, family, img, top)
     return img.astype(F32), mask

@@ -1,7 +1,8 @@
 """Synthetic DATA folders in the real layout: ``<centre>/images/<class>/<file>``.
 
 :func:`generate` writes the mixed, Xiangya and Huaxi centres; :func:`add_held_out_centres`
-adds the test-only scanner styles; :func:`ensure_data` is what a run calls. Every folder is
+adds the test-only scanner styles and :func:`add_family_centres` a held-out family of them
+(:mod:`synthetic.family`); :func:`ensure_data` is what a run calls. Every folder is
 rendered into a temp folder and renamed, so it is complete or absent. It is synthetic data,
 not clinical data.
 """
@@ -40,6 +41,7 @@ from synthetic.centres import (
     PROFILES,
     SYNTH_VERSION,
 )
+from synthetic.family import FAMILY_KEY, family_name, family_style
 from synthetic.render import SIGNATURES, Array, render
 
 log = logging.getLogger(__name__)
@@ -257,21 +259,80 @@ def add_held_out_centres(
         info = _held_out_info(name, seed, scale, classes)
         if _existing_held_out(root, info):
             continue
-        prof, fmt = HELD_OUT_PROFILES[name], info["format"]
-        tmp = root / f".{name}.tmp-{os.getpid()}"  # hidden: scan_center never lists it
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            plan = [(c, i) for c, n in info["counts"].items() for i in range(n)]
-            for cls, i in tqdm(plan, desc=name, unit="img", disable=not progress):
-                rng = np.random.default_rng([seed, _key(name), _key(cls), i])
-                img, mask = render(cls, prof, rng)
-                _write(tmp, cls, f"{name}_{i:04d}", img, mask, fmt, prof.bit_depth)
-            write_json(tmp / HELD_OUT_INFO, info)
-            tmp.rename(root / name)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        _render_centre(root, info, HELD_OUT_PROFILES[name], [seed, _key(name)], progress)
         written[name] = info
+    return written
+
+
+FAMILY_PER_CLASS = 30  # images per class of a family centre at scale 1 (balanced)
+
+
+def _render_centre(
+    root: Path, info: dict[str, Any], prof: Any, stream: list[int], progress: bool
+) -> None:
+    """Render one test-only centre into a hidden temp folder and rename it (complete or
+    absent); image (class, i) is seeded by ``stream + [class, i]``."""
+    name, fmt = info["centre"], info["format"]
+    tmp = root / f".{name}.tmp-{os.getpid()}"  # hidden: scan_center never lists it
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        plan = [(c, i) for c, n in info["counts"].items() for i in range(n)]
+        for cls, i in tqdm(plan, desc=name, unit="img", disable=not progress):
+            img, mask = render(cls, prof, np.random.default_rng([*stream, _key(cls), i]))
+            _write(tmp, cls, f"{name}_{i:04d}", img, mask, fmt, prof.bit_depth)
+        write_json(tmp / HELD_OUT_INFO, info)
+        tmp.rename(root / name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def add_family_centres(
+    root: Path,
+    n: int,
+    family_seed: int,
+    seed: int = 0,
+    scale: float = 1.0,
+    classes: list[str] | None = None,
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Add ``n`` centres of the held-out style family ``family_seed`` (test-only) to a DATA
+    folder, named ``family<S>_<k>``: style k is :func:`synthetic.family.family_style`, its
+    images are seeded by (seed, family, S, k, class, index), balanced over the classes.
+    Idempotent like :func:`add_held_out_centres`; the standard centres are never touched.
+    Returns the provenance of each centre written now."""
+    root = Path(root)
+    classes = list(CERVICAL_CLASSES) if classes is None else list(classes)
+    _check_args(seed, scale, classes)
+    if not (
+        isinstance(n, int) and 0 < n <= 100 and isinstance(family_seed, int) and family_seed >= 0
+    ):
+        raise SavltError(
+            f"--held-out-family must be 1..100 and --family-seed >= 0; got {n}, {family_seed}"
+        )
+    if not root.is_dir():
+        raise SavltError(f"{root} is not a DATA folder — generate one first (`savlt synth`)")
+    written: dict[str, dict[str, Any]] = {}
+    for k in range(n):
+        prof, fmt = family_style(family_seed, k)
+        info = {
+            "note": NOTE,
+            "generator": f"{GENERATOR_ID}.add_family_centres",
+            "version": SYNTH_VERSION,
+            "centre": family_name(family_seed, k),
+            "family_seed": family_seed,
+            "index": k,
+            "seed": seed,
+            "scale": scale,
+            "classes": classes,
+            "format": fmt,
+            "counts": {c: max(round(FAMILY_PER_CLASS * scale), MIN_PER_CELL) for c in classes},
+            "profile": asdict(prof),
+        }
+        if _existing_held_out(root, info):
+            continue
+        _render_centre(root, info, prof, [seed, FAMILY_KEY, family_seed, k], progress)
+        written[info["centre"]] = info
     return written
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -105,7 +106,8 @@ def test_temperature_fit_recovers_the_generating_temperature():
 def test_hospitals_validation_sums_add_up_to_the_pooled_ones():
     feats, labels, w = _clusters(120, seed=8, noise=1.0)
     reference = feats.mean(0)
-    parts = [site_val_stats(feats[a:b], labels[a:b], w, reference) for a, b in ((0, 50), (50, 120))]
+    bounds = ((0, 50), (50, 120))
+    parts = [site_val_stats(feats[a:b], labels[a:b], w, reference) for a, b in bounds]
     pooled = ValStats.of(feats @ w.T, labels)
     summed = parts[0][0] + parts[1][0]
     np.testing.assert_allclose(summed.nll, pooled.nll, rtol=1e-12)
@@ -142,8 +144,9 @@ def test_em_recovers_shifted_class_priors():
 
 
 def test_shift_score_is_quiet_in_distribution_and_fires_on_shifted_scans(caplog):
-    feats, _, _ = _clusters(2000, seed=7)
+    feats, _, w = _clusters(2000, seed=7)
     reference = feats[:1000].mean(0)
+    model = SimpleNamespace(positive=[0], classifier=lambda: torch.from_numpy(w))
     for n in (10, 50, 1000):  # in distribution: near 0 whatever the number of scans
         assert shift_score(feats[1000 : 1000 + n], reference) < 0.5
     shifted = _normalise(feats[1000:1050] + _normalise(np.ones((1, D))))
@@ -153,11 +156,13 @@ def test_shift_score_is_quiet_in_distribution_and_fires_on_shifted_scans(caplog)
         "config": {"calibration": {"shift_threshold": 0.5}},
     }
     with caplog.at_level(logging.WARNING, logger="tools.inference"):
-        assert warn_if_shifted(info, feats[1000:1050], "site A") < 0.5
+        assert warn_if_shifted(model, info, feats[1000:1050], "site A") < 0.5
         assert not caplog.records
-        assert warn_if_shifted(info, shifted, "site B") > 0.8
+        assert warn_if_shifted(model, info, shifted, "site B") > 0.8
     (record,) = caplog.records
     assert "site B: shift score" in record.getMessage() and "exceeds 0.50" in record.getMessage()
+    assert "the label-free guard picks 'none'" in record.getMessage()  # no centre calibration
+    assert "savlt calibrate" not in record.getMessage()
 
 
 def test_percentile_standardisation_undoes_gain_and_range():

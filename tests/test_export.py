@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 
 import pytest
@@ -23,6 +24,7 @@ from savlt_model.model.backbone import load_backbone
 from savlt_model.model.build import build_model, cached_backbone
 from tools.cli import main
 from tools.export import HEAD_JSON, export_model, load_exported
+from tools.site_check import wilson
 
 pytestmark = pytest.mark.slow
 
@@ -155,6 +157,12 @@ def test_predict_prints_and_writes_csv(run, tmp_path, capsys):
     for r in rows:
         high = float(r["p_cancer"]) + float(r["p_high-grade_squamous_intraepithelial_lesion"])
         assert abs(high - float(r["high_risk"])) < 1e-4
+    # the decision column: the class, or "refer" below the model's referral threshold
+    threshold = json.loads((model_dir / HEAD_JSON).read_text())["calibration"]["refer_below"]
+    assert 0 < threshold < 1
+    for r in rows:
+        accept = math.floor(float(r["probability"]) * 100) >= round(threshold * 100)
+        assert r["decision"] == (r["class"] if accept else "refer")
 
 
 def test_evaluate_matches_the_run_and_writes_report(run, tmp_path, capsys):
@@ -181,12 +189,16 @@ def test_evaluate_matches_the_run_and_writes_report(run, tmp_path, capsys):
     (want,) = [r for r in run_records if r["center"] == "huaxi" and r["method"] == "central"]
     assert {k: got[k] for k in METRIC_KEYS} == {k: want[k] for k in METRIC_KEYS}
     assert got["ece"] == pytest.approx(want["ece"], abs=1e-3)  # the run's temperature
+    assert got["referral_rate"] == pytest.approx(want["referral_rate"])  # the run's threshold
+    assert 0 <= got["referral_rate"] <= 100
     report = (out / "report.md").read_text()
     assert "SYNTHETIC DATA" in report and "| huaxi |" in report
+    assert "## Referral (selective prediction)" in report
     for name in (
         f"confusion_{ADAPTER}_huaxi.png",
         f"roc_{ADAPTER}.png",
         f"reliability_{ADAPTER}.png",
+        f"risk_coverage_{ADAPTER}.png",
     ):
         assert (out / "figures" / name).is_file() and f"(figures/{name})" in report
 
@@ -356,3 +368,28 @@ def test_bad_inputs_are_one_line_errors(run, tmp_path, capsys):
     image = next((run[0] / "huaxi" / "images" / "cyst").iterdir())
     _one_line_error(capsys, ["predict", "--model", str(bad), str(image)], "fingerprint mismatch")
     _one_line_error(capsys, ["predict", "--model", str(run_dir), str(image)], "not a savlt export")
+
+
+def test_site_check_reports_the_guard_referral_and_a_spot_check(run, tmp_path, capsys):
+    root, _, model_dir = run
+    out = tmp_path / "site.json"
+    images = root / "huaxi" / "images"  # unlabelled scans; its class folders are the spot check
+    argv = ["site-check", str(images), "--model", str(model_dir), "--labels", str(images)]
+    assert main([*argv, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    got = json.loads(out.read_text())
+    assert got["scans"] == sum(1 for p in images.rglob("*") if p.is_file())
+    assert (
+        got["adaptation"] in got["candidates"]
+        and not got["candidates"][got["adaptation"]]["refused"]
+    )
+    assert set(got["candidates"]) == {"none", "recentre", "restandardise", "t3a"}
+    assert sum(got["before"].values()) == pytest.approx(1.0)
+    assert sum(got["after"].values()) == pytest.approx(1.0)
+    assert 0.0 <= got["expected_referral_rate"] <= 1.0
+    assert got["verdict"].split(":")[0] in ("go", "go with referral", "no-go")
+    spot = got["spot_check"]["candidates"][got["adaptation"]]
+    sens = spot["sensitivity"]
+    assert sens["wilson95"] == pytest.approx([100 * v for v in wilson(sens["k"], sens["n"])])
+    assert got["spot_check"]["interval"] == "Wilson score, 95 %"
+    assert f"verdict: {got['verdict']}" in printed and "shift score" in printed

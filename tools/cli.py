@@ -78,8 +78,19 @@ def _bad_file_arg(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_synth(args: argparse.Namespace) -> None:
-    from synthetic.write import generate
+    from synthetic.write import add_family_centres, generate
 
+    if args.held_out_family:  # adds to an existing DATA folder (made here if absent)
+        if not args.out.exists():
+            generate(args.out, seed=args.seed, scale=args.scale)
+        written = add_family_centres(
+            args.out, args.held_out_family, args.family_seed, args.seed, args.scale
+        )
+        print(
+            f"Held-out style family {args.family_seed} (synthetic, test-only) in {args.out}: "
+            f"{len(written)} centre(s) written, {args.held_out_family - len(written)} already there"
+        )
+        return
     summary = generate(args.out, seed=args.seed, scale=args.scale)
     counts = summary.get("counts", {})
     print(
@@ -169,9 +180,10 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from tools.inference import predict_images
 
     rows = predict_images(args.model, args.images, args.on_bad_file)
-    header = ["file", "class", "probability", "high_risk"]
+    header = ["file", "class", "probability", "decision", "high_risk"]
     cells = [
-        [r["file"], r["class"], f"{r['probability']:.4f}", f"{r['high_risk']:.4f}"] for r in rows
+        [r["file"], r["class"], f"{r['probability']:.4f}", r["decision"], f"{r['high_risk']:.4f}"]
+        for r in rows
     ]
     widths = [max(len(c[i]) for c in [header, *cells]) for i in range(len(header))]
     for line in [header, *cells]:
@@ -208,6 +220,14 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         f"Calibrated to {done['scans']} unlabelled scans of {args.data} "
         f"(shift score before: {'n/a' if score is None else f'{score:.2f}'}): {done['out']}"
     )
+
+
+def cmd_site_check(args: argparse.Namespace) -> None:
+    from tools.site_check import format_site_check, site_check, write_site_check
+
+    report = site_check(args.model, args.folder, args.labels, args.on_bad_file)
+    print(format_site_check(report))
+    print(f"JSON: {write_site_check(report, args.out)}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -278,6 +298,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=float, default=1.0, help="images per class multiplier")
+    p.add_argument(
+        "--held-out-family",
+        type=int,
+        default=0,
+        metavar="N",
+        help="add N test-only centres of a held-out scanner-style family (synthetic/family.py)",
+    )
+    p.add_argument("--family-seed", type=int, default=0, help="which family (0: tuning)")
     p.set_defaults(func=cmd_synth, log_dir=None)
 
     p = sub.add_parser("train", help="centralised SAVLT on the original protocol")
@@ -356,6 +384,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="calibrated model directory")
     _bad_file_arg(p)
     p.set_defaults(func=cmd_calibrate, log_dir=None)
+
+    p = sub.add_parser(
+        "site-check",
+        help="is an exported model safe on a new scanner's unlabelled scans? (go / no-go)",
+    )
+    p.add_argument("folder", type=Path, help="folder of the new site's unlabelled scans")
+    p.add_argument("--model", type=Path, required=True, help="directory from savlt export")
+    p.add_argument(
+        "--labels",
+        type=Path,
+        help="small labelled spot check: a CSV file,class (relative to FOLDER) or class folders",
+    )
+    p.add_argument("--out", type=Path, default=Path("site_check.json"), help="JSON report")
+    _bad_file_arg(p)
+    p.set_defaults(func=cmd_site_check, log_dir=None)
 
     p = sub.add_parser(
         "deploy-local",

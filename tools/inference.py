@@ -19,6 +19,7 @@ import numpy as np
 from reporting.finish import Finish, finish_model
 from reporting.report import write_report
 from reporting.results import write_results, write_summary
+from savlt_model.adaptation import GuardChoice, guard
 from savlt_model.atomic import write_json
 from savlt_model.calibration import (
     Calibration,
@@ -34,6 +35,7 @@ from savlt_model.evaluation import predict
 from savlt_model.metrics import binary_scores
 from savlt_model.model.build import pick_device
 from savlt_model.model.savlt import SavltModel
+from savlt_model.referral import decide
 from tools.export import HEAD_JSON, load_exported
 
 BATCH = 32
@@ -42,51 +44,79 @@ SKIP_HINT = "use --on-bad-file skip"
 log = logging.getLogger(__name__)
 
 
-def _load(model_dir: Path) -> tuple[SavltModel, dict]:
+def load_model(model_dir: Path) -> tuple[SavltModel, dict]:
     model = load_exported(model_dir).to(pick_device())
     return model, json.loads((Path(model_dir) / HEAD_JSON).read_text(encoding="utf-8"))
 
 
-def _images(info: dict, samples: list[Sample]) -> ImageSet:
+def image_set(info: dict, samples: list[Sample]) -> ImageSet:
     """The scans decoded and standardised exactly as the model was trained (models exported
     before intensity standardisation existed record none)."""
     size, mean, std = info["image_size"], info["mean"], info["std"]
     return ImageSet(samples, size, mean, std, train=False, intensity=info.get("intensity", "none"))
 
 
-def _calibration(info: dict, key: str = "calibration") -> Calibration | None:
+def calibration_of(info: dict, key: str = "calibration") -> Calibration | None:
     raw = info.get(key)
     return None if raw is None else calibration_from_dict(raw)
 
 
-def warn_if_shifted(info: dict, features: np.ndarray, where: str) -> float | None:
-    """Warn when the scans' features sit far from the training hospitals' reference; the
-    score (:func:`savlt_model.calibration.shift_score`) or None without a reference."""
-    cal = _calibration(info)
+def site_guard(model: SavltModel, info: dict, features: np.ndarray) -> GuardChoice | None:
+    """The label-free guard's pick for these scans (:mod:`savlt_model.adaptation`), or
+    None for a model exported without a calibration."""
+    inductive = calibration_of(info)
+    if inductive is None:
+        return None
+    return guard(
+        features,
+        model.classifier().cpu().numpy(),
+        list(model.positive),
+        inductive,
+        calibration_of(info, "centre_calibration"),
+        float(info["config"]["calibration"]["shift_threshold"]),
+    )
+
+
+def warn_if_shifted(
+    model: SavltModel, info: dict, features: np.ndarray, where: str
+) -> float | None:
+    """Warn when the scans' features sit far from the training hospitals' reference, with
+    the guard's advice; the score (:func:`savlt_model.calibration.shift_score`) or None
+    without a reference."""
+    cal = calibration_of(info)
     if cal is None:
         return None
     score = shift_score(features, cal.reference)
-    warn_on_score(info, score, where)
+    if score > float(info["config"]["calibration"]["shift_threshold"]):
+        picked = site_guard(model, info, features)
+        assert picked is not None  # a calibration exists
+        advice = (
+            f"the label-free guard picks {picked.choice!r} ({picked.reason}; "
+            f"{picked.referral_rate:.0%} of these scans would be referred); "
+            "`savlt site-check` on this folder reports why"
+        )
+        warn_on_score(info, score, where, advice)
     return score
 
 
-def warn_on_score(info: dict, score: float, where: str) -> None:
+def warn_on_score(info: dict, score: float, where: str, advice: str) -> None:
     threshold = float(info["config"]["calibration"]["shift_threshold"])
     if score > threshold:
         log.warning(
             "%s: shift score %.2f exceeds %.2f: these scans are out of the training "
-            "distribution (another scanner or protocol?); predictions may be unreliable. "
-            "`savlt calibrate` adapts the model to this site's unlabelled scans",
+            "distribution (another scanner or protocol?); predictions may be unreliable: %s",
             where,
             score,
             threshold,
+            advice,
         )
 
 
 def predict_images(model_dir: Path, paths: Sequence[Path], on_bad_file: str = "stop") -> list[dict]:
     """Per image (per frame of a DICOM volume): ``file``, ``class``, ``probability`` (of that
-    class), ``high_risk`` (summed probability of the positive classes) and ``probs``
-    (class -> probability).
+    class: the confidence), ``decision`` (the class, or "refer" below the model's referral
+    threshold, :mod:`savlt_model.referral`), ``high_risk`` (summed probability of the
+    positive classes) and ``probs`` (class -> probability).
 
     Images go through the same checks, decoding and normalisation as in training (an
     ImageSet of unlabelled samples) and the same evaluation loop
@@ -101,21 +131,24 @@ def predict_images(model_dir: Path, paths: Sequence[Path], on_bad_file: str = "s
     samples = expand_files(listed, "predict", on_bad_file, skip_hint=SKIP_HINT)
     if not samples:
         raise SavltError("none of the given images is readable")
-    model, info = _load(model_dir)
-    probs, _, feats = predict(model, _images(info, samples), BATCH)
-    warn_if_shifted(info, feats, f"{len(samples)} image(s)")
-    cal = _calibration(info)
+    model, info = load_model(model_dir)
+    probs, _, feats = predict(model, image_set(info, samples), BATCH)
+    warn_if_shifted(model, info, feats, f"{len(samples)} image(s)")
+    cal = calibration_of(info)
     if cal is not None:
         probs = cal.probs(feats, model.classifier().cpu().numpy())
     high = binary_scores(probs, model.positive)
+    threshold = 0.0 if cal is None or cal.refer_below is None else cal.refer_below
+    decisions = decide(probs, model.classes, threshold)
     rows: list[dict] = []
-    for sample, p, h in zip(samples, probs, high, strict=True):
+    for sample, p, h, d in zip(samples, probs, high, decisions, strict=True):
         best = int(np.argmax(p))
         rows.append(
             {
                 "file": sample.key,
                 "class": model.classes[best],
                 "probability": float(p[best]),
+                "decision": d,
                 "high_risk": float(h),
                 "probs": dict(zip(model.classes, map(float, p), strict=True)),
             }
@@ -139,23 +172,24 @@ def evaluate_folder(
     ``recentre`` the ``<method>+cal`` records re-centre on this folder's own scans.
     """
     center_dir, out_dir = Path(center_dir), Path(out_dir)
-    model, info = _load(model_dir)
+    model, info = load_model(model_dir)
     root, center = center_dir.parent, center_dir.name
     samples = scan_center(root, center, model.classes, on_bad_file, skip_hint=SKIP_HINT)
-    dataset = _images(info, samples)
+    dataset = image_set(info, samples)
     synthetic = is_synthetic(root)
     method, seed = str(info["method"]), int(info["seed"])
     tag = f"{method}_seed{seed}"
     run = Finish(out_dir, tag, method, seed, None, synthetic)
-    centre = _calibration(info, "centre_calibration") if recentre else None
+    centre = calibration_of(info, "centre_calibration") if recentre else None
     if recentre and centre is None:
         raise SavltError(f"{model_dir}: exported without a centre calibration; drop --recentre")
-    calibrations = (_calibration(info), centre) if "calibration" in info else None
+    calibrations = (calibration_of(info), centre) if "calibration" in info else None
     scores, records = finish_model(
         model, {center: dataset}, BATCH, run, adapter_cfg=None, calibrations=calibrations
     )
     if "shift_score" in scores[center].metrics:  # scored with the model's reference
-        warn_on_score(info, scores[center].metrics["shift_score"], str(center_dir))
+        advice = f"`savlt site-check {center_dir}` says which adaptation is safe"
+        warn_on_score(info, scores[center].metrics["shift_score"], str(center_dir), advice)
     write_results(out_dir / "results.json", records)
     title = f"Exported model {Path(model_dir).name} ({tag}) on {center_dir}"
     write_summary(out_dir / "summary.json", records, {"title": title, "synthetic": synthetic})
@@ -195,8 +229,8 @@ def calibrate_model(
     the site's mean feature is kept (no image, no per-scan feature). Returns a summary.
     """
     model_dir, out = Path(model_dir), Path(out)
-    model, info = _load(model_dir)
-    centre = _calibration(info, "centre_calibration")
+    model, info = load_model(model_dir)
+    centre = calibration_of(info, "centre_calibration")
     if centre is None:
         raise SavltError(
             f"{model_dir} has no centre calibration (exported before it existed, or trained "
@@ -208,8 +242,8 @@ def calibrate_model(
             f"--data {folder} has {len(samples)} scan(s); calibration needs at least "
             f"{min_scans} unlabelled scans of the site"
         )
-    feats = predict(model, _images(info, samples), BATCH)[2]
-    before = warn_if_shifted(info, feats, str(folder))
+    feats = predict(model, image_set(info, samples), BATCH)[2]
+    before = warn_if_shifted(model, info, feats, str(folder))
     fixed = replace(centre.at_centre(feats), recentre=False)  # this site's mean, kept fixed
     if out.resolve() != model_dir.resolve():
         shutil.copytree(model_dir, out, dirs_exist_ok=True)

@@ -180,12 +180,15 @@ class CalibrationConfig:
     (``debias``) and, optionally, its class priors re-estimated by EM (``priors: em``,
     measured harmful here). ``shift_threshold``: shift score above which predict and
     evaluate warn that the scans are out of the training distribution.
+    ``referral_coverage``: share of the training hospitals' validation scans the model
+    reads itself; less confident scans are referred (savlt_model.referral).
     """
 
     recentre: bool = True
     debias: bool = True
     priors: Literal["none", "em"] = "none"
     shift_threshold: float = 0.5
+    referral_coverage: float = 0.8
 
 
 @dataclass

@@ -1,0 +1,226 @@
+"""A label-free guard: adapt to a new site's unlabelled scans only when it is safe.
+
+Why (issue #24): on scanners the generator does not contain, mean-shift re-centring can
+turn a poor ranking into an inverted one (binary AUC 55.6 -> 16.2). A post-hoc map fitted
+on known scanners cannot be trusted on an unknown one, so every map is a *candidate* the
+guard checks on the site's own scans, without labels, and refuses when it looks harmful:
+
+- ``none``: the model as trained (inductive calibration);
+- ``recentre``: today's calibration (features moved from the site's mean onto the
+  training reference, class bias removed);
+- ``restandardise``: the LayerNorm analogue of AdaBN. The final features are re-estimated
+  at the site with their mean *and* spread (one scale, as LayerNorm uses one variance
+  across channels): f' = mu_ref + (f - mu_site) * s_ref / s_site, re-normalised. For unit
+  features the reference spread is known from its mean alone, s_ref^2 = 1 - |mu_ref|^2,
+  so it needs no statistic beyond those the federation already sums;
+- ``t3a``: T3A (Iwasawa & Matsuo 2021), the classifier adjusted from confident site
+  features: each class's weight becomes the mean direction of itself and the site's
+  :data:`T3A_SUPPORT` lowest-entropy scans predicted as that class, at the weight's norm.
+
+Signals, each a reason to refuse a candidate: its predictions collapse onto one class
+(largest predicted-class share above :data:`MAX_CLASS_SHARE`), it reorders the scans
+(Spearman correlation of its high-risk scores with the unadapted ones below
+:data:`MIN_RANK_AGREEMENT`: a label-free map should move the operating point, not invent a
+new ranking), or the site lies beyond the shifts the maps were checked on
+(:data:`MAX_ADAPT_SHIFT` times ``calibration.shift_threshold``). Among the candidates
+left, it takes the one that spreads the predictions most (highest entropy of the
+predicted-class histogram), and only if that beats ``none`` by :data:`MIN_GAIN`; when
+unsure it keeps ``none`` and refers more (the referral threshold is raised halfway to 1).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+from scipy.stats import spearmanr
+
+from savlt_model.calibration import Calibration, shift_score
+from savlt_model.referral import CONFIDENCE_BINS, accepted
+
+MAX_CLASS_SHARE = 0.6  # more than 60 % of a site's scans in one class: collapsed
+MIN_RANK_AGREEMENT = 0.7  # Spearman of high-risk scores, adapted vs unadapted
+MAX_ADAPT_SHIFT = 3.0  # x shift_threshold: beyond it, no map is trusted
+MIN_GAIN = 0.05  # entropy (nats) a candidate must add over "none"
+MIN_SCANS = 10  # fewer scans give no usable site statistics
+T3A_SUPPORT = 10  # confident site scans per class that adjust its weight (fixed, not tuned)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def restandardise(
+    features: np.ndarray, reference: np.ndarray, site: np.ndarray | None = None
+) -> np.ndarray:
+    """Features re-standardised onto the reference: mean and (one) spread, estimated on
+    the ``site``'s scans (default: the features themselves)."""
+    f = np.asarray(features, dtype=np.float64)
+    s = f if site is None else np.asarray(site, dtype=np.float64)
+    mu_ref = np.asarray(reference, dtype=np.float64)
+    mu = s.mean(axis=0)
+    s_site = math.sqrt(max(float(((s - mu) ** 2).sum(axis=1).mean()), 1e-12))
+    s_ref = math.sqrt(max(1.0 - float(mu_ref @ mu_ref), 1e-12))
+    g = mu_ref + (f - mu) * (s_ref / s_site)
+    return g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12)
+
+
+def t3a_classifier(site: np.ndarray, classifier: np.ndarray, inductive: Calibration) -> np.ndarray:
+    """T3A's adjusted classifier for a site: per class, the unit mean of its own weight
+    direction and the site's most confident scans of that class, rescaled to the weight's
+    norm (so the temperature fitted on validation still applies)."""
+    f = np.asarray(site, dtype=np.float64)
+    w = np.asarray(classifier, dtype=np.float64)
+    p = inductive.probs(f, w)
+    entropy = -(p * np.log(np.maximum(p, 1e-12))).sum(axis=1)
+    pred = p.argmax(axis=1)
+    out = np.empty_like(w)
+    for c in range(len(w)):
+        mine = np.flatnonzero(pred == c)
+        support = mine[np.argsort(entropy[mine], kind="stable")[:T3A_SUPPORT]]
+        direction = _unit(np.vstack([_unit(w[c]), f[support]]).mean(axis=0))
+        out[c] = direction * np.linalg.norm(w[c])
+    return out
+
+
+def class_shares(probs: np.ndarray) -> np.ndarray:
+    """Share of scans predicted as each class."""
+    p = np.asarray(probs)
+    return np.bincount(p.argmax(axis=1), minlength=p.shape[1]) / max(len(p), 1)
+
+
+def _entropy(shares: np.ndarray) -> float:
+    s = shares[shares > 0]
+    return float(-(s * np.log(s)).sum())
+
+
+def rank_agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman correlation of two score vectors (1.0 when either is constant: no order)."""
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return 1.0
+    return float(spearmanr(a, b).statistic)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One candidate's probabilities on the site and the signals the guard read."""
+
+    name: str
+    probs: np.ndarray
+    shares: np.ndarray
+    rank_agreement: float
+    refused: list[str] = field(default_factory=list)  # reasons; empty: acceptable
+
+    @property
+    def collapsed(self) -> bool:
+        return float(self.shares.max()) > MAX_CLASS_SHARE
+
+    @property
+    def spread(self) -> float:
+        return _entropy(self.shares)
+
+
+@dataclass(frozen=True)
+class GuardChoice:
+    """The guard's pick for one site, with everything a site check reports."""
+
+    choice: str
+    reason: str
+    shift: float
+    refer_below: float  # the referral threshold to use at this site
+    candidates: dict[str, Candidate]
+
+    @property
+    def probs(self) -> np.ndarray:
+        return self.candidates[self.choice].probs
+
+    @property
+    def referral_rate(self) -> float:
+        """Share of the site's scans that would be referred (expected referral rate)."""
+        return float(1 - accepted(self.probs, self.refer_below).mean())
+
+
+def candidate_probs(
+    features: np.ndarray,
+    classifier: np.ndarray,
+    inductive: Calibration,
+    centre: Calibration | None,
+    site: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """Each candidate's calibrated probabilities for ``features``, with the site statistics
+    taken from ``site`` (default: the features themselves; a labelled spot check is scored
+    with the statistics of all the site's scans). ``recentre`` and ``restandardise`` need
+    the re-centring calibration's class bias and temperature."""
+    f = np.asarray(features, dtype=np.float64)
+    s = f if site is None else np.asarray(site, dtype=np.float64)
+    out = {"none": inductive.probs(f, classifier)}
+    if centre is not None:
+        out["recentre"] = centre.at_centre(s).probs(f, classifier)
+        plain = replace(centre, recentre=False, center_mean=None)
+        out["restandardise"] = plain.probs(restandardise(f, centre.reference, s), classifier)
+    out["t3a"] = inductive.probs(f, t3a_classifier(s, classifier, inductive))
+    return out
+
+
+def guard(
+    features: np.ndarray,
+    classifier: np.ndarray,
+    positive: list[int],
+    inductive: Calibration,
+    centre: Calibration | None,
+    shift_threshold: float,
+) -> GuardChoice:
+    """Pick one candidate for a site (or ``none``) from its unlabelled ``features``."""
+    f = np.asarray(features, dtype=np.float64)
+    probs = candidate_probs(f, classifier, inductive, centre)
+    shift = shift_score(f, inductive.reference)
+    return choose(probs, positive, shift, shift_threshold, inductive.refer_below or 0.0)
+
+
+def choose(
+    probs: dict[str, np.ndarray],
+    positive: list[int],
+    shift: float,
+    shift_threshold: float,
+    refer_below: float,
+) -> GuardChoice:
+    """The guard's rule on the candidates' probabilities (``probs["none"]`` required)."""
+    n = len(probs["none"])
+    unsure = round((refer_below + (1 - refer_below) / 2) * CONFIDENCE_BINS) / CONFIDENCE_BINS
+    high = {k: np.asarray(p)[:, positive].sum(axis=1) for k, p in probs.items()}
+    cands: dict[str, Candidate] = {}
+    for name, p in probs.items():
+        c = Candidate(
+            name, np.asarray(p), class_shares(p), rank_agreement(high["none"], high[name])
+        )
+        if name != "none":
+            if c.collapsed:
+                c.refused.append(f"collapses: {c.shares.max():.0%} of scans in one class")
+            if c.rank_agreement < MIN_RANK_AGREEMENT:
+                c.refused.append(
+                    f"reorders the scans: Spearman {c.rank_agreement:.2f} < {MIN_RANK_AGREEMENT}"
+                )
+            if shift > MAX_ADAPT_SHIFT * shift_threshold:
+                c.refused.append(
+                    f"shift {shift:.2f} beyond {MAX_ADAPT_SHIFT * shift_threshold:.2f}, "
+                    "where no map was checked"
+                )
+            if n < MIN_SCANS:
+                c.refused.append(f"{n} scans; site statistics need {MIN_SCANS}")
+        cands[name] = c
+    none = cands["none"]
+    if shift <= shift_threshold:
+        return GuardChoice("none", "in distribution: nothing to adapt", shift, refer_below, cands)
+    ok = [c for c in cands.values() if c.name != "none" and not c.refused]
+    best = max(ok, key=lambda c: c.spread, default=None)
+    if best is not None and best.spread >= none.spread + MIN_GAIN:
+        why = (
+            f"spreads the predictions (entropy {none.spread:.2f} -> {best.spread:.2f}) and "
+            f"keeps the ranking (Spearman {best.rank_agreement:.2f})"
+        )
+        return GuardChoice(best.name, why, shift, refer_below, cands)
+    why = "no candidate is safe and better than none; referring more"
+    if none.collapsed:
+        why += f" (the model itself puts {none.shares.max():.0%} of scans in one class)"
+    return GuardChoice("none", why, shift, max(refer_below, unsure), cands)

@@ -1,0 +1,102 @@
+"""The label-free guard (savlt_model.adaptation): it refuses an adaptation that collapses
+or reorders the predictions (cases built by hand), keeps "none" in distribution, and on a
+common feature offset picks a map that restores the spread."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from savlt_model.adaptation import choose, guard, restandardise, t3a_classifier
+from savlt_model.calibration import Calibration, shift_score
+
+
+def _p(rows: list[list[float]]) -> np.ndarray:
+    return np.asarray(rows, dtype=np.float64)
+
+
+# ten scans, three classes (class 0 is the high-risk one); "none" spreads them 4 / 3 / 3
+NONE = _p(
+    [
+        *([0.9, 0.05, 0.05], [0.8, 0.1, 0.1], [0.7, 0.2, 0.1], [0.6, 0.3, 0.1]),
+        *([0.3, 0.6, 0.1], [0.2, 0.7, 0.1], [0.1, 0.8, 0.1]),
+        *([0.15, 0.1, 0.75], [0.05, 0.15, 0.8], [0.02, 0.08, 0.9]),
+    ]
+)
+
+
+def test_the_guard_refuses_an_adaptation_that_collapses_predictions():
+    # same ranking of the high-risk score, but every scan called class 1
+    high = NONE[:, 0] * 0.45
+    collapsed = np.stack([high, 1 - high - 0.01, np.full(10, 0.01)], axis=1)
+    got = choose({"none": NONE, "recentre": collapsed}, [0], 1.0, 0.5, 0.4)
+    assert got.choice == "none"
+    cand = got.candidates["recentre"]
+    assert cand.shares.tolist() == [0.0, 1.0, 0.0]
+    assert cand.rank_agreement > 0.99  # the ranking alone would not have refused it
+    assert cand.refused == ["collapses: 100% of scans in one class"]
+    assert got.refer_below == 0.7  # unsure: the threshold goes halfway from 0.4 to 1
+    assert "referring more" in got.reason
+
+
+def test_the_guard_refuses_an_adaptation_that_reorders_the_scans():
+    inverted = NONE[::-1].copy()  # the same 4 / 3 / 3 spread, the scans in reverse order
+    got = choose({"none": NONE, "recentre": inverted}, [0], 1.0, 0.5, 0.4)
+    assert got.choice == "none"
+    assert got.candidates["recentre"].rank_agreement < -0.9
+    assert got.candidates["recentre"].refused[0].startswith("reorders the scans")
+
+
+def test_the_guard_keeps_none_in_distribution_and_takes_a_safe_spreading_map():
+    # "none" over-calls class 0 (9 of 10 scans); the map spreads 4 / 3 / 3 in the same order
+    skewed = (NONE + np.array([0.8, 0.0, 0.0])) / 1.8
+    assert choose({"none": skewed, "recentre": NONE}, [0], 0.1, 0.5, 0.4).choice == "none"
+    got = choose({"none": skewed, "recentre": NONE}, [0], 1.0, 0.5, 0.4)
+    assert got.candidates["none"].shares.tolist() == [0.9, 0.0, 0.1]
+    assert got.candidates["recentre"].rank_agreement == pytest.approx(1.0)
+    assert got.choice == "recentre" and got.refer_below == 0.4  # safe: no extra referral
+    # the same map at a shift beyond 3 x the threshold is not trusted
+    far = choose({"none": skewed, "recentre": NONE}, [0], 1.6, 0.5, 0.4)
+    assert far.choice == "none" and "beyond 1.50" in far.candidates["recentre"].refused[0]
+
+
+def test_restandardise_puts_the_site_on_the_reference_mean_and_spread():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(400, 8)) + 2.0
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    site = 0.3 * rng.normal(size=(200, 8)) + np.array([3.0, 0, 0, 0, 0, 0, 1.0, 0])
+    site /= np.linalg.norm(site, axis=1, keepdims=True)
+    mu = ref.mean(axis=0)
+    assert shift_score(site, mu) > 1.0
+    assert shift_score(restandardise(site, mu), mu) < 0.1
+
+
+def test_guard_on_a_common_feature_offset_picks_a_map_and_refers_at_the_model_threshold():
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(3, 12))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    w = 6.0 * centres
+
+    def scans(offset: float) -> np.ndarray:
+        y = rng.integers(0, 3, 150)
+        f = centres[y] + 0.6 * rng.normal(size=(150, 12)) + offset * centres[0]
+        return f / np.linalg.norm(f, axis=1, keepdims=True)
+
+    train = scans(0.0)
+    inductive = Calibration(train.mean(axis=0), refer_below=0.5)
+    centre = Calibration(train.mean(axis=0), recentre=True)
+    site = scans(2.5)  # a display offset pushes every scan toward class 0
+    got = guard(site, w, [0], inductive, centre, shift_threshold=0.5)
+    assert got.candidates["none"].collapsed
+    assert got.choice in ("recentre", "restandardise") and not got.candidates[got.choice].refused
+    assert got.candidates[got.choice].shares.max() < 0.6
+    assert got.refer_below == 0.5 and 0 <= got.referral_rate <= 1
+
+
+def test_t3a_moves_a_class_weight_toward_its_confident_site_scans_at_the_same_norm():
+    w = np.array([[2.0, 0.0], [0.0, 3.0]])
+    site = np.array([[0.6, 0.8]] * 3)  # logits (1.2, 2.4): all predicted class 1
+    got = t3a_classifier(site, w, Calibration(np.zeros(2)))
+    np.testing.assert_allclose(got[0], [2.0, 0.0])  # no scan of class 0: unchanged
+    mean = np.array([0.0 + 3 * 0.6, 1.0 + 3 * 0.8]) / 4  # (0.45, 0.85)
+    np.testing.assert_allclose(got[1], 3.0 * mean / np.linalg.norm(mean))
