@@ -161,7 +161,7 @@ def test_shift_score_is_quiet_in_distribution_and_fires_on_shifted_scans(caplog)
         assert warn_if_shifted(model, info, shifted, "site B") > 0.8
     (record,) = caplog.records
     assert "site B: shift score" in record.getMessage() and "exceeds 0.50" in record.getMessage()
-    assert "the label-free guard picks 'none'" in record.getMessage()  # no centre calibration
+    assert "the label-free guard picks" in record.getMessage()
     assert "savlt calibrate" not in record.getMessage()
 
 
