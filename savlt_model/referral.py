@@ -102,14 +102,27 @@ def accepted_scores(
     """Referral rate, and sensitivity and specificity of the high-risk call (predicted
     class in ``positive``, as :func:`savlt_model.metrics.compute_metrics`) among the
     accepted scans only, all in %; None where there is no scan to count."""
+    keep, counts = accepted_counts(probs, labels, positive, threshold)
+    (tp, n_pos), (tn, n_neg) = counts["sensitivity"], counts["specificity"]
+    return {
+        "referral_rate": 100 * float(1 - keep.mean()) if len(keep) else None,
+        "accepted_sensitivity": 100 * tp / n_pos if n_pos else None,
+        "accepted_specificity": 100 * tn / n_neg if n_neg else None,
+    }
+
+
+def accepted_counts(
+    probs: np.ndarray, labels: np.ndarray, positive: list[int], threshold: float
+) -> tuple[np.ndarray, dict[str, tuple[int, int]]]:
+    """The accepted-scan mask and, among those scans, (hits, cases) of the high-risk call:
+    ``sensitivity`` (true positives, positives) and ``specificity`` (true negatives,
+    negatives)."""
     p = np.asarray(probs, dtype=np.float64)
     keep = accepted(p, threshold)
     pos = np.asarray(positive)
     truth = np.isin(np.asarray(labels), pos)[keep]
     call = np.isin(p.argmax(axis=1), pos)[keep]
-    n_pos, n_neg = int(truth.sum()), int((~truth).sum())
-    return {
-        "referral_rate": 100 * float(1 - keep.mean()) if len(keep) else None,
-        "accepted_sensitivity": 100 * float((call & truth).sum() / n_pos) if n_pos else None,
-        "accepted_specificity": 100 * float((~call & ~truth).sum() / n_neg) if n_neg else None,
+    return keep, {
+        "sensitivity": (int((call & truth).sum()), int(truth.sum())),
+        "specificity": (int((~call & ~truth).sum()), int((~truth).sum())),
     }

@@ -8,6 +8,9 @@ What differs between hospitals lives here; what the tissue looks like lives in
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 
 from savlt_model.config import CERVICAL_CLASSES
 
@@ -193,3 +196,17 @@ HELD_OUT_COUNTS: dict[str, dict[str, int]] = {
     "scanner_lc": {_C: 30, _Y: 30, _E: 30, _H: 30, _M: 30},
 }
 HELD_OUT_INFO = "held_out.json"  # provenance file inside each held-out centre folder
+
+
+IMAGE_SIZE_AXES = ("width", "height")  # drawn as whole pixels; every other axis as a float
+
+
+def draw_axes(ranges: dict[str, tuple[float, float]], rng: np.random.Generator) -> dict[str, Any]:
+    """One value per axis, uniform in its range and drawn in the table's order (so a table
+    and a seed fix the style): the randomised scanners of pretraining and the held-out family."""
+    return {
+        name: int(rng.integers(lo, hi + 1))
+        if name in IMAGE_SIZE_AXES
+        else float(rng.uniform(lo, hi))
+        for name, (lo, hi) in ranges.items()
+    }

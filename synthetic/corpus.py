@@ -20,7 +20,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from savlt_model.config import CERVICAL_CLASSES
-from synthetic.centres import ScannerProfile
+from synthetic.centres import ScannerProfile, draw_axes
 from synthetic.render import render
 
 CORPUS_KEY = zlib.crc32(b"savlt-pretrain-corpus")  # a seed stream generate() never draws
@@ -47,11 +47,7 @@ PROFILE_RANGES: dict[str, tuple[float, float]] = {
 
 def random_profile(rng: np.random.Generator) -> ScannerProfile:
     """One scanner drawn uniformly from :data:`PROFILE_RANGES` (integer image size)."""
-    values: dict[str, Any] = {}
-    for f in dataclasses.fields(ScannerProfile):
-        lo, hi = PROFILE_RANGES[f.name]
-        values[f.name] = int(rng.integers(lo, hi + 1)) if f.type == "int" else rng.uniform(lo, hi)
-    return ScannerProfile(**values)
+    return ScannerProfile(**draw_axes(PROFILE_RANGES, rng))
 
 
 @dataclass

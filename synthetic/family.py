@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
-from synthetic.centres import PROFILES, HeldOutProfile
+from synthetic.centres import PROFILES, HeldOutProfile, draw_axes
 
 FAMILY_KEY = zlib.crc32(b"savlt-held-out-family")  # a seed stream nothing else draws
 
@@ -91,13 +90,7 @@ def family_style(family_seed: int, index: int) -> tuple[FamilyProfile, str]:
     """Style ``index`` of family ``family_seed``: its profile and file format (``png8``,
     ``png16`` with its bit depth on the profile, or ``jpeg<q>``). Deterministic."""
     rng = np.random.default_rng([FAMILY_KEY, family_seed, index])
-    values: dict[str, Any] = {}
-    for name, (lo, hi) in FAMILY_RANGES.items():
-        values[name] = (
-            int(rng.integers(lo, hi + 1))
-            if name in ("width", "height")
-            else float(rng.uniform(lo, hi))
-        )
+    values = draw_axes(FAMILY_RANGES, rng)
     fmt = FAMILY_FORMATS[int(rng.integers(len(FAMILY_FORMATS)))]
     bits = 8
     if fmt.startswith("png16"):

@@ -23,7 +23,7 @@ from savlt_model.atomic import write_json
 from savlt_model.data.folders import SCAN_SUFFIXES, Listed, Sample, expand_files
 from savlt_model.errors import SavltError
 from savlt_model.evaluation import predict
-from savlt_model.referral import accepted
+from savlt_model.referral import accepted_counts
 from tools.inference import (
     BATCH,
     SKIP_HINT,
@@ -65,15 +65,9 @@ def measured(
 ) -> dict:
     """The accepted spot-check scans' sensitivity and specificity (%), each with its count
     and Wilson 95 % interval (None where a binary class has no accepted scan)."""
-    keep = accepted(probs, refer_below)
-    pos = np.asarray(positive)
-    truth = np.isin(labels, pos)[keep]
-    call = np.isin(np.asarray(probs).argmax(axis=1), pos)[keep]
+    keep, counts = accepted_counts(probs, labels, positive, refer_below)
     out: dict = {"accepted": int(keep.sum()), "labelled": len(labels)}
-    for name, k, n in (
-        ("sensitivity", int((call & truth).sum()), int(truth.sum())),
-        ("specificity", int((~call & ~truth).sum()), int((~truth).sum())),
-    ):
+    for name, (k, n) in counts.items():
         lo_hi = [100 * v for v in wilson(k, n)] if n else None
         out[name] = {"k": k, "n": n, "value": 100 * k / n if n else None, "wilson95": lo_hi}
     return out
