@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import inspect
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -88,11 +87,6 @@ def tree_hashes(root: Path) -> dict[str, str]:
     }
 
 
-# Tests that start a Flower simulation (Ray) run in one pytest-xdist group: one Ray runtime at
-# a time on a 2-core machine; the other tests share the second worker.
-_RAY_CALLS = ("run_job(", "simulate_federated(", "run_simulation(", "run_simulate(", '"simulate"')
-
-
 @pytest.fixture
 def in_process(monkeypatch) -> None:
     """Flower's simulation without Ray for this test (tests/inprocess.py)."""
@@ -103,29 +97,14 @@ def in_process(monkeypatch) -> None:
     monkeypatch.setattr(flwr.simulation, "run_simulation", run_in_process)
 
 
-def _starts_ray(item: pytest.Item) -> bool:
-    if "in_process" in getattr(item, "fixturenames", ()):
-        return False
-    funcs = [getattr(item, "function", None)]
-    infos = getattr(item, "_fixtureinfo", None)
-    if infos is not None:
-        funcs += [d.func for defs in infos.name2fixturedefs.values() for d in defs]
-    for func in funcs:
-        try:
-            source = inspect.getsource(func)
-        except (OSError, TypeError):
-            continue
-        if any(call in source for call in _RAY_CALLS):
-            return True
-    return False
-
-
+# Tests that start Ray (marker ``ray``) run in one pytest-xdist group: one Ray runtime at a
+# time on a 2-core machine; the deployment tests (real SuperLink/SuperNode processes) in
+# another; everything else is spread over both workers.
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if item.get_closest_marker("deploy"):  # real SuperLink/SuperNode processes, no Ray
-            item.add_marker(pytest.mark.xdist_group("deploy"))
-        elif _starts_ray(item):
-            item.add_marker(pytest.mark.xdist_group("ray"))
+        for marker in ("ray", "deploy"):
+            if item.get_closest_marker(marker):
+                item.add_marker(pytest.mark.xdist_group(marker))
 
 
 _FILE_LIKE = re.compile(r"[\w.-]+\.(jpe?g|png|tiff?|bmp|ya?ml|json|pt|pth|safetensors|txt|csv)\b")

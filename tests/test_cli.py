@@ -68,6 +68,7 @@ def test_missing_config_file(tmp_path, capsys):
     assert "nope.yaml does not exist" in _error_line(capsys)
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_simulate_command_and_resume(fed_data_root, tmp_path, capsys):
     out = tmp_path / "sim"

@@ -69,6 +69,7 @@ def _run(
     return json.loads(job.result_file.read_text()), state
 
 
+@pytest.mark.ray
 def test_hospital_down_mid_round_then_rejoins(fed_config, tmp_path, monkeypatch):
     cfg = fed_config("fl.min_hospitals=2")
     summary, state = _run(cfg, tmp_path, "1:1:crash", monkeypatch)

@@ -36,6 +36,7 @@ def backend_configs(monkeypatch) -> list[dict]:
     return seen
 
 
+@pytest.mark.ray
 def test_twenty_hospitals_with_two_bounded_actors(fed_config, tmp_path, backend_configs):
     cfg = fed_config(
         "fl.partition=paper",
@@ -105,6 +106,7 @@ def ray_head() -> Iterator[str]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+@pytest.mark.ray
 def test_simulation_runs_on_a_ray_cluster_it_connects_to(fed_config, tmp_path, ray_head):
     import ray
     from ray._private.state import jobs  # the GCS job table (no dashboard on this head)
