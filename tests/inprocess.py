@@ -5,9 +5,11 @@ The same ServerApp, strategy, ClientApp (with its mods) and real ``Message`` /
 the transport. Every message and every reply goes through Flower's wire format (protobuf
 serde) as it would between processes, each virtual SuperNode keeps its own ``Context``
 between messages, and a ClientApp that raises becomes an error reply with the reason
-Flower's simulation backend gives it. The hospitals run one after another, with no Ray
-start-up and no actor processes: what the end-to-end tests (Ray, ``flwr run``, real
-SuperNodes) pay once per behaviour family, these tests do not pay at all.
+Flower's simulation backend gives it. Every reply is checked to name no path and no file
+(:func:`reply_texts`; docs/security.md: no text that leaves a hospital does). The
+hospitals run one after another, with no Ray start-up and no actor processes: what the
+end-to-end tests (Ray, ``flwr run``, real SuperNodes) pay once per behaviour family, these
+tests do not pay at all.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
+
+from tests.conftest import assert_no_local_text
 
 RUN_ID = 1
 SUPERLINK = 0
@@ -84,7 +88,24 @@ class InProcessGrid(Grid):
                 reply = Message(error, reply_to=received)
             reply.metadata.__dict__["_message_id"] = uuid.uuid4().hex
             replies.append(_wire(reply))
+            assert_no_local_text(reply_texts(replies[-1]))
         return replies
+
+
+def reply_texts(reply: Message) -> list[str]:
+    """Every text a reply carries: its error reason, its config values and its record and
+    metric names (metric values are numbers: the message contract's check)."""
+    if reply.has_error():
+        return [reply.error.reason]
+    content = reply.content
+    texts = [*content.array_records, *content.metric_records, *content.config_records]
+    for record in content.array_records.values():
+        texts += list(record)
+    for metrics in content.metric_records.values():
+        texts += list(metrics)
+    for config in content.config_records.values():
+        texts += [str(k) for k in config] + [str(v) for v in config.values()]
+    return texts
 
 
 def run_in_process(

@@ -26,7 +26,9 @@ from tools.cli import main
 from tools.export import HEAD_JSON, export_model, load_exported
 from tools.site_check import wilson
 
-pytestmark = pytest.mark.slow
+# One worker runs this module, and its trained run is built once (session scope: a module
+# fixture is rebuilt whenever the worker runs another module's test in between).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("export")]
 
 ADAPTER = "central_seed42"
 
@@ -38,7 +40,7 @@ def _savlt(command: str, out, root, *overrides: str) -> None:
     assert main(args + [a for o in (*sets, *overrides) for a in ("--set", o)]) == 0
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def run(tmp_path_factory, fed_data_root):
     """A tiny finished `savlt train` run: (data root, run dir, exported model dir)."""
     base = tmp_path_factory.mktemp("export")

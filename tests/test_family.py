@@ -5,7 +5,6 @@ next to a DATA folder without touching its bytes."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 
@@ -23,19 +22,32 @@ CYST, MILD = "cyst", "mild_inflammation"
 NEW_AXES = ("speckle_grain", "shadow_count", "shadow_strength", "specular")
 # The generator's own axes (the new ones and layer contrast are outside trivially).
 OLD_AXES = [k for k in family.FAMILY_RANGES if k not in (*NEW_AXES, "layer_contrast")]
-# sha256 of 35 renders (every standard and held-out profile x every class) at the commit
-# before the family existed: the new axes draw no random number for those profiles.
-BEFORE_FAMILY = "1b5241e998cacb9fa91d5daee69d9f5acf669d91617f6c314f7e7a3a45f04c99"
+# 35 renders (every standard and held-out profile x every class) made at the commit before
+# the family existed (dd84c1d): mean, spread, every 12th row's mean and the mask's area.
+# Statistics, not a hash of the float32 pixels: numpy's vectorised maths differs in the last
+# bit between CPUs, while a changed random draw moves these by far more than the tolerance.
+BEFORE_FAMILY = Path(__file__).parent / "fixtures" / "render-before-family.json"
 
 
 def test_standard_profiles_render_the_same_pixels_as_before_the_family():
-    h = hashlib.sha256()
+    before = json.loads(BEFORE_FAMILY.read_text())
+    renders = {}
     for name, prof in {**PROFILES, **HELD_OUT_PROFILES}.items():
         for k, cls in enumerate(SIGNATURES):
             img, mask = render(cls, prof, np.random.default_rng([7, k, len(name)]))
-            h.update(img.tobytes())
-            h.update(mask.tobytes())
-    assert h.hexdigest() == BEFORE_FAMILY
+            x = img.astype(np.float64)
+            renders[f"{name}/{cls}"] = (x.mean(), x.std(), x.mean(axis=1)[::12], mask.sum())
+    assert sorted(renders) == sorted(before)
+    for key, (mean, std, rows, area) in renders.items():
+        ref = before[key]
+        assert area == ref["mask"], key
+        np.testing.assert_allclose(
+            [mean, std, *rows],
+            [ref["mean"], ref["std"], *ref["rows"]],
+            rtol=0,
+            atol=1e-6,
+            err_msg=key,
+        )
 
 
 def test_family_styles_are_fixed_in_range_and_mostly_outside_the_training_sites():

@@ -45,11 +45,13 @@ from tests.inprocess import run_in_process
 CENTRES = ("mixed", "xiangya", "huaxi")
 
 
-# One worker runs this module: its federation fixture is built once, not once per worker.
+# One worker runs this module, and its federation is built once: session scope, because a
+# module-scoped fixture is torn down and rebuilt whenever that worker runs another module's
+# test between two of these (xdist does not keep a group's tests together).
 pytestmark = pytest.mark.xdist_group("trust")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def federation(fed_config, fed_data_root, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("trust")
     policy_file = out / "hospital0-policy.yaml"
