@@ -1,0 +1,181 @@
+"""Federation measured at a stated budget: rounds x local steps, seeds, data seeds.
+
+Issue #28's study on the synthetic data (SYNTHETIC, not clinical performance). Each cell is
+one ``savlt simulate`` of the default config with its overrides, per seed, written under
+``runs/federation-study/<cell>-s<seed>``; a finished cell is skipped, so the study resumes.
+
+    python benchmarks/federation_study.py run --cell default --seed 5 --seed 42 --seed 123
+    python benchmarks/federation_study.py run --group sweep --seed 42   # every rounds cell
+    python benchmarks/federation_study.py table       # markdown + results/federation_study.json
+
+Cells: ``rounds{R}`` (FedAvg at the per-hospital budget, R rounds of 160 / R local steps:
+what the round count costs in accuracy and bytes; R = 5 is the ``default`` cell),
+``default`` (central and FedAvg as ``make simulate`` runs them, for the paired 3-seed
+check) and ``default-data1`` (the same on another synthetic data seed, in its own data
+folder). ``table`` prints, per cell and method, the calibrated and raw accuracy on mixed /
+Xiangya / Huaxi (mean +- std over the seeds found), the rounds sweep with the bytes each
+hospital sent and received over the run, and FedAvg minus central paired by seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "runs" / "federation-study"
+RESULTS = ROOT / "benchmarks" / "results" / "federation_study.json"
+CONFIG = "configs/default.yaml"
+CENTRES = ("mixed", "xiangya", "huaxi")
+COMMON = ("fl.eval_every=0",)  # score after the last round only: the study needs no curves
+
+# the default's 5 rounds x 32 steps is the "default" cell's FedAvg
+ROUNDS = (1, 2, 5, 10, 20)
+CELLS: dict[str, tuple[str, ...]] = {
+    f"rounds{r}": ("fl.methods=[fedavg]", f"fl.rounds={r}") for r in ROUNDS if r != 5
+}
+CELLS["default"] = ("fl.methods=[central,fedavg]",)
+CELLS["default-data1"] = (
+    *CELLS["default"],
+    "data.synthetic.seed=1",
+    "data.root=runs/data/synthetic-seed1",
+)
+GROUPS = {"sweep": [c for c in CELLS if c.startswith("rounds")]}
+
+
+def run(cells: list[str], seeds: list[int]) -> None:
+    for cell in cells:
+        for seed in seeds:
+            out = OUT / f"{cell}-s{seed}"
+            if (out / "results.json").exists():
+                print(f"{out.name}: done, skipped", flush=True)
+                continue
+            sets = [*COMMON, *CELLS[cell], f"seeds=[{seed}]"]
+            cmd = [sys.executable, "-m", "tools.cli", "simulate", "--config", CONFIG]
+            cmd += [a for s in sets for a in ("--set", s)] + ["--out", str(out)]
+            print(" ".join(cmd), flush=True)
+            subprocess.run(cmd, cwd=ROOT, check=True)
+
+
+def collect() -> tuple[dict, dict]:
+    """{(cell, method, centre): {seed: acc}} and {(cell, method): {seed: (up, down) MiB per
+    hospital over the run}} from every finished run."""
+    scores: dict = {}
+    traffic: dict = {}
+    for run_dir in sorted(OUT.glob("*-s*")):
+        if not (run_dir / "results.json").exists():
+            continue
+        cell, seed = run_dir.name.rsplit("-s", 1)
+        for rec in json.loads((run_dir / "results.json").read_text()):
+            if rec["center"] in CENTRES:
+                scores.setdefault((cell, rec["method"], rec["center"]), {})[int(seed)] = rec[
+                    "acc_multiclass"
+                ]
+        for job in sorted((run_dir / "jobs").glob("*.json")):
+            summary = json.loads(job.read_text())
+            history = summary.get("history") or []
+            if not history:
+                continue
+            hospitals = max(len(row.get("weights", [])) for row in history) or 1
+            up = sum(row.get("upload-bytes", 0) for row in history) / hospitals / 2**20
+            down = sum(row.get("download-bytes", 0) for row in history) / hospitals / 2**20
+            traffic.setdefault((cell, summary["method"]), {})[int(seed)] = (up, down)
+    return scores, traffic
+
+
+def _cell(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{np.mean(values):.1f} ± {np.std(values, ddof=1):.1f}"
+
+
+def table() -> str:
+    scores, traffic = collect()
+    lines = [
+        "Accuracy % (5 classes), SYNTHETIC data; mean ± std over the seeds listed.",
+        "",
+        "| cell | method | seeds | " + " | ".join(CENTRES) + " | MiB up / down per hospital |",
+        "|---|---|---|" + "---|" * len(CENTRES) + "---|",
+    ]
+    rows = sorted({(c, m) for c, m, _ in scores})
+    for cell, method in rows:
+        per = [scores.get((cell, method, centre), {}) for centre in CENTRES]
+        seeds = sorted(set().union(*per))
+        bytes_ = traffic.get((cell, method.split("+")[0]), {})
+        mib = (
+            f"{np.mean([u for u, _ in bytes_.values()]):.2f} / "
+            f"{np.mean([d for _, d in bytes_.values()]):.2f}"
+            if bytes_
+            else "-"
+        )
+        vals = [_cell(list(p.values())) if p else "-" for p in per]
+        lines.append(f"| {cell} | {method} | {seeds} | " + " | ".join(vals) + f" | {mib} |")
+    lines += ["", "Rounds x local steps at the per-hospital budget (FedAvg, seed 42):", ""]
+    lines += ["| rounds x steps | variant | " + " | ".join(CENTRES) + " | MiB up / down |"]
+    lines += ["|---|---|" + "---|" * len(CENTRES) + "---|"]
+    for r in ROUNDS:
+        cell = "default" if r == 5 else f"rounds{r}"
+        up_down = traffic.get((cell, "fedavg"), {}).get(42)
+        for variant in ("+cal", ""):
+            accs = [scores.get((cell, "fedavg" + variant, c), {}).get(42) for c in CENTRES]
+            if all(a is None for a in accs):
+                continue
+            mib = f"{up_down[0]:.2f} / {up_down[1]:.2f}" if up_down else "-"
+            lines.append(
+                f"| {r} x {160 // r} | {variant or 'raw'} | "
+                + " | ".join("-" if a is None else f"{a:.1f}" for a in accs)
+                + f" | {mib} |"
+            )
+    lines += ["", "FedAvg minus central, paired by seed (accuracy points):", ""]
+    lines += ["| cell | variant | seeds | " + " | ".join(CENTRES) + " |"]
+    lines += ["|---|---|---|" + "---|" * len(CENTRES)]
+    for cell in sorted({c for c, _, _ in scores}):
+        for variant in ("", "+cal"):
+            diffs = []
+            for centre in CENTRES:
+                fed = scores.get((cell, "fedavg" + variant, centre), {})
+                cen = scores.get((cell, "central" + variant, centre), {})
+                diffs.append([fed[s] - cen[s] for s in sorted(set(fed) & set(cen))])
+            if diffs[0]:
+                lines.append(
+                    f"| {cell} | {variant or 'raw'} | {len(diffs[0])} | "
+                    + " | ".join(_cell(d) for d in diffs)
+                    + " |"
+                )
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "scores": {"/".join(k): v for k, v in scores.items()},
+                "traffic_mib": {"/".join(k): v for k, v in traffic.items()},
+            },
+            indent=1,
+        )
+    )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--cell", action="append", choices=sorted(CELLS))
+    r.add_argument("--group", choices=sorted(GROUPS))
+    r.add_argument("--seed", type=int, action="append", required=True)
+    sub.add_parser("table")
+    args = p.parse_args()
+    if args.cmd == "run":
+        cells = (args.cell or []) + (GROUPS[args.group] if args.group else [])
+        if not cells:
+            p.error("give --cell or --group")
+        run(cells, args.seed)
+    else:
+        print(table())
+
+
+if __name__ == "__main__":
+    main()
