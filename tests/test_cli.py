@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -66,6 +67,21 @@ def test_bad_config_is_one_line_naming_the_key(tmp_path, capsys, overrides, mess
 def test_missing_config_file(tmp_path, capsys):
     assert main(["train", "--config", str(tmp_path / "nope.yaml"), "--out", str(tmp_path)]) == 2
     assert "nope.yaml does not exist" in _error_line(capsys)
+
+
+def test_a_config_extends_its_base_and_states_only_what_differs(tmp_path, capsys):
+    from savlt_model.config import load_config
+
+    variant = tmp_path / "variant.yaml"
+    variant.write_text(f"base: {Path('configs/default.yaml').resolve()}\nfl: {{rounds: 2}}\n")
+    cfg, default = load_config(variant).to_dict(), load_config("configs/default.yaml").to_dict()
+    assert cfg["fl"].pop("rounds") == 2 and default["fl"].pop("rounds") == 5
+    assert cfg == default  # sections merge key by key: every other fl key is the base's
+    assert load_config("configs/full.yaml").fl.methods[-1] == "text-anchored"
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    assert main(["train", "--config", str(tmp_path / "a.yaml"), "--out", str(tmp_path)]) == 2
+    assert "'base' chain comes back to itself" in _error_line(capsys)
 
 
 @pytest.mark.ray

@@ -1,7 +1,8 @@
 """YAML in, a typed :class:`Config` out: ``--set`` merging, renamed keys and type checks.
 
 An unknown key or a wrong type stops the run with one line naming the key and what is
-expected. Keys that moved still load, with a one-line deprecation warning.
+expected. Keys that moved still load, with a one-line deprecation warning. A file may
+extend another (``base: default.yaml``, relative to it) and state only what differs.
 """
 
 from __future__ import annotations
@@ -149,19 +150,41 @@ def _config(raw: dict[str, Any], local: bool) -> Config:
     return validate(_build(Config, raw, ""), local)
 
 
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``: sections merge key by key, any other value replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml(p: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file's mapping, on top of the file its ``base`` key names (relative to it):
+    a variant states only what differs from the config it extends."""
+    if not p.is_file():
+        raise SavltError(f"config file {p} does not exist; try configs/default.yaml")
+    if p.resolve() in chain:
+        raise SavltError(f"config file {p}: its 'base' chain comes back to itself; remove one")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise SavltError(f"config file {p} is not valid YAML: {exc}".splitlines()[0]) from exc
+    if not isinstance(raw, dict):
+        raise SavltError(f"config file {p} must hold a mapping at the top level")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise SavltError(f"config file {p}: 'base' must be a file name, e.g. base: default.yaml")
+    return _merge(_read_yaml(p.parent / base, (*chain, p.resolve())), raw)
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config (or the built-in defaults when ``path`` is None) and validate it."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise SavltError(f"config file {p} does not exist; try configs/default.yaml")
-        try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise SavltError(f"config file {p} is not valid YAML: {exc}".splitlines()[0]) from exc
-        if not isinstance(raw, dict):
-            raise SavltError(f"config file {p} must hold a mapping at the top level")
+    raw: dict[str, Any] = {} if path is None else _read_yaml(Path(path))
     for item in overrides or []:
         _apply_override(raw, item)
     return _config(raw, local=True)
