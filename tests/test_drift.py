@@ -39,6 +39,7 @@ from server import strategy as strategy_module
 from server.aggregation import ClientUpdate, aggregate, server_step
 from server.controls import Controls
 from server.federation import FederatedJob, run_federated
+from server.strategy import load_checkpoint
 from tests.inprocess import FIRST_NODE, run_in_process
 from tools.cli import main
 
@@ -269,3 +270,292 @@ def test_impossible_combinations_are_refused_at_config_load(tmp_path, capsys) ->
             "configs/smoke.yaml",
             [f"fl.lora_aggregation={lora}", "fl.methods=[scaffold, fedavgm, fedadam]"],
         )
+
+
+# --- through Flower, in process ----------------------------------------------------------
+
+
+class Hospitals:
+    """The simulated hospitals, one of which can crash: lose its ``Context.state`` just
+    before a given round's training message."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.inner = SimulatedHospitals(client_app, simulation_node_config(cfg))
+        self.contexts: dict[int, Context] = {}
+        self.crash: tuple[int, int] | None = None  # (partition, round)
+
+    def __call__(self, message, context: Context):
+        pid = int(context.node_config["partition-id"])
+        self.contexts[pid] = context
+        round_ = int(message.content[CONFIG]["global-round"])
+        if message.metadata.message_type == "train" and self.crash == (pid, round_):
+            context.state, self.crash = RecordDict(), None
+        return self.inner(message, context)
+
+
+class Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def runs(fed_config, tmp_path_factory) -> dict:
+    """Every case as its own job over the same three hospitals, in one in-process run."""
+    out = tmp_path_factory.mktemp("drift")
+    cfg = fed_config()  # fedex, 2 rounds of 1 step
+    crash_cfg = fed_config("fl.rounds=4", "fl.min_hospitals=2")
+    hospitals = Hospitals(cfg)
+    seen: dict[str, dict] = {}
+    now: dict = {"case": "", "die_at": None}
+    original = {
+        "configure_train": strategy_module.SavltStrategy.configure_train,
+        "aggregate_train": strategy_module.SavltStrategy.aggregate_train,
+    }
+
+    def configure_train(self, server_round, arrays, config, grid):
+        if now["die_at"] == self.offset + server_round:  # the server dies before this round
+            now["die_at"] = None
+            raise RuntimeError("server killed")
+        messages = list(original["configure_train"](self, server_round, arrays, config, grid))
+        seen[now["case"]]["sent"].append(messages)
+        return messages
+
+    def aggregate_train(self, server_round, replies):
+        replies = list(replies)
+        seen[now["case"]]["replies"].append(replies)
+        result = original["aggregate_train"](self, server_round, replies)
+        c = None if self.controls is None else {k: v.clone() for k, v in self.controls.c.items()}
+        seen[now["case"]]["c"].append(c)
+        return result
+
+    cases = [
+        ("fedavg", cfg, "fedavg", {}),
+        ("scaffold", cfg, "scaffold", {}),
+        ("scaffold-resumed", cfg, "scaffold", {"die_at": 2}),
+        ("fedadam", cfg, "fedadam", {}),
+        ("fedadam-resumed", cfg, "fedadam", {"die_at": 2}),
+        ("crash", crash_cfg, "scaffold", {"crash": (0, 2)}),
+        ("stateless", cfg, "scaffold", {"stateless": True}),
+    ]
+    results: dict = {"seen": seen, "kept": {}, "cfg": {}, "summary": {}, "final": {}}
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid, context) -> None:
+        for case, job_cfg, method, how in cases:
+            now.update(case=case, die_at=how.get("die_at"))
+            seen[case] = {"sent": [], "replies": [], "c": []}
+            hospitals.crash = how.get("crash")
+            hospitals.inner.per_partition = (
+                {0: {"keep-state": "false"}} if how.get("stateless") else {}
+            )
+            job = FederatedJob(job_cfg, method, 42, out / case)
+            if "die_at" in how:
+                try:
+                    run_federated(grid, job)
+                except RuntimeError:
+                    job = FederatedJob(job_cfg, method, 42, out / case, resume=True)
+            results["summary"][case] = run_federated(grid, job)
+            results["final"][case] = load_checkpoint(job.checkpoint)
+            results["cfg"][case] = job_cfg
+            results["kept"][case] = {
+                pid: dict(ctx.state[KEPT_CONTROL].to_torch_state_dict())
+                if KEPT_CONTROL in ctx.state
+                else None
+                for pid, ctx in hospitals.contexts.items()
+            }
+
+    lines = Lines()
+    loggers = [logging.getLogger(n) for n in ("client.controls", "server.controls")]
+    levels = [lg.level for lg in loggers]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(strategy_module.SavltStrategy, "configure_train", configure_train)
+        mp.setattr(strategy_module.SavltStrategy, "aggregate_train", aggregate_train)
+        for lg in loggers:
+            lg.addHandler(lines)
+            lg.setLevel(logging.INFO)
+        try:
+            run_in_process(server_app, hospitals, num_supernodes=3)
+        finally:
+            for lg, level in zip(loggers, levels, strict=True):
+                lg.removeHandler(lines)
+                lg.setLevel(level)
+    results["log"] = lines.lines
+    return results
+
+
+def _payload(msg) -> dict[str, torch.Tensor]:
+    tensors = msg.content[ARRAYS].to_torch_state_dict()
+    return {k: v for k, v in tensors.items() if not k.startswith(("residual.", "residual-step."))}
+
+
+def _by_node(sent) -> dict[int, object]:
+    return {int(m.metadata.dst_node_id): m for m in sent}
+
+
+def _replies(runs, case: str, round_: int) -> dict[int, object]:
+    """The round's training replies by node, refusals left out."""
+    replies = runs["seen"][case]["replies"][round_ - 1]
+    return {int(m.metadata.src_node_id): m for m in replies if not m.has_error()}
+
+
+def _expected_c(runs, case: str, round_: int, c, counted: set[int]) -> dict[str, torch.Tensor]:
+    """c + sum over the counted hospitals of p_i ((x - y_i) / L - c), recomputed here from the
+    round's messages: p_i = n_i / sum n over the round's replies x their share of hospitals."""
+    cfg = runs["cfg"][case]
+    sent = runs["seen"][case]["sent"][round_ - 1]
+    x = _payload(sent[0])
+    replies = _replies(runs, case, round_)
+    n = {node: int(m.content[METRICS]["num-examples"]) for node, m in replies.items()}
+    share = len(replies) / cfg.fl.hospitals
+    steps = cfg.fl.local_steps
+    lr = lr_sums(cfg, sorted(x), (round_ - 1) * steps, steps, steps * cfg.fl.rounds)
+    out = {k: v.double().clone() for k, v in c.items()}
+    for node in sorted(counted):
+        y = replies[node].content[ARRAYS].to_torch_state_dict()
+        p = n[node] / sum(n.values()) * share
+        for k in out:
+            out[k] += p * ((x[k].double() - y[k].double()) / lr[k] - c[k].double())
+    return out
+
+
+def _assert_same(got: dict, want: dict, atol: float = 2e-5) -> None:
+    assert sorted(got) == sorted(want)
+    for k in got:
+        torch.testing.assert_close(got[k].double(), want[k].double(), rtol=1e-5, atol=atol)
+
+
+NODES = {FIRST_NODE, FIRST_NODE + 1, FIRST_NODE + 2}
+
+
+@pytest.mark.slow
+def test_scaffold_through_flower_both_sides_count_the_same_controls(runs) -> None:
+    """Round 1 (c = 0) trains exactly as FedAvg does; the server's c after each round is the
+    rule applied to the real replies; round 2 brings it with every hospital counted; and
+    what the hospitals keep (c_i and the pending change) averages to the server's c."""
+    seen = runs["seen"]["scaffold"]
+    fedavg = _replies(runs, "fedavg", 1)
+    for node, msg in _replies(runs, "scaffold", 1).items():
+        mine = msg.content[ARRAYS].to_torch_state_dict()
+        theirs = fedavg[node].content[ARRAYS].to_torch_state_dict()
+        assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+    first, second = seen["sent"]
+    epochs = {str(m.content[CONFIG][CONTROL_EPOCH]) for m in first + second}
+    assert len(epochs) == 1
+    for msg in first:
+        assert int(msg.content[CONFIG][CONTROL_COUNTED]) == -1
+        assert all(not v.any() for v in msg.content[CONTROL].to_torch_state_dict().values())
+        assert sorted(msg.content[CONTROL].to_torch_state_dict()) == sorted(_payload(msg))
+    zero = {k: torch.zeros_like(v) for k, v in seen["c"][0].items()}
+    c1 = _expected_c(runs, "scaffold", 1, zero, NODES)
+    _assert_same(seen["c"][0], c1)
+    assert max(float(v.abs().max()) for v in c1.values()) > 0.1  # not a vacuous check
+    for msg in second:
+        assert int(msg.content[CONFIG][CONTROL_COUNTED]) == 1
+        _assert_same(msg.content[CONTROL].to_torch_state_dict(), seen["c"][0], atol=0)
+    c2 = _expected_c(runs, "scaffold", 2, seen["c"][0], NODES)
+    _assert_same(seen["c"][1], c2)
+    # c after round 2 = the weighted mean of what the hospitals hold: own + pending
+    replies = _replies(runs, "scaffold", 2)
+    n = {node: int(m.content[METRICS]["num-examples"]) for node, m in replies.items()}
+    mean = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in c2.items()}
+    for pid, kept in runs["kept"]["scaffold"].items():
+        for k in mean:
+            mean[k] += (
+                n[FIRST_NODE + pid]
+                / sum(n.values())
+                * (kept[OWN + k].double() + kept[PENDING + k].double())
+            )
+    _assert_same(mean, seen["c"][1])
+    assert runs["summary"]["scaffold"]["events"] == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["scaffold", "fedadam"])
+def test_a_resumed_server_ends_where_an_uninterrupted_one_does(runs, method: str) -> None:
+    """The server dies before round 2 and resumes from round 1's checkpoint, which holds c
+    (SCAFFOLD; the hospitals keep their c_i) or FedAdam's moments: the same final model."""
+    full, _, history = runs["final"][method]
+    resumed, rounds, _ = runs["final"][f"{method}-resumed"]
+    assert rounds == 2 and sorted(full) == sorted(resumed)
+    assert any(k.startswith("residual.") for k in full)  # fedex: FedAdam steps its residual too
+    for key in full:
+        assert torch.equal(full[key], resumed[key]), key
+    prefixes = ("control.",) if method == "scaffold" else ("m.", "v.")
+    assert history.server_state and all(k.startswith(prefixes) for k in history.server_state)
+
+
+@pytest.mark.slow
+def test_a_crashed_hospital_resets_its_control_and_still_contributes(runs) -> None:
+    """Hospital 0 loses its state before round 2: the downlink delta is refused that round
+    (its residuals are gone too); in round 3 it gets the full state, finds its counted
+    control gone, says so in its log and reply, trains with c_i = 0 and is aggregated; the
+    server starts a new control epoch, and after round 4 c is again the weighted mean of
+    the controls the hospitals hold."""
+    summary = runs["summary"]["crash"]
+    events = [(e["round"], int(e["node"]), e["event"], e["reason"]) for e in summary["events"]]
+    assert (2, FIRST_NODE, "failed", "state-mismatch") in events
+    assert (3, FIRST_NODE, "control-reset", "lost its control variate; new control epoch") in events
+    assert [r["hospitals"] for r in summary["history"]] == [3, 2, 3, 3]
+    assert int(_replies(runs, "crash", 3)[FIRST_NODE].content[METRICS]["control-reset"]) == 1
+    assert all(
+        int(m.content[METRICS]["control-reset"]) == 0
+        for r in (1, 2, 4)
+        for m in _replies(runs, "crash", r).values()
+    )
+    assert any("lost its SCAFFOLD control variate" in line for line in runs["log"])
+    assert any("new control epoch" in line for line in runs["log"])
+    sent = runs["seen"]["crash"]["sent"]
+    third = _by_node(sent[2])
+    assert int(third[FIRST_NODE].content[CONFIG][CONTROL_COUNTED]) == 1  # round 1 was counted
+    for msg in sent[3]:  # round 4: a new epoch, c = 0, nothing counted
+        assert int(msg.content[CONFIG][CONTROL_COUNTED]) == -1
+        assert str(msg.content[CONFIG][CONTROL_EPOCH]) != str(
+            third[FIRST_NODE].content[CONFIG][CONTROL_EPOCH]
+        )
+        assert all(not v.any() for v in msg.content[CONTROL].to_torch_state_dict().values())
+    c = runs["seen"]["crash"]["c"]
+    zero = {k: torch.zeros_like(v) for k, v in c[3].items()}
+    _assert_same(c[3], _expected_c(runs, "crash", 4, zero, NODES))
+    replies = _replies(runs, "crash", 4)
+    n = {node: int(m.content[METRICS]["num-examples"]) for node, m in replies.items()}
+    mean = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in c[3].items()}
+    for pid, kept in runs["kept"]["crash"].items():
+        assert all(not kept[OWN + k].any() for k in mean)  # everyone restarted from zero
+        for k in mean:
+            mean[k] += n[FIRST_NODE + pid] / sum(n.values()) * kept[PENDING + k].double()
+    _assert_same(mean, c[3])
+
+
+@pytest.mark.slow
+def test_a_stateless_hospital_trains_with_a_zero_control_and_is_not_counted(runs) -> None:
+    """keep-state false: hospital 0 keeps no control, says so in its log every round, trains
+    with c_i = 0, and the server counts none of its changes, so c stays the weighted mean
+    of what the hospitals hold (its share: zero)."""
+    c = runs["seen"]["stateless"]["c"]
+    others = NODES - {FIRST_NODE}
+    zero = {k: torch.zeros_like(v) for k, v in c[0].items()}
+    _assert_same(c[0], _expected_c(runs, "stateless", 1, zero, others))
+    _assert_same(c[1], _expected_c(runs, "stateless", 2, c[0], others))
+    second = _by_node(runs["seen"]["stateless"]["sent"][1])
+    assert int(second[FIRST_NODE].content[CONFIG][CONTROL_COUNTED]) == -1
+    assert all(int(second[n].content[CONFIG][CONTROL_COUNTED]) == 1 for n in others)
+    kept = runs["kept"]["stateless"]
+    assert kept[0] is None
+    assert sum("keeps no state" in line for line in runs["log"]) >= 2
+    replies = _replies(runs, "stateless", 2)
+    n = {node: int(m.content[METRICS]["num-examples"]) for node, m in replies.items()}
+    mean = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in c[1].items()}
+    for pid in (1, 2):
+        for k in mean:
+            mean[k] += (
+                n[FIRST_NODE + pid]
+                / sum(n.values())
+                * (kept[pid][OWN + k].double() + kept[pid][PENDING + k].double())
+            )
+    _assert_same(mean, c[1])
+    assert runs["summary"]["stateless"]["events"] == []
