@@ -5,7 +5,8 @@ the values of the hospital-local config keys (:data:`savlt_model.config.HOSPITAL
 ``data-root``, ``work-dir``, ``split-file``, ``manifest``, ``pretrained``,
 ``unet-checkpoint``, ``prompts``), plus an optional run ``policy`` file
 (:mod:`client.policy`) and ``keep-state`` (:mod:`client.synced_state`: the hospital keeps
-the global state between rounds, so only each round's change travels; default true). A
+the global state between rounds, so only each round's change travels, and SCAFFOLD's
+control variate, :mod:`client.controls`; default true). A
 server message that sets a hospital-local key is refused with the code ``local-key``;
 every refusal leaves as a code only (:mod:`client.guard`), its text stays in the log.
 In simulation the hospital is a partition id of :mod:`savlt_model.data.partition`, and
@@ -31,6 +32,7 @@ import torch  # noqa: F401  (ArrayRecord.to_torch_state_dict needs torch importe
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.controls import keep_control, round_control
 from client.guard import Refused, guard_mod
 from client.policy import Policy, check_policy
 from client.privacy import clipping_mod
@@ -51,6 +53,8 @@ from savlt_model.messages import (
     ARRAYS,
     CALIBRATION_STATS_KEYS,
     CONFIG,
+    CONTROL,
+    CONTROL_RESET,
     EVALUATE_METRIC_KEYS,
     FEATURE_STATS_KEYS,
     METRICS,
@@ -64,12 +68,13 @@ from savlt_model.messages import (
     metric_record,
     val_stats_metrics,
 )
+from savlt_model.methods import get_method
 from savlt_model.metrics import compute_metrics
 from savlt_model.model.adapters import trainable_state
 from savlt_model.model.backbone import fingerprint_tensors
 from savlt_model.model.build import cached_model, image_sets
 from savlt_model.model.savlt import SavltModel
-from savlt_model.train import train_steps
+from savlt_model.train import lr_sums, train_steps
 
 log = logging.getLogger(__name__)
 # the guard is outermost: it sees exactly what leaves (after clipping) and every exception
@@ -251,6 +256,17 @@ def _val_metrics(model: SavltModel, cfg: Config, hospital: Hospital) -> dict[str
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     plan, cfg, index, hospital, model, kept = _model_for(msg, context)
+    if get_method(plan.method).controls != (CONTROL in msg.content.array_records):
+        raise Refused(
+            Reason.PLAN_INVALID,
+            f"method {plan.method!r} and the message disagree on SCAFFOLD control variates",
+        )
+    keep = keeps_state(dict(context.node_config))
+    control = None
+    if CONTROL in msg.content.array_records:  # SCAFFOLD (client/controls.py)
+        server = msg.content[CONTROL].to_torch_state_dict()
+        control = round_control(msg.content[CONFIG], server, context, keep, hospital.name)
+        start = trainable_state(model)
     seed = int(np.random.SeedSequence([plan.seed, plan.round, index]).generate_state(1)[0])
     centring: dict = {}
     shift = None
@@ -271,6 +287,7 @@ def train(msg: Message, context: Context) -> Message:
         prox_mu=plan.loss_terms.prox_mu,
         anchor_weight=plan.loss_terms.anchor_weight,
         feature_shift=shift,
+        correction=None if control is None else control.correction,
     )
     # the server computes the anchor agreement from the uploaded prototypes: not sent
     counts = np.bincount([s.label for s in hospital.train], minlength=len(model.classes))
@@ -282,14 +299,17 @@ def train(msg: Message, context: Context) -> Message:
         "class-counts": counts.tolist(),
         **_val_metrics(model, cfg, hospital),
         STATE_VERSION: kept,
+        **({} if control is None else {CONTROL_RESET: int(control.reset)}),
     }
     log.info("hospital %s round %d: loss %.4f", hospital.name, plan.round, stats.loss)
+    trained = trainable_state(model)
     content = RecordDict(
-        {
-            ARRAYS: ArrayRecord(trainable_state(model)),
-            METRICS: metric_record(metrics, TRAIN_METRIC_KEYS),
-        }
+        {ARRAYS: ArrayRecord(trained), METRICS: metric_record(metrics, TRAIN_METRIC_KEYS)}
     )
+    if control is not None:  # last: kept only if the reply could be built
+        steps = (plan.start_step, plan.local_steps, plan.total_steps)
+        lr = lr_sums(cfg, sorted(trained), *steps)
+        keep_control(context, control, start, trained, lr, plan.round, keep)
     return Message(content=content, reply_to=msg)
 
 

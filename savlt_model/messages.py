@@ -26,6 +26,7 @@ from savlt_model.referral import CONFIDENCE_BINS, ReferralCounts
 ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
+CONTROL = "control"  # SCAFFOLD's training messages: the server's control c (an ArrayRecord)
 
 # Metric names a training reply may hold (lists are per class, in task.classes order).
 TRAIN_METRIC_KEYS = frozenset(
@@ -40,6 +41,7 @@ TRAIN_METRIC_KEYS = frozenset(
         "feature-count",  # with fl.feature_centring: the train features' count and sum
         "feature-sum",  # under the incoming global model, for the next round's reference
         "state-version",  # the global state version the hospital keeps (-1: none)
+        "control-reset",  # SCAFFOLD: 1 if it lost a control the server had counted
     }
 )
 # Metric names an evaluation reply may hold: the global model on the hospital's val set.
@@ -54,6 +56,14 @@ EVALUATE_METRIC_KEYS = frozenset(
 STATE_SESSION = "state-session"
 STATE_VERSION = "state-version"
 STATE_BASE = "state-base"
+
+# SCAFFOLD (server/controls.py, client/controls.py): each training message tags the control
+# epoch (a new one restarts every control from zero) and the last round whose update from
+# this hospital the server counted into c (-1: none); the reply says whether the hospital
+# had lost a control the server counted.
+CONTROL_EPOCH = "control-epoch"
+CONTROL_COUNTED = "control-counted"
+CONTROL_RESET = "control-reset"
 
 # The two calibration queries after the last round (server.calibration): sums over the
 # hospital's own scans under the final global model, never a scan or a single feature.
@@ -279,6 +289,8 @@ PLAN_KEYS = frozenset(
         STATE_SESSION,
         STATE_VERSION,
         STATE_BASE,
+        CONTROL_EPOCH,
+        CONTROL_COUNTED,
         "server-round",  # Flower's FedAvg adds it
         "clipping_norm",  # Flower's client-side DP (flwr.supercore.differential_privacy)
     }

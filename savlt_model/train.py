@@ -27,6 +27,15 @@ def cosine_lr(step: int, total: int, lr: float, min_lr: float) -> float:
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
+def lr_sums(cfg: Config, keys: list[str], start: int, steps: int, total: int) -> dict[str, float]:
+    """Each payload tensor's sum of learning rates over steps [start, start + steps): what
+    SCAFFOLD's option II divides by (savlt_model/methods/scaffold.py), the same number at
+    the server and at every hospital."""
+    t = cfg.train
+    base = sum(cosine_lr(s, total, t.lr, t.min_lr) for s in range(start, start + steps))
+    return {k: base * (t.prototype_lr_scale if k == PROTOTYPES else 1.0) for k in keys}
+
+
 @dataclass
 class TrainStats:
     loss: float
@@ -46,12 +55,15 @@ def train_steps(
     anchor_weight: float = 0.0,
     feature_shift: np.ndarray | None = None,
     desc: str | None = None,
+    correction: dict[str, torch.Tensor] | None = None,
 ) -> TrainStats:
     """Run ``steps`` AdamW steps covering [start_step, start_step + steps) of the schedule.
 
     ``prox_mu`` > 0 adds FedProx's (mu / 2) ||w - w_start||^2 over the trainable set;
     ``anchor_weight`` > 0 adds the text-anchoring term on the prototypes;
-    ``feature_shift`` re-centres every feature (:meth:`SavltModel.forward`).
+    ``feature_shift`` re-centres every feature (:meth:`SavltModel.forward`);
+    ``correction`` (SCAFFOLD's c - c_i by payload key) is subtracted after every AdamW
+    step at that step's learning rate (:func:`_drift_correction`).
     """
     t = cfg.train
     total = total_steps or steps
@@ -67,6 +79,7 @@ def train_steps(
     optimizer = torch.optim.AdamW(
         [g for g in groups if g["params"]], lr=t.lr, weight_decay=t.weight_decay
     )
+    drift = _drift_correction(optimizer, params, correction, device)
     start = {k: p.detach().clone() for k, p in params.items()} if prox_mu else {}
     shift = None if feature_shift is None else torch.as_tensor(feature_shift, device=device).float()
     batch = min(t.batch_size, len(dataset))
@@ -106,9 +119,26 @@ def train_steps(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            for group, p, c in drift:
+                p.data.add_(c, alpha=-group["lr"])
             running += loss.detach()
             done += 1
             bar.update()
     bar.close()
     model.eval()
     return TrainStats(loss=float(running) / max(done, 1), steps=done, examples=done * batch)
+
+
+def _drift_correction(
+    optimizer: torch.optim.Optimizer,
+    params: dict[str, torch.nn.Parameter],
+    correction: dict[str, torch.Tensor] | None,
+    device: torch.device,
+) -> list[tuple[dict, torch.nn.Parameter, torch.Tensor]]:
+    """(param group, parameter, its correction) for SCAFFOLD: after AdamW's step each
+    parameter moves by -lr_group (c - c_i), which keeps the correction in the units AdamW
+    moves in and makes option II's (x - y) / sum(lr) exact (savlt_model/methods/scaffold.py)."""
+    if correction is None:
+        return []
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    return [(group_of[id(p)], p, correction[k].to(device, p.dtype)) for k, p in params.items()]

@@ -27,6 +27,8 @@ and logs the report (docs/method.md, "The federated extension").
   per round (benchmarks/README.md), so it would only add rounding. ``ffa`` (FFA-LoRA): A
   is frozen from the seed at every hospital and never sent, so the payload holds B alone
   and its plain average is exact.
+- a server optimiser (FedAvgM, FedAdam: the method's ``server_step``) then steps from the
+  aggregate instead of taking it (:func:`server_step`).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from savlt_model.model.adapters import (
     RESIDUAL,
     fold_residuals,
     lora_pairs,
+    residual_matrices,
     residual_step,
 )
 
@@ -289,3 +292,45 @@ def aggregate(
         },
     }
     return dict(sorted(new.items())), step, report
+
+
+def server_step(
+    global_state: dict[str, torch.Tensor],
+    aggregated: dict[str, torch.Tensor],
+    step: dict[str, torch.Tensor],
+    method: str,
+    cfg: Config,
+    moments: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(new global state, its residual step, the optimiser's new state): x+ = x - s(g) with
+    the method's server step s over the pseudo-gradient g = x - aggregate of every tensor the
+    server holds.
+
+    ``global_state`` is x as sent, ``aggregated`` and ``step`` what :func:`aggregate` made of
+    the round. naive: g over both factors, like any tensor; ffa: over B alone (A is frozen
+    and shared, so on the merged weights sB A too). fedex: its aggregate is (Ā, B̄, R + gap)
+    with the product average exact, so the residual is one more tensor the server holds,
+    g_R = -gap; its step is dense (FedAdam's per-element step has no low-rank form) and goes
+    to the hospitals as the round's residual step. With FedAvgM at server_lr 1 and momentum 0
+    each mode's aggregate comes back (to float rounding).
+    """
+    entry = get_method(method)
+    if entry.server_step is None:
+        raise SavltError(f"method {method!r} has no server optimiser")
+    keys = _payload_keys(global_state)
+    grads = {k: global_state[k].double() - aggregated[k].double() for k in keys}
+    layers = []
+    if cfg.fl.lora_aggregation == "fedex":
+        gaps = residual_matrices(step)
+        for prefix, a_key, b_key in lora_pairs(keys):
+            key = RESIDUAL + prefix
+            shape = (global_state[b_key].shape[0], global_state[a_key].shape[1])
+            gap = gaps.get(key)
+            grads[key] = torch.zeros(shape, dtype=torch.float64) if gap is None else -gap.double()
+            layers.append(key)
+    moved, moments = entry.server_step(grads, moments, entry.settings(cfg.methods))
+    new = {k: (global_state[k].double() - moved[k]).float() for k in keys}
+    new_step = {k: (-moved[k]).float() for k in layers}
+    carried = {k: v for k, v in global_state.items() if k.startswith(RESIDUAL)}
+    new.update(fold_residuals(carried, new_step))
+    return dict(sorted(new.items())), new_step, moments

@@ -26,6 +26,8 @@ from savlt_model.checkpoint import load_adapter, save_adapter
 from savlt_model.messages import (
     ARRAYS,
     CONFIG,
+    CONTROL,
+    CONTROL_RESET,
     METRICS,
     STATE_BASE,
     STATE_VERSION,
@@ -33,9 +35,13 @@ from savlt_model.messages import (
     feature_stats_from,
     reason_code,
 )
+from savlt_model.methods import get_method
 from savlt_model.metrics import upgrade_keys
+from savlt_model.model.adapters import RESIDUAL
 from savlt_model.model.backbone import fingerprint_tensors
-from server.aggregation import PROTOTYPES, ClientUpdate, aggregate, check_update
+from savlt_model.train import lr_sums
+from server.aggregation import PROTOTYPES, ClientUpdate, aggregate, check_update, server_step
+from server.controls import Controls
 from server.downlink import Downlink
 
 log = logging.getLogger(__name__)
@@ -54,6 +60,10 @@ class RoundLog:
     # fl.feature_centring: the mean of the hospitals' train features reported in the last
     # round, onto which every hospital re-centres its features in the next round
     reference: list[float] | None = None
+    # what the method's server carries between rounds, by name: FedAvgM's / FedAdam's
+    # moments, SCAFFOLD's c (server/controls.py); tensors of the checkpoint, not in its JSON
+    server_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    controls: dict | None = None  # SCAFFOLD: its control epoch and counted rounds
 
 
 def array_bytes(record: ArrayRecord) -> int:
@@ -105,6 +115,12 @@ class SavltStrategy(FedAvg):
         self.download_bytes = 0  # the largest message of the round
         self.deltas = 0  # hospitals sent only the round's step in the last train round
         self.residual_layout: dict[str, int] = {"factorised": 0, "dense": 0}  # last one logged
+        self.method = get_method(plan_for(start_round + 1).method)
+        self.controls = (  # SCAFFOLD; made at the first round from the payload's shapes
+            Controls.restore(history.server_state, history.controls)
+            if self.method.controls and history.controls is not None
+            else None
+        )
 
     def _plan_record(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
         plan = self.plan_for(self.offset + server_round)
@@ -119,10 +135,14 @@ class SavltStrategy(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.sent = arrays.to_torch_state_dict()
+        if self.method.controls and self.controls is None:
+            self.controls = Controls.start(
+                {k: v for k, v in self.sent.items() if not k.startswith(RESIDUAL)}
+            )
         messages = super().configure_train(
             server_round, arrays, self._plan_record(server_round, config), grid
         )
-        messages = self._per_hospital(messages, self.sent)
+        messages = self._per_hospital(messages, self.sent, self.controls)
         self.download_bytes = max((array_bytes(m.content[ARRAYS]) for m in messages), default=0)
         self.deltas = sum(STATE_BASE in m.content[CONFIG] for m in messages)
         return messages
@@ -136,19 +156,26 @@ class SavltStrategy(FedAvg):
         return self._per_hospital(messages, arrays.to_torch_state_dict())
 
     def _per_hospital(
-        self, messages: Iterable[Message], state: dict[str, torch.Tensor]
+        self,
+        messages: Iterable[Message],
+        state: dict[str, torch.Tensor],
+        controls: Controls | None = None,
     ) -> list[Message]:
         """FedAvg's messages (one content for all) with each hospital's own content: the full
-        ``state`` or only what it lacks (:class:`server.downlink.Downlink`)."""
+        ``state`` or only what it lacks (:class:`server.downlink.Downlink`), and with
+        ``controls`` (SCAFFOLD training) the server's c and the hospital's control tags."""
         out, records = [], {}
+        extra = {} if controls is None else {CONTROL: controls.record()}
         for msg in messages:
             node = msg.metadata.dst_node_id
             tensors, tags = self.downlink.content(str(node), state)
             kind = tuple(sorted(tensors))  # at most three variants: build each record once
             if kind not in records:
                 records[kind] = ArrayRecord(tensors)
+            if controls is not None:
+                tags = {**tags, **controls.tags(str(node))}
             config = ConfigRecord({**dict(msg.content[CONFIG]), **tags})
-            content = RecordDict({ARRAYS: records[kind], CONFIG: config})
+            content = RecordDict({ARRAYS: records[kind], CONFIG: config, **extra})
             out.append(
                 Message(content=content, dst_node_id=node, message_type=msg.metadata.message_type)
             )
@@ -184,12 +211,18 @@ class SavltStrategy(FedAvg):
         updates: list[ClientUpdate] = []
         losses: list[float] = []
         features: list[FeatureStats] = []
+        keeps: dict[str, bool] = {}  # SCAFFOLD: whose control update may count
+        lost: list[str] = []  # SCAFFOLD: who lost a control the server had counted
         dim = self.sent[PROTOTYPES].shape[1]
         for msg in valid:
             node = str(msg.metadata.src_node_id)
             self._note_held(msg)
             try:
                 record, metrics = msg.content[ARRAYS], msg.content[METRICS]
+                if self.controls is not None:
+                    keeps[node] = int(metrics[STATE_VERSION]) >= 0
+                    if int(metrics[CONTROL_RESET]):
+                        lost.append(node)
                 update = ClientUpdate(
                     node=node,
                     state=record.to_torch_state_dict(),
@@ -213,6 +246,8 @@ class SavltStrategy(FedAvg):
             losses.append(loss)
             if stats is not None:
                 features.append(stats)
+        if lost:  # whether or not the round aggregates: c holds what nobody can subtract
+            self._restart_controls(round_, lost)
         if len(updates) < self.min_hospitals:
             log.error(
                 "round %d: only %d usable updates (minimum %d); the global model is unchanged",
@@ -241,6 +276,11 @@ class SavltStrategy(FedAvg):
             self.scalings,
             self.anchors,
         )
+        moments: dict[str, torch.Tensor] = {}
+        if self.method.server_step is not None:  # FedAvgM, FedAdam: a step from the aggregate
+            state, step, moments = server_step(
+                self.sent, state, step, plan.method, cfg, self.history.server_state
+            )
         if not all(bool(torch.isfinite(t).all()) for t in state.values()):
             log.error(
                 "round %d: the aggregate is not finite; the global model is unchanged", round_
@@ -278,6 +318,10 @@ class SavltStrategy(FedAvg):
             "agreement": report["agreement"],
         }
         self.history.rows.append(row)
+        if self.method.server_step is not None:
+            self.history.server_state = moments
+        if self.controls is not None and not lost:
+            self._count_controls(round_, plan, updates, keeps, report["weights"])
         if features:  # order-free integer count; the float sum in content order (see above)
             total = reduce(add, (features[i] for i in order))
             self.history.reference = total.mean.tolist()
@@ -288,6 +332,45 @@ class SavltStrategy(FedAvg):
         return ArrayRecord(state), MetricRecord(
             {k: v for k, v in row.items() if isinstance(v, (int, float))}
         )
+
+    def _count_controls(
+        self,
+        round_: int,
+        plan: RoundPlan,
+        updates: list[ClientUpdate],
+        keeps: dict[str, bool],
+        weights: list[float],
+    ) -> None:
+        """SCAFFOLD after an aggregated round: c from the counted updates, p_i = the FedAvg
+        share x the share of hospitals in the round (server/controls.py); kept in the
+        history, so the round's checkpoint holds it."""
+        assert self.controls is not None
+        payload = sorted(k for k in self.sent if not k.startswith(RESIDUAL))
+        lr = lr_sums(plan.config, payload, plan.start_step, plan.local_steps, plan.total_steps)
+        present = len(updates) / plan.config.fl.hospitals
+        self.controls.update(
+            round_,
+            self.sent,
+            [(u.node, u.state, keeps[u.node]) for u in updates],
+            [w * present for w in weights],
+            lr,
+        )
+        self.history.server_state, self.history.controls = self.controls.saved()
+
+    def _restart_controls(self, round_: int, lost: list[str]) -> None:
+        """SCAFFOLD: hospitals lost controls the server counted; a new control epoch."""
+        assert self.controls is not None
+        self.controls.restart(round_, lost)
+        self.history.server_state, self.history.controls = self.controls.saved()
+        for node in lost:
+            self.history.events.append(
+                {
+                    "round": round_,
+                    "node": node,
+                    "event": "control-reset",
+                    "reason": "lost its control variate; new control epoch",
+                }
+            )
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -341,19 +424,32 @@ class SavltStrategy(FedAvg):
         return None
 
 
+SERVER_STATE = "server-state."  # the history's server state among a checkpoint's tensors
+
+
 def save_checkpoint(
     path: Path, state: dict[str, torch.Tensor], round_: int, history: RoundLog
 ) -> None:
     """Global state + history in one atomic file: a crash leaves the previous round intact."""
-    save_adapter(path, state, {"round": round_, **dataclasses.asdict(history)})
+    meta = {f.name: getattr(history, f.name) for f in dataclasses.fields(history)}
+    carried = {SERVER_STATE + k: v for k, v in meta.pop("server_state").items()}
+    save_adapter(path, {**state, **carried}, {"round": round_, **meta})
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], int, RoundLog] | None:
     if not path.is_file():
         return None
-    state, meta = load_adapter(path)
+    tensors, meta = load_adapter(path)
     evals = [upgrade_keys(e) for e in meta["evals"]]  # a checkpoint from before a rename
+    state = {k: v for k, v in tensors.items() if not k.startswith(SERVER_STATE)}
+    carried = {k[len(SERVER_STATE) :]: v for k, v in tensors.items() if k.startswith(SERVER_STATE)}
     history = RoundLog(
-        meta["rows"], meta["events"], evals, meta.get("calibration"), meta.get("reference")
+        meta["rows"],
+        meta["events"],
+        evals,
+        meta.get("calibration"),
+        meta.get("reference"),
+        carried,
+        meta.get("controls"),
     )
     return state, int(meta["round"]), history

@@ -88,6 +88,7 @@ def validate(cfg: Config, local: bool = True) -> Config:
         )
     if not math.isfinite(anchored.anchor_lambda):
         raise SavltError("config key 'methods.text_anchored.anchor_lambda' must be finite")
+    check_server_optimisers(cfg)
     if cfg.fl.dirichlet_alpha <= 0:
         raise SavltError("config key 'fl.dirichlet_alpha' must be > 0 (e.g. 0.5; 100: near-iid)")
     check_simulation(cfg.simulation)
@@ -116,6 +117,21 @@ def validate_local(cfg: Config) -> Config:
             "does not exist"
         )
     return cfg
+
+
+def check_server_optimisers(cfg: Config) -> None:
+    """FedAvgM's and FedAdam's hyperparameters where their maths holds."""
+    m, adam = cfg.methods.fedavgm, cfg.methods.fedadam
+    if not (m.server_lr > 0 and 0 <= m.momentum < 1):
+        raise SavltError(
+            "config keys 'methods.fedavgm.server_lr' must be > 0 and 'methods.fedavgm.momentum' "
+            "in [0, 1) (1 and 0: FedAvg)"
+        )
+    if not (adam.server_lr > 0 and 0 <= adam.beta1 < 1 and 0 <= adam.beta2 < 1 and adam.tau > 0):
+        raise SavltError(
+            "config keys 'methods.fedadam.server_lr' and '.tau' must be > 0, '.beta1' and "
+            "'.beta2' in [0, 1)"
+        )
 
 
 def check_simulation(sim: SimulationConfig) -> None:
@@ -157,6 +173,20 @@ def check_privacy(cfg: Config, methods: list[str]) -> None:
             f"config key 'privacy.mode': {', '.join(data_weighted)} weights depend on the "
             "hospitals' data, so the DP noise would be miscalibrated; use fl.methods without "
             "them"
+        )
+    controlled = [m for m in methods if m in METHODS and METHODS[m].controls]
+    if controlled:
+        raise SavltError(
+            f"config key 'privacy.mode': {', '.join(controlled)} control variates follow each "
+            "hospital's own unclipped, un-noised update, which central DP does not cover; use "
+            "fl.methods without them"
+        )
+    stepped = [m for m in methods if m in METHODS and METHODS[m].server_step is not None]
+    if stepped:
+        raise SavltError(
+            f"config key 'privacy.mode': {', '.join(stepped)} under central DP is not "
+            "implemented (the DP wrapper noises the average after the server optimiser's "
+            "step); use fl.methods without them"
         )
     if fl.lora_aggregation == "fedex":
         raise SavltError(

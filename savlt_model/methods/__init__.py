@@ -14,17 +14,22 @@ from __future__ import annotations
 from savlt_model.errors import SavltError
 from savlt_model.methods.base import HospitalStats, LossTerms, Method, Weighting
 from savlt_model.methods.baselines import CENTRAL, LOCAL
+from savlt_model.methods.fedadam import FEDADAM
 from savlt_model.methods.fedavg import FEDAVG
+from savlt_model.methods.fedavgm import FEDAVGM
 from savlt_model.methods.fedprox import FEDPROX
+from savlt_model.methods.scaffold import SCAFFOLD
 from savlt_model.methods.text_anchored import TEXT_ANCHORED
 
 __all__ = ["METHODS", "HospitalStats", "LossTerms", "Method", "Weighting"]
 
-METHODS: dict[str, Method] = {m.name: m for m in (CENTRAL, LOCAL, FEDAVG, FEDPROX, TEXT_ANCHORED)}
+_DEFAULT = (CENTRAL, LOCAL, FEDAVG, FEDPROX, TEXT_ANCHORED)
+METHODS: dict[str, Method] = {m.name: m for m in (*_DEFAULT, SCAFFOLD, FEDAVGM, FEDADAM)}
 
-# What fl.methods runs by default: the methods declared above (not ones added at run time,
-# e.g. by a test, which a ClientApp process started elsewhere would not know).
-DEFAULT_METHODS = tuple(METHODS)
+# What fl.methods runs by default: the first five declared above (not the drift-control and
+# server-optimiser methods, which a run names; nor ones added at run time, e.g. by a test,
+# which a ClientApp process started elsewhere would not know).
+DEFAULT_METHODS = tuple(m.name for m in _DEFAULT)
 
 
 def get_method(name: str) -> Method:

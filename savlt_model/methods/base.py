@@ -1,5 +1,6 @@
 """What a training method is: its name, the loss terms a hospital adds, its aggregation
-weighting and its own hyperparameters (a dataclass, like a peft tuner's config).
+weighting, its server optimiser or drift control, and its own hyperparameters (a
+dataclass, like a peft tuner's config).
 
 The weighting helpers shared by the methods live here too, so that FedAvg and text-anchored
 weighting run the same float operations (their lambda = 0 equality is bitwise).
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,11 @@ class HospitalStats:
 # (stats, the method's hyperparameters or None) -> (shared weights (K,), prototype-row
 # weights (K, C)), each summing to 1
 Weighting = Callable[[HospitalStats, Any], tuple[np.ndarray, np.ndarray]]
+Tensors = dict[str, torch.Tensor]
+# A server optimiser (FedOpt, Reddi et al. 2021): (pseudo-gradients g = x - aggregate by
+# tensor name, float64; its state from the last round, float32, empty in the first; its
+# hyperparameters) -> (the step to subtract from x, float64; its new state, float32)
+ServerStep = Callable[[Tensors, Tensors, Any], tuple[Tensors, Tensors]]
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,11 @@ class Method:
     params: type | None = None
     # Central DP calibrates its noise for weights that do not depend on the hospitals' data.
     data_dependent_weights: bool = False
+    # the server steps from the aggregate instead of taking it (server.aggregation.server_step)
+    server_step: ServerStep | None = None
+    # SCAFFOLD's control variates: the server sends c, each hospital corrects its local steps
+    # by c - c_i (server/controls.py, client/controls.py)
+    controls: bool = False
 
     @property
     def section(self) -> str:
