@@ -30,6 +30,7 @@ from savlt_model.messages import (
     STATE_BASE,
     STATE_VERSION,
     RoundPlan,
+    class_sums_from,
     feature_stats_from,
     reason_code,
 )
@@ -190,11 +191,13 @@ class SavltStrategy(FedAvg):
             self._note_held(msg)
             try:
                 record, metrics = msg.content[ARRAYS], msg.content[METRICS]
+                counts = [int(v) for v in metrics["class-counts"]]
                 update = ClientUpdate(
                     node=node,
                     state=record.to_torch_state_dict(),
                     num_examples=int(metrics["num-examples"]),
-                    class_counts=[int(v) for v in metrics["class-counts"]],
+                    class_counts=counts,
+                    class_sums=class_sums_from(metrics, counts, dim) if plan.class_means else None,
                 )
                 loss = float(metrics["train-loss"])
                 stats = feature_stats_from(metrics, dim) if plan.feature_centring else None
@@ -276,7 +279,13 @@ class SavltStrategy(FedAvg):
             "weights": report["weights"],
             "fedavg-weights": fedavg_share,
             "agreement": report["agreement"],
+            # per hospital and class: what the prototype rows were weighted by, the class
+            # counts they came with and, when sent, the class sums' agreement
+            "prototype-weights": report["prototype_weights"],
+            "class-counts": [u.class_counts for u in updates],
         }
+        if report["class_agreement"] is not None:
+            row["class-agreement"] = report["class_agreement"]
         self.history.rows.append(row)
         if features:  # order-free integer count; the float sum in content order (see above)
             total = reduce(add, (features[i] for i in order))

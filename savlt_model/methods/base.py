@@ -32,6 +32,9 @@ class HospitalStats:
     # (K, C) a_kc in [-1, 1], computed by the server from the upload (never self-reported);
     # meaningless where n_kc == 0
     agreement: np.ndarray
+    # (K, C) cos(class-c mean feature of hospital k, T_c) from the class sums a hospital
+    # sends when the plan asks (NaN: no evidence, too few images); None when not asked
+    class_agreement: np.ndarray | None = None
 
 
 # (stats, the method's hyperparameters or None) -> (shared weights (K,), prototype-row
@@ -51,6 +54,9 @@ class Method:
     params: type | None = None
     # Central DP calibrates its noise for weights that do not depend on the hospitals' data.
     data_dependent_weights: bool = False
+    # (the method's hyperparameters or None) -> whether hospitals send their class feature
+    # sums (HospitalStats.class_agreement); the round plan carries the answer
+    class_means: Callable[[Any], bool] = lambda params: False
 
     @property
     def section(self) -> str:
@@ -71,6 +77,10 @@ class Method:
     def losses(self, methods: Any) -> LossTerms:
         """Its loss terms under a config's ``methods`` section."""
         return self.loss_terms(self.settings(methods))
+
+    def wants_class_means(self, methods: Any) -> bool:
+        """Whether its weighting under a config's ``methods`` section needs class sums."""
+        return self.class_means(self.settings(methods))
 
 
 def normalise(raw: np.ndarray) -> np.ndarray:
