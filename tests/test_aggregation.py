@@ -527,26 +527,28 @@ def test_class_means_down_weight_a_swapping_hospital_on_exactly_the_swapped_clas
     np.testing.assert_allclose(shared2[1], shared[2], rtol=1e-12)
 
 
-def test_class_means_without_evidence_lose_nothing_and_absent_classes_weigh_nothing() -> None:
-    """NaN (fewer images than a class sum needs): that hospital's say on the class is the best
-    one's; a class it does not hold gets no weight; a class nobody holds: shared weights."""
+def test_class_means_compare_with_the_typical_hospital_and_without_evidence_lose_nothing() -> None:
+    """Say relative to the median hospital of each class, one-sided: above it earns nothing.
+    NaN (fewer images than a class sum needs): nothing measured, nothing lost; a class a
+    hospital does not hold gets no weight; a class nobody holds: the shared weights."""
     counts = np.array([[6.0, 2, 6, 0], [6, 6, 6, 0], [6, 6, 0, 0]])
     agree = np.array(
         [[0.2, np.nan, 0.5, np.nan], [0.6, 0.3, 0.5, np.nan], [0.6, 0.7, np.nan, np.nan]]
     )
     stats = HospitalStats(counts.sum(axis=1), counts, np.zeros((3, 4)), agree)
     shared, proto = text_anchored_weights(stats, _class_means_cfg(2.0, cap=np.inf))
+    # class 0: median 0.6, hospital 0 is 0.4 below it; class 1: median of 0.3 and 0.7 is 0.5
     np.testing.assert_allclose(
-        proto[:, 1], np.array([2, 6 * np.exp(-0.8), 6]) / (8 + 6 * np.exp(-0.8))
+        proto[:, 0], np.array([np.exp(-0.8), 1, 1]) / (2 + np.exp(-0.8)), rtol=1e-12
+    )
+    np.testing.assert_allclose(
+        proto[:, 1], np.array([2, 6 * np.exp(-0.4), 6]) / (8 + 6 * np.exp(-0.4)), rtol=1e-12
     )
     assert proto[2, 2] == 0.0
     np.testing.assert_allclose(proto[:2, 2], [0.5, 0.5], rtol=1e-12)
     np.testing.assert_array_equal(proto[:, 3], shared)
-    factor = (
-        counts * np.exp(2.0 * np.array([[-0.4, 0, 0, 0], [0, -0.4, 0, 0], [0, 0, 0, 0]]))
-    ).sum(1)
-    factor /= counts.sum(axis=1)
-    expected = counts.sum(axis=1) * factor
+    say = np.exp(2.0 * np.array([[-0.4, 0, 0, 0], [0, -0.2, 0, 0], [0, 0, 0, 0]]))
+    expected = (counts * say).sum(axis=1)  # n_k times its images' mean say
     np.testing.assert_allclose(shared, expected / expected.sum(), rtol=1e-12)
     with pytest.raises(SavltError, match="class-means needs the hospitals' class feature sums"):
         text_anchored_weights(
@@ -610,19 +612,19 @@ def test_a_reply_s_class_sums_are_checked_against_its_class_counts() -> None:
         class_sums_from({"class-feature-sums": [0.0] * 24}, counts, 8)
 
 
-def test_class_sums_that_claim_perfect_agreement_buy_at_most_the_cap() -> None:
+def test_class_sums_that_claim_perfect_agreement_earn_what_the_typical_hospital_earns() -> None:
     """Class sums are the hospital's own report: one that sends n_kc T_c (a_kc = 1 on every
-    class) gets no more than the cap, twice its FedAvg share, on every tensor and row."""
+    class) earns the say of the typical (median) hospital and no more; uncapped, the cap
+    (twice its FedAvg share) would be the bound."""
     updates = _updates(k=3, counts=[[6] * C] * 3)
-    rng = np.random.default_rng(2)
-    for u in updates:
+    gen = torch.Generator().manual_seed(5)
+    for u, a in zip(updates, (1.0, 0.5, 0.3), strict=True):
         u.num_examples = 6 * C
-        honest = rng.normal(size=(C, 8)) + 0.3 * ANCHORS.double().numpy()
-        u.class_sums = 5.0 * honest / np.linalg.norm(honest, axis=1, keepdims=True)
-    updates[0].class_sums = 6.0 * ANCHORS.double().numpy()  # the longest sums it may send
-    cfg = Config(methods=MethodsConfig(text_anchored=_class_means_cfg(50.0)))
-    shared, proto = client_weights(updates, "text-anchored", cfg, ANCHORS)
-    assert shared[0] == pytest.approx(2 / 3, rel=1e-12)
-    np.testing.assert_allclose(proto[0], 2 / 3, rtol=1e-12)
+        rows = _prototypes([a] * C, gen).double().numpy()  # cos a with T_c
+        u.class_sums = 6 * rows / np.linalg.norm(rows, axis=1, keepdims=True)
     free = Config(methods=MethodsConfig(text_anchored=_class_means_cfg(50.0, cap=np.inf)))
-    assert client_weights(updates, "text-anchored", free, ANCHORS)[0][0] > 0.99
+    shared, proto = client_weights(updates, "text-anchored", free, ANCHORS)
+    say = np.exp(50.0 * (0.3 - 0.5))  # hospital 2 sits 0.2 below the median (hospital 1)
+    np.testing.assert_allclose(shared, np.array([1, 1, say]) / (2 + say), rtol=1e-6)
+    np.testing.assert_allclose(proto, np.repeat(shared[:, None], C, axis=1), rtol=1e-6)
+    assert shared[0] < 0.5 < 2 / 3  # the default cap does not even bind

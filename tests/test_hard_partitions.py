@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 import yaml
 
-from savlt_model.config import PROJECT_ROOT, load_config
+from reporting.report import write_report
+from reporting.results import write_results
+from savlt_model.atomic import write_text
+from savlt_model.config import PROJECT_ROOT, dump_config, load_config
 from savlt_model.data.partition import build_partition
 from savlt_model.errors import SavltError
 from savlt_model.methods import HospitalStats
@@ -216,3 +219,14 @@ def test_a_swap_run_records_the_bad_hospital_its_weights_and_the_worst_hospital(
         np.testing.assert_allclose(row["prototype-weights"], proto, rtol=1e-9)
         assert entry["prototype_weights"] == row["prototype-weights"][j]
         assert entry["class_agreement"] == row["class-agreement"][j]
+
+    # the report says it too: the worst hospital per method, the bad one and its weights
+    write_results(tmp_path / "results.json", records)
+    write_text(tmp_path / "config.yaml", dump_config(cfg))
+    report = write_report(tmp_path).read_text()
+    section = report[report.index("## Hospitals") : report.index("## Rounds")]
+    bad = partition.bad_hospital
+    assert f"Hospital 0 ({bad['name']}) labels differently: `swap`, pair cancer / cyst" in section
+    for method in ("central", "local", "text-anchored+cal"):
+        assert f"| {method} | 1 |" in section
+    assert section.count("| text-anchored | 42 |") == cfg.fl.rounds

@@ -104,12 +104,16 @@ def class_mean_weights(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Weights per hospital and class from a_kc = cos(class-c mean feature of k, T_c).
 
-    Hospital k's say on class c is s_kc = exp(lambda (a_kc - max_j a_jc)), in (0, 1]: 1
-    for the hospital that agrees best with T_c, less the further k's class-c images sit
-    from T_c than the best one's. Where k holds class c but sent no evidence (fewer than
-    ``CLASS_SUM_MIN_IMAGES`` images) its say is 1: nothing measured, nothing lost.
+    Hospital k's say on class c is s_kc = exp(lambda min(0, a_kc - median_j a_jc)), in
+    (0, 1]: a hospital whose class-c images sit further from T_c than the typical
+    hospital's (the median over those that sent class-c evidence) loses say on class c,
+    and agreeing better than the typical hospital earns nothing. The median, not the
+    best: the absolute cosine moves with the global model's progress and the class, and
+    a hospital above the typical one (by its site, or by claiming perfect agreement) must
+    not take the others' say. Where k holds class c but sent no evidence (fewer than
+    ``CLASS_SUM_MIN_IMAGES`` images), its say is 1: nothing measured, nothing lost.
 
-    - prototype row c: n_kc s_kc (= n_kc exp(lambda a_kc) up to the row's scale);
+    - prototype row c: n_kc s_kc, normalised over the hospitals;
     - shared tensors: n_k sum_c n_kc s_kc / sum_c n_kc, i.e. each of k's images counts with
       its class's say: a hospital that disagrees on two classes loses their images' share
       and keeps the rest, where ``prototypes``' n_k exp(lambda mean_c a_kc) would shrink
@@ -127,8 +131,13 @@ def class_mean_weights(
         )
     present = counts > 0
     seen = present & np.isfinite(stats.class_agreement)
-    best = np.where(seen, stats.class_agreement, -np.inf).max(axis=0)
-    gap = np.where(seen, stats.class_agreement - np.where(seen.any(axis=0), best, 0.0), 0.0)
+    typical = np.array(
+        [
+            np.median(a[held]) if held.any() else 0.0
+            for a, held in zip(stats.class_agreement.T, seen.T, strict=True)
+        ]
+    )
+    gap = np.where(seen, np.minimum(0.0, stats.class_agreement - typical), 0.0)
     say = np.exp(lam * gap)
     factor = (counts * say).sum(axis=1) / counts.sum(axis=1)
     shared = softweights(n, np.log(factor), np.ones(len(n), dtype=bool))
