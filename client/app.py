@@ -48,7 +48,12 @@ from savlt_model.config import (
 from savlt_model.data.partition import Hospital, Partition, build_partition
 from savlt_model.data.protocol import DEFAULT_WORK_DIR, data_root, prepare_center
 from savlt_model.errors import SavltError
-from savlt_model.evaluation import predict, site_calibration_stats, site_feature_stats
+from savlt_model.evaluation import (
+    predict,
+    site_calibration_stats,
+    site_class_sums,
+    site_feature_stats,
+)
 from savlt_model.messages import (
     ARRAYS,
     CALIBRATION_STATS_KEYS,
@@ -63,6 +68,7 @@ from savlt_model.messages import (
     TRAIN_METRIC_KEYS,
     Reason,
     RoundPlan,
+    class_sums_metrics,
     feature_stats_metrics,
     local_keys_set,
     metric_record,
@@ -276,6 +282,11 @@ def train(msg: Message, context: Context) -> Message:
         centring = feature_stats_metrics(own)
         if plan.reference is not None:
             shift = np.asarray(plan.reference) - own.mean
+    evidence: dict = {}
+    if plan.class_means:  # its class evidence under the incoming global model: sums only
+        plain = image_sets(cfg, {"t": hospital.train}, False)["t"]
+        sums = site_class_sums(model, plain, cfg.train.eval_batch_size)
+        evidence = class_sums_metrics(sums, np.bincount(plain.labels, minlength=len(sums)))
     stats = train_steps(
         model,
         image_sets(cfg, {"t": hospital.train}, True)["t"],
@@ -293,6 +304,7 @@ def train(msg: Message, context: Context) -> Message:
     counts = np.bincount([s.label for s in hospital.train], minlength=len(model.classes))
     metrics = {
         **centring,
+        **evidence,
         "num-examples": len(hospital.train),
         "train-loss": stats.loss,
         "train-steps": stats.steps,

@@ -26,7 +26,7 @@ from savlt_model.calibration import (
 )
 from savlt_model.config import Config
 from savlt_model.data.images import ImageSet
-from savlt_model.data.partition import Hospital
+from savlt_model.data.partition import Hospital, Partition
 from savlt_model.evaluation import (
     CenterScore,
     centre_outputs,
@@ -79,6 +79,32 @@ def calibrations_for(
     return fit_calibrations(sums, cfg.calibration)
 
 
+def partition_fields(cfg: Config, partition: Partition) -> dict:
+    """Record keys that say what the hospitals held: the partition, and the hospital that
+    labels differently when there is one (``fl.bad_hospital`` as applied)."""
+    bad = {} if partition.bad_hospital is None else {"bad_hospital": partition.bad_hospital}
+    return {"partition": cfg.fl.partition, **bad}
+
+
+def hospital_val_images(cfg: Config, hospitals: list[Hospital]) -> dict[str, ImageSet]:
+    """The training hospitals' own validation sets, with their own labels (a hospital that
+    labels differently is scored on its labels); hospitals without one are left out."""
+    return image_sets(cfg, {h.name: h.val for h in hospitals if h.val}, train=False)
+
+
+def hospital_val_fields(accuracy: dict[str, float]) -> dict:
+    """Record keys for the hospitals' own validation accuracy: every hospital's, and the
+    worst one's (the first of equals): what the pooled test centres can average away."""
+    if not accuracy:
+        return {}
+    worst = min(accuracy, key=lambda name: accuracy[name])
+    return {
+        "hospital_val_acc_multiclass": accuracy,
+        "worst_hospital": worst,
+        "worst_hospital_val_acc_multiclass": accuracy[worst],
+    }
+
+
 def finish_model(
     model: SavltModel,
     tests: dict[str, ImageSet],
@@ -88,6 +114,7 @@ def finish_model(
     calibrations: tuple[Calibration, Calibration | None] | None = None,
     adapter_state: dict[str, torch.Tensor] | None = None,
     adapter_extra: dict | None = None,
+    hospital_val: dict[str, ImageSet] | None = None,
     **record_extra,
 ) -> tuple[dict[str, CenterScore], list[dict]]:
     """Score ``model`` on every test set (there may be none), draw its figures, save its
@@ -97,19 +124,27 @@ def finish_model(
     ``calibrations`` (inductive, re-centring; see
     :func:`savlt_model.evaluation.fit_calibrations`): the method's records use the inductive
     one (temperature fitted on validation); the re-centring one adds ``<method>+cal``
-    records, marked "label-free, transductive".
+    records, marked "label-free, transductive". ``hospital_val`` (name: the hospital's own
+    validation set): each variant's records also carry every hospital's accuracy there and
+    the worst one (:func:`hospital_val_fields`), scored as that variant scores a centre.
     """
     inductive, recentred = calibrations or (None, None)
     outputs = centre_outputs(model, tests, batch_size)
-    scores = score_outputs(model, outputs, inductive)
-    variants = [(run, scores, {})]
+    own = centre_outputs(model, hospital_val or {}, batch_size)
+    variants = [(run, inductive, {})]
     if recentred is not None:
         cal_run = replace(run, tag=f"{run.tag}+cal", method=f"{run.method}+cal")
-        variants.append(
-            (cal_run, score_outputs(model, outputs, recentred), {"calibration": TRANSDUCTIVE})
-        )
+        variants.append((cal_run, recentred, {"calibration": TRANSDUCTIVE}))
     records = []
-    for r, s, extra in variants:
+    scored = [score_outputs(model, outputs, calibration) for _, calibration, _ in variants]
+    for (r, calibration, extra), s in zip(variants, scored, strict=True):
+        at_hospitals = score_outputs(model, own, calibration)
+        extra = {
+            **hospital_val_fields(
+                {h: x.metrics["acc_multiclass"] for h, x in at_hospitals.items()}
+            ),
+            **extra,
+        }
         if s:
             save_figures(s, model, r.out_dir / "figures", r.tag, r.synthetic)
         records += [
@@ -131,7 +166,7 @@ def finish_model(
             **calibration_meta,
             **(adapter_extra or {}),
         )
-    return scores, records
+    return scored[0], records
 
 
 def save_figures(

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from reporting.plots import plot_round_curves
@@ -233,6 +234,88 @@ def _referral_section(records: list[dict]) -> list[str]:
     ]
 
 
+def _hospital_section(run_dir: Path, records: list[dict], jobs: list[dict]) -> list[str]:
+    """The worst training hospital's accuracy on its own validation set, per method; with a
+    hospital that labels differently (``fl.bad_hospital``), what it did and, per round, the
+    weight the aggregation gave it (per class for the prototype rows)."""
+    worst: dict[str, dict[int, tuple[str, float]]] = {}
+    for r in records:
+        if r.get("worst_hospital") is not None:
+            worst.setdefault(r["method"], {})[r["seed"]] = (
+                r["worst_hospital"],
+                r["worst_hospital_val_acc_multiclass"],
+            )
+    if not worst:
+        return []
+    out = [
+        "## Hospitals",
+        "",
+        "Each training hospital's own validation set, scored with its own labels (a hospital "
+        "that labels differently is scored on its labels): the worst one, which the pooled "
+        "test centres can average away. Local: each hospital's own model.",
+        "",
+    ]
+    out += _table(
+        ["method", "seeds", "worst hospital's val accuracy", "worst hospital"],
+        [
+            [
+                method,
+                len(by_seed),
+                f"{np.mean([a for _, a in by_seed.values()]):.2f} ± "
+                f"{np.std([a for _, a in by_seed.values()]):.2f}",
+                ", ".join(sorted({h for h, _ in by_seed.values()})),
+            ]
+            for method, by_seed in worst.items()
+        ],
+    )
+    bad = next((r["bad_hospital"] for r in records if r.get("bad_hospital")), None)
+    if bad is None:
+        return [*out, ""]
+    what = f"pair {' / '.join(bad['pair'])}" if bad["kind"] == "swap" else f"share {bad['share']}"
+    out += [
+        "",
+        f"Hospital {bad['hospital']} ({bad['name']}) labels differently: `{bad['kind']}`, "
+        f"{what}; {bad['changed']['train']} of {bad['of']['train']} train and "
+        f"{bad['changed']['val']} of {bad['of']['val']} val labels changed (seed {bad['seed']}).",
+        "",
+    ]
+    config = run_dir / "config.yaml"
+    classes = (
+        (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("task", {}).get("classes")
+        if config.is_file()
+        else None
+    )
+    rows = []
+    for j in jobs:
+        for e in j.get("bad_hospital_rounds") or []:
+            if e["index"] is None:
+                rows.append([j["method"], j["seed"], e["round"], "not identified", "-"])
+                continue
+            names = classes or [str(c) for c in range(len(e["prototype_weights"]))]
+            per_class = ", ".join(
+                f"{n} {w:.3f} ({s:.3f})"
+                for n, w, s in zip(names, e["prototype_weights"], e["class_share"], strict=True)
+            )
+            rows.append(
+                [
+                    j["method"],
+                    j["seed"],
+                    e["round"],
+                    f"{e['weight']:.3f} ({e['fedavg_weight']:.3f})",
+                    per_class,
+                ]
+            )
+    if rows:
+        out += [
+            "Its aggregation weight per round, in brackets what its data size alone gives "
+            "(FedAvg's n_k / n; per class n_kc / sum n_kc). Found by the class counts it "
+            'reported; "not identified" where another hospital reported the same counts.',
+            "",
+        ]
+        out += _table(["method", "seed", "round", "shared weight", "prototype rows by class"], rows)
+    return [*out, ""]
+
+
 def write_report(run_dir: Path) -> Path:
     """Write ``RUN_DIR/report.md`` for a ``train``, ``simulate`` or ``evaluate`` directory."""
     run_dir = Path(run_dir)
@@ -277,6 +360,7 @@ def write_report(run_dir: Path) -> Path:
     lines += _budget_section(records)
     lines += _referral_section(records)
     jobs = _jobs(run_dir)
+    lines += _hospital_section(run_dir, records, jobs)
     lines += _round_section(run_dir, jobs, synthetic)
     lines += _privacy_section(jobs)
     figures = run_dir / "figures"

@@ -28,6 +28,9 @@ SYNTHETIC_LABEL = "SYNTHETIC DATA — not clinical performance"
 CALIBRATION_KEYS = ("ece", "brier", "shift_score")
 # Selective prediction of a model with a referral threshold (savlt_model.referral), in %.
 REFERRAL_KEYS = ("referral_rate", "accepted_sensitivity", "accepted_specificity")
+# The worst training hospital's accuracy on its own validation set (simulation records,
+# reporting.finish.hospital_val_fields), in %: what pooled test centres can average away.
+HOSPITAL_KEYS = ("worst_hospital_val_acc_multiclass",)
 DEFAULT_TABLE_METRICS = (
     "acc_multiclass",
     "acc_binary",
@@ -114,7 +117,7 @@ def summarize(records: Iterable[dict]) -> list[dict]:
             "seeds": seeds,
             "transductive": any(r.get("transductive", False) for r in recs),
         }
-        for k in (*METRIC_KEYS, *CALIBRATION_KEYS, *REFERRAL_KEYS):
+        for k in (*METRIC_KEYS, *CALIBRATION_KEYS, *REFERRAL_KEYS, *HOSPITAL_KEYS):
             vals = np.array([r[k] for r in recs if r.get(k) is not None], dtype=np.float64)
             row[f"{k}_mean"] = round(float(vals.mean()), 4) if vals.size else None
             row[f"{k}_std"] = round(float(vals.std(ddof=0)), 4) if vals.size else None

@@ -119,6 +119,16 @@ def site_feature_stats(model: SavltModel, sets: list[ImageSet], batch_size: int)
     return stats
 
 
+def site_class_sums(model: SavltModel, dataset: ImageSet, batch_size: int) -> np.ndarray:
+    """(C, d): per class, the sum of a site's features over its images of that label (its own
+    labels): the class evidence text-anchored weighting compares with the anchors."""
+    sums = np.zeros((len(model.classes), model.anchors.shape[1]))
+    if len(dataset):
+        _, labels, feats = predict(model, dataset, batch_size)
+        np.add.at(sums, labels, feats.astype(np.float64))
+    return sums
+
+
 def site_calibration_stats(
     model: SavltModel, val: ImageSet, batch_size: int, reference: np.ndarray
 ) -> tuple[ValStats, ValStats, ReferralCounts]:

@@ -40,6 +40,9 @@ TRAIN_METRIC_KEYS = frozenset(
         "val-acc_binary",
         "feature-count",  # with fl.feature_centring: the train features' count and sum
         "feature-sum",  # under the incoming global model, for the next round's reference
+        # when the plan asks (class-means): per class, the sum of its train features under
+        # the incoming global model (C x d, flat), zero for a class under CLASS_SUM_MIN_IMAGES
+        "class-feature-sums",
         "state-version",  # the global state version the hospital keeps (-1: none)
         "control-reset",  # SCAFFOLD: 1 if it lost a control the server had counted
     }
@@ -94,6 +97,33 @@ def feature_stats_from(metrics, dim: int) -> FeatureStats:
     if count < 0:
         raise ValueError(f"feature-count is {count}")
     return FeatureStats(count, total)
+
+
+# A class's feature sum leaves a hospital only over at least this many of its images, so no
+# single scan's feature is ever sent (its row is zeros: "no evidence" for the server).
+CLASS_SUM_MIN_IMAGES = 3
+
+
+def class_sums_metrics(sums: np.ndarray, counts: np.ndarray) -> dict:
+    """The class sums a hospital sends: rows of classes with too few images set to zero."""
+    kept = np.where((counts >= CLASS_SUM_MIN_IMAGES)[:, None], sums, 0.0)
+    return {"class-feature-sums": kept.ravel().tolist()}
+
+
+def class_sums_from(metrics, counts: list[int], dim: int) -> np.ndarray:
+    """Checked (C, d) class sums from a reply; ValueError says what is wrong.
+
+    Each is a sum of L2-normalised features over the class's counted images, so its norm
+    is at most that count, and it is zero where the count is under the minimum.
+    """
+    n = np.asarray(counts, dtype=np.float64)
+    sums = _finite(metrics["class-feature-sums"], (len(n) * dim,)).reshape(len(n), dim)
+    norms = np.linalg.norm(sums, axis=1)
+    if (norms > n * (1 + 1e-4) + 1e-6).any():
+        raise ValueError("a class-feature-sums row is longer than its class count allows")
+    if (norms[n < CLASS_SUM_MIN_IMAGES] > 0).any():
+        raise ValueError(f"class-feature-sums for a class under {CLASS_SUM_MIN_IMAGES} images")
+    return sums
 
 
 def val_stats_metrics(plain: ValStats, recentred: ValStats, referral: ReferralCounts) -> dict:
@@ -195,6 +225,7 @@ class RoundPlan:
     loss_terms: LossTerms  # what the method adds to the hospital's loss (from its registry entry)
     feature_centring: bool = False  # hospitals re-centre their features (and report stats)
     reference: list[float] | None = None  # the federation's mean feature, once reported
+    class_means: bool = False  # hospitals send their class feature sums (the method's ask)
 
     def to_record(self) -> dict:
         return {
@@ -209,6 +240,7 @@ class RoundPlan:
             "prox-mu": self.loss_terms.prox_mu,
             "anchor-weight": self.loss_terms.anchor_weight,
             "feature-centring": self.feature_centring,
+            "class-means": self.class_means,
             **({} if self.reference is None else {REFERENCE: list(self.reference)}),
         }
 
@@ -230,6 +262,7 @@ class RoundPlan:
             loss_terms=LossTerms(float(record["prox-mu"]), float(record["anchor-weight"])),
             feature_centring=bool(record["feature-centring"]),
             reference=[float(v) for v in record[REFERENCE]] if REFERENCE in record else None,
+            class_means=bool(record["class-means"]),
         )
 
     @property
@@ -285,6 +318,7 @@ PLAN_KEYS = frozenset(
         "prox-mu",
         "anchor-weight",
         "feature-centring",
+        "class-means",
         REFERENCE,
         STATE_SESSION,
         STATE_VERSION,

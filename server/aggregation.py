@@ -65,6 +65,9 @@ class ClientUpdate:
     state: dict[str, torch.Tensor]
     num_examples: int
     class_counts: list[int]  # n_kc
+    # (C, d) sums of its class-c train features under the incoming global model, when the
+    # round plan asks (checked by savlt_model.messages.class_sums_from); else None
+    class_sums: np.ndarray | None = None
 
 
 def _payload_keys(state: dict[str, torch.Tensor]) -> list[str]:
@@ -143,9 +146,19 @@ def prototype_agreement(prototypes: torch.Tensor, anchors: torch.Tensor) -> np.n
     return (p * t).sum(dim=-1).numpy()
 
 
+def class_mean_agreement(sums: np.ndarray, anchors: torch.Tensor) -> np.ndarray:
+    """(C,) cos(sum_c, T_c) in float64: how close a hospital's class-c mean feature is to
+    its anchor; NaN for a class it sent no sum for (too few images: no evidence)."""
+    t = F.normalize(anchors.double(), dim=-1).numpy()
+    norms = np.linalg.norm(sums, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(norms > 0, (sums * t).sum(axis=1) / norms, np.nan)
+
+
 def hospital_stats(updates: list[ClientUpdate], anchors: torch.Tensor) -> HospitalStats:
     """The numbers a weighting rule may use, checked for consistency across hospitals;
-    the agreement comes from each upload's prototypes and the server's ``anchors``."""
+    the agreement comes from each upload's prototypes and the server's ``anchors``, and the
+    class agreement (when every hospital sent class sums) from those sums."""
     if not updates:
         raise SavltError("no client updates to aggregate")
     n_classes = {len(u.class_counts) for u in updates} | {anchors.shape[0]}
@@ -156,7 +169,11 @@ def hospital_stats(updates: list[ClientUpdate], anchors: torch.Tensor) -> Hospit
         raise SavltError(f"every client needs num_examples > 0, got {n.astype(int).tolist()}")
     counts = np.array([u.class_counts for u in updates], dtype=np.float64).reshape(len(updates), -1)
     agreement = np.stack([prototype_agreement(u.state[PROTOTYPES], anchors) for u in updates])
-    return HospitalStats(n, counts, agreement)
+    sums = [u.class_sums for u in updates]
+    by_class = None
+    if all(s is not None for s in sums):
+        by_class = np.stack([class_mean_agreement(s, anchors) for s in sums])
+    return HospitalStats(n, counts, agreement, by_class)
 
 
 def client_weights(
@@ -222,6 +239,8 @@ def aggregate(
     ``anchors`` is the server's own frozen T (C x d), for the agreement of the uploads.
     Report: ``weights`` (shared, per client), ``prototype_weights`` (K lists of C),
     ``agreement`` (K lists of C: a_kc, whatever the method, so FedAvg runs show it too),
+    ``class_agreement`` (K lists of C from the class sums, None where a hospital sent no
+    evidence; None when the round asked for no sums),
     ``lora_naive_rel_error`` / ``lora_max_rel_error``: mean / max over LoRA layers of
     ||sum_k w_k B_k A_k - B̄ Ā||_F / ||sum_k w_k B_k A_k||_F (the scaling cancels), i.e. how
     wrong naive averaging is this round, whichever mode was used; ``residual_layout``
@@ -284,6 +303,9 @@ def aggregate(
         "weights": shared_np.tolist(),
         "prototype_weights": proto_np.tolist(),
         "agreement": stats.agreement.tolist(),
+        "class_agreement": None
+        if stats.class_agreement is None
+        else np.where(np.isnan(stats.class_agreement), None, stats.class_agreement).tolist(),
         "lora_naive_rel_error": float(np.mean(errors)) if errors else 0.0,
         "lora_max_rel_error": max(errors, default=0.0),
         "residual_layout": {

@@ -73,6 +73,7 @@ def run_federated(grid: Grid, job: FederatedJob, evaluate: Evaluate | None = Non
     """
     cfg, method, seed = job.cfg, job.method, job.seed
     terms = get_method(method).losses(cfg.methods)
+    class_means = get_method(method).wants_class_means(cfg.methods)
     reference = build_model(cfg, seed)
     steps = local_steps(cfg)
 
@@ -88,6 +89,7 @@ def run_federated(grid: Grid, job: FederatedJob, evaluate: Evaluate | None = Non
             reference.anchor_fingerprint,
             terms,
             feature_centring=cfg.fl.feature_centring,
+            class_means=class_means,
         )
 
     loaded = load_checkpoint(job.checkpoint) if job.resume else None

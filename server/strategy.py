@@ -32,6 +32,7 @@ from savlt_model.messages import (
     STATE_BASE,
     STATE_VERSION,
     RoundPlan,
+    class_sums_from,
     feature_stats_from,
     reason_code,
 )
@@ -223,11 +224,13 @@ class SavltStrategy(FedAvg):
                     keeps[node] = int(metrics[STATE_VERSION]) >= 0
                     if int(metrics[CONTROL_RESET]):
                         lost.append(node)
+                counts = [int(v) for v in metrics["class-counts"]]
                 update = ClientUpdate(
                     node=node,
                     state=record.to_torch_state_dict(),
                     num_examples=int(metrics["num-examples"]),
-                    class_counts=[int(v) for v in metrics["class-counts"]],
+                    class_counts=counts,
+                    class_sums=class_sums_from(metrics, counts, dim) if plan.class_means else None,
                 )
                 loss = float(metrics["train-loss"])
                 stats = feature_stats_from(metrics, dim) if plan.feature_centring else None
@@ -316,7 +319,13 @@ class SavltStrategy(FedAvg):
             "weights": report["weights"],
             "fedavg-weights": fedavg_share,
             "agreement": report["agreement"],
+            # per hospital and class: what the prototype rows were weighted by, the class
+            # counts they came with and, when sent, the class sums' agreement
+            "prototype-weights": report["prototype_weights"],
+            "class-counts": [u.class_counts for u in updates],
         }
+        if report["class_agreement"] is not None:
+            row["class-agreement"] = report["class_agreement"]
         self.history.rows.append(row)
         if self.method.server_step is not None:
             self.history.server_state = moments

@@ -10,11 +10,19 @@ from pathlib import Path
 
 import numpy as np
 
-from reporting.finish import Finish, calibrations_for, finish_model
+from reporting.finish import (
+    Finish,
+    calibrations_for,
+    finish_model,
+    hospital_val_fields,
+    hospital_val_images,
+    partition_fields,
+)
 from reporting.results import CALIBRATION_KEYS, make_record
 from savlt_model.budget import budget, local_steps
 from savlt_model.config import Config
 from savlt_model.data.folders import Sample
+from savlt_model.data.images import ImageSet
 from savlt_model.data.partition import Hospital, Partition, build_partition
 from savlt_model.data.protocol import data_root, is_synthetic, paper_protocol
 from savlt_model.evaluation import CenterScore
@@ -33,11 +41,12 @@ def train_and_finish(
     tests: dict[str, list[Sample]],
     steps: int,
     progress: bool = True,
+    hospital_val: dict[str, ImageSet] | None = None,
     **record_extra,
 ) -> tuple[dict[str, CenterScore], list[dict]]:
     """Train one model on the hospitals' pooled train images for ``steps`` steps, calibrate
     it on their pooled data (one site: the data it was trained on), then
-    :func:`finish_model` it."""
+    :func:`finish_model` it (scored on ``hospital_val`` too, when given)."""
     model = build_model(cfg, run.seed)
     train = [s for h in hospitals for s in h.train]
     pooled = Hospital(
@@ -55,6 +64,7 @@ def train_and_finish(
         run,
         adapter_cfg=cfg,
         calibrations=calibrations_for(model, cfg, [pooled]),
+        hospital_val=hospital_val,
         train_loss=stats.loss,
         **record_extra,
     )
@@ -98,19 +108,22 @@ def _central(cfg: Config, partition: Partition, seed: int, out: Path) -> list[di
         partition.hospitals,
         partition.tests,
         cfg.total_iterations,
-        partition=cfg.fl.partition,
+        hospital_val=hospital_val_images(cfg, partition.hospitals),
+        **partition_fields(cfg, partition),
         **budget(cfg, "central"),
     )
     return records
 
 
 def _local(cfg: Config, partition: Partition, seed: int, out: Path) -> list[dict]:
-    """Each hospital alone, with the same per-hospital compute as in the federation."""
+    """Each hospital alone, with the same per-hospital compute as in the federation; the
+    worst hospital is the one whose own model scores lowest on its own validation set."""
     steps = local_steps(cfg) * cfg.fl.rounds
     per_hospital: dict[tuple[str, str], list[dict]] = {}  # (method, centre) -> records
     for i, hospital in enumerate(partition.hospitals):
         run = _finish_for(cfg, out, f"local_seed{seed}_h{i}", "local", seed)
-        for r in train_and_finish(cfg, run, [hospital], partition.tests, steps)[1]:
+        own = hospital_val_images(cfg, [hospital])
+        for r in train_and_finish(cfg, run, [hospital], partition.tests, steps, True, own)[1]:
             per_hospital.setdefault((r["method"], r["center"]), []).append(r)
     return [
         make_record(
@@ -119,10 +132,13 @@ def _local(cfg: Config, partition: Partition, seed: int, out: Path) -> list[dict
             seed,
             cfg.data.shots,
             _mean_metrics(rs),
-            partition=cfg.fl.partition,
+            **partition_fields(cfg, partition),
             **budget(cfg, "local"),
             hospitals=[h.name for h in partition.hospitals],
             per_hospital_acc_multiclass=[r["acc_multiclass"] for r in rs],
+            **hospital_val_fields(
+                {h: a for r in rs for h, a in r.get("hospital_val_acc_multiclass", {}).items()}
+            ),
             **({"calibration": rs[0]["calibration"]} if "calibration" in rs[0] else {}),
         )
         for (method, c), rs in per_hospital.items()

@@ -15,17 +15,18 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 from flwr.serverapp import ServerApp
 from tqdm.auto import tqdm
 
-from reporting.finish import Finish, finish_model
+from reporting.finish import Finish, finish_model, hospital_val_images, partition_fields
 from reporting.plots import plot_method_bars
 from reporting.results import summarize
 from reporting.tensorboard import write_job_events
 from savlt_model.atomic import write_json
 from savlt_model.budget import budget
 from savlt_model.config import Config
-from savlt_model.data.partition import build_partition
+from savlt_model.data.partition import Partition, build_partition
 from savlt_model.data.protocol import data_root, is_synthetic
 from savlt_model.evaluation import centre_evaluator
 from savlt_model.methods import get_method
@@ -100,6 +101,40 @@ def _result(job: FederatedJob) -> dict:
     return json.loads(job.result_file.read_text())
 
 
+def bad_hospital_rounds(partition: Partition, history: list[dict]) -> list[dict] | None:
+    """Per round, what the aggregation gave the hospital that labels differently: its shared
+    weight and its prototype-row weights per class, next to FedAvg's share and its class
+    share n_kc / sum n_kc, and the agreement the weighting saw. None without one.
+
+    The server never learns which node that is; its row is found by the class counts the
+    hospital reported (its own labels'). A round where another hospital reported the same
+    counts says ``index: None`` rather than guess.
+    """
+    if partition.bad_hospital is None:
+        return None
+    labels = [s.label for s in partition.hospitals[partition.bad_hospital["hospital"]].train]
+    out = []
+    for row in history:
+        counts = np.bincount(labels, minlength=len(row["class-counts"][0])).tolist()
+        rows = [j for j, c in enumerate(row["class-counts"]) if c == counts]
+        entry: dict = {"round": row["round"], "index": rows[0] if len(rows) == 1 else None}
+        if entry["index"] is not None:
+            j, n_kc = entry["index"], np.asarray(row["class-counts"], dtype=np.float64)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                share = np.where(n_kc.sum(axis=0) > 0, n_kc[j] / n_kc.sum(axis=0), 0.0)
+            entry |= {
+                "weight": row["weights"][j],
+                "fedavg_weight": row["fedavg-weights"][j],
+                "prototype_weights": row["prototype-weights"][j],
+                "class_share": share.tolist(),
+                "agreement": row["agreement"][j],
+            }
+            if "class-agreement" in row:
+                entry["class_agreement"] = row["class-agreement"][j]
+        out.append(entry)
+    return out
+
+
 def finish_federated(job: FederatedJob) -> dict:
     """Finish the job's final global model (scores on the partition's test sets when
     ``fl.server_eval``, figures, adapter with its FedEx residuals and the calibrations the
@@ -122,7 +157,8 @@ def finish_federated(job: FederatedJob) -> dict:
         calibrations=job_calibrations(summary),
         adapter_state=state,
         adapter_extra={"rounds": summary["rounds"]},
-        partition=cfg.fl.partition,
+        hospital_val=hospital_val_images(cfg, partition.hospitals) if tests else None,
+        **partition_fields(cfg, partition),
         **{**budget(cfg, job.method), "rounds": summary["rounds"]},  # the rounds done
         upload_bytes=summary["upload_bytes"],
         **(
@@ -131,6 +167,8 @@ def finish_federated(job: FederatedJob) -> dict:
             else {k: summary["privacy"][k] for k in ("epsilon", "delta")}
         ),
     )
+    summary["bad_hospital"] = partition.bad_hospital
+    summary["bad_hospital_rounds"] = bad_hospital_rounds(partition, summary["history"])
     write_json(job.result_file, summary)
     return summary
 

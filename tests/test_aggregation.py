@@ -8,12 +8,19 @@ import torch
 
 from savlt_model.config import Config, FederatedConfig, MethodsConfig
 from savlt_model.errors import SavltError
-from savlt_model.methods.text_anchored import TextAnchoredConfig, cap_weights
+from savlt_model.messages import class_sums_from, class_sums_metrics
+from savlt_model.methods import HospitalStats
+from savlt_model.methods.text_anchored import (
+    TextAnchoredConfig,
+    cap_weights,
+    text_anchored_weights,
+)
 from savlt_model.model.adapters import fold_residuals, residual_matrices
 from server.aggregation import (
     ClientUpdate,
     aggregate,
     check_update,
+    class_mean_agreement,
     client_weights,
     prototype_agreement,
 )
@@ -475,3 +482,149 @@ def test_cap_weights_water_fills(ratio: float) -> None:
     assert np.array_equal(cap_weights(within, base, ratio), within)
     if ratio == 1.5:  # column 0: 0.7 -> 0.15, 0.2 -> 0.3 bound, the rest split 0.05 : 0.05
         np.testing.assert_allclose(out[:, 0], [0.15, 0.3, 0.275, 0.275], rtol=1e-12)
+
+
+# --- per-class evidence: the class means of each hospital's own features ---------------------
+
+
+def _class_means_cfg(anchor_lambda: float, cap: float = 2.0) -> TextAnchoredConfig:
+    return TextAnchoredConfig(
+        anchor_lambda=anchor_lambda, max_weight_ratio=cap, evidence="class-means"
+    )
+
+
+def test_class_means_down_weight_a_swapping_hospital_on_exactly_the_swapped_classes() -> None:
+    """Hospital 2 grades classes 1 and 3 the other way: its class means there sit at cos 0.1
+    from T instead of 0.5, elsewhere it agrees like the others. Its prototype rows 1 and 3
+    lose their weight (by exp(-lambda 0.4)), rows 0, 2, 4 keep FedAvg's share exactly, and
+    its shared weight loses only those two classes' images (2 of 5), not all of them."""
+    counts = np.full((3, 5), 6.0)
+    honest = np.full(5, 0.5)
+    swapped = np.array([0.5, 0.1, 0.5, 0.1, 0.5])
+    stats = HospitalStats(
+        counts.sum(axis=1), counts, np.zeros((3, 5)), np.stack([honest, honest, swapped])
+    )
+    shared, proto = text_anchored_weights(stats, _class_means_cfg(5.0))
+    say = np.exp(-5.0 * 0.4)
+    for c in (1, 3):
+        np.testing.assert_allclose(proto[:, c], np.array([1, 1, say]) / (2 + say), rtol=1e-12)
+    for c in (0, 2, 4):
+        np.testing.assert_allclose(proto[:, c], [1 / 3] * 3, rtol=1e-12)
+    kept = (3 + 2 * say) / 5  # its images' mean say
+    np.testing.assert_allclose(shared, np.array([1, 1, kept]) / (2 + kept), rtol=1e-12)
+    # the prototypes' rule shrinks all of its say: n_k exp(lambda mean_c a_kc)
+    whole, _ = text_anchored_weights(
+        HospitalStats(stats.examples, counts, stats.class_agreement), TextAnchoredConfig(5.0)
+    )
+    assert whole[2] < shared[2] < 1 / 3
+    # the pair is not special: another hospital and another pair, the same result
+    moved = np.stack([honest, [0.5, 0.5, 0.1, 0.5, 0.1], honest])
+    shared2, proto2 = text_anchored_weights(
+        HospitalStats(stats.examples, counts, stats.agreement, moved), _class_means_cfg(5.0)
+    )
+    np.testing.assert_allclose(proto2[1, [2, 4]], say / (2 + say), rtol=1e-12)
+    np.testing.assert_allclose(proto2[:, [0, 1, 3]], 1 / 3, rtol=1e-12)
+    np.testing.assert_allclose(shared2[1], shared[2], rtol=1e-12)
+
+
+def test_class_means_compare_with_the_typical_hospital_and_without_evidence_lose_nothing() -> None:
+    """Say relative to the median hospital of each class, one-sided: above it earns nothing.
+    NaN (fewer images than a class sum needs): nothing measured, nothing lost; a class a
+    hospital does not hold gets no weight; a class nobody holds: the shared weights."""
+    counts = np.array([[6.0, 2, 6, 0], [6, 6, 6, 0], [6, 6, 0, 0]])
+    agree = np.array(
+        [[0.2, np.nan, 0.5, np.nan], [0.6, 0.3, 0.5, np.nan], [0.6, 0.7, np.nan, np.nan]]
+    )
+    stats = HospitalStats(counts.sum(axis=1), counts, np.zeros((3, 4)), agree)
+    shared, proto = text_anchored_weights(stats, _class_means_cfg(2.0, cap=np.inf))
+    # class 0: median 0.6, hospital 0 is 0.4 below it; class 1: median of 0.3 and 0.7 is 0.5
+    np.testing.assert_allclose(
+        proto[:, 0], np.array([np.exp(-0.8), 1, 1]) / (2 + np.exp(-0.8)), rtol=1e-12
+    )
+    np.testing.assert_allclose(
+        proto[:, 1], np.array([2, 6 * np.exp(-0.4), 6]) / (8 + 6 * np.exp(-0.4)), rtol=1e-12
+    )
+    assert proto[2, 2] == 0.0
+    np.testing.assert_allclose(proto[:2, 2], [0.5, 0.5], rtol=1e-12)
+    np.testing.assert_array_equal(proto[:, 3], shared)
+    say = np.exp(2.0 * np.array([[-0.4, 0, 0, 0], [0, -0.2, 0, 0], [0, 0, 0, 0]]))
+    expected = (counts * say).sum(axis=1)  # n_k times its images' mean say
+    np.testing.assert_allclose(shared, expected / expected.sum(), rtol=1e-12)
+    with pytest.raises(SavltError, match="class-means needs the hospitals' class feature sums"):
+        text_anchored_weights(
+            HospitalStats(stats.examples, counts, stats.agreement), _class_means_cfg(2.0)
+        )
+
+
+def test_class_means_lambda_zero_is_fedavg_bitwise() -> None:
+    """lambda = 0 with class evidence: shared tensors exactly FedAvg's, prototype rows the
+    class-c sample-weighted average, whatever the class sums say."""
+    counts = [[25, 5, 5, 5], [1, 10, 0, 29], [4, 4, 4, 8]]
+    updates = _updates(counts=counts)
+    rng = np.random.default_rng(1)
+    for u in updates:
+        u.num_examples = sum(u.class_counts)
+        u.class_sums = rng.normal(size=(C, 8)) * (np.array(u.class_counts) >= 3)[:, None]
+    cfg = Config(
+        fl=FederatedConfig(lora_aggregation="fedex"),  # type: ignore[arg-type]
+        methods=MethodsConfig(text_anchored=_class_means_cfg(0.0)),
+    )
+    glob = _global()
+    fed, _, _ = aggregate(updates, glob, "fedavg", cfg, SCALINGS, ANCHORS)
+    anchored, _, report = aggregate(updates, glob, "text-anchored", cfg, SCALINGS, ANCHORS)
+    for key in fed:
+        if key != "prototypes":
+            assert torch.equal(fed[key], anchored[key]), key
+    for c in range(C):
+        torch.testing.assert_close(
+            anchored["prototypes"][c], _class_average(updates, c).float(), rtol=0, atol=1e-6
+        )
+    assert report["class_agreement"][1][2] is None  # no sum for a class it lacks
+    expected = [class_mean_agreement(u.class_sums, ANCHORS) for u in updates]
+    np.testing.assert_allclose(report["class_agreement"][0], expected[0], rtol=1e-12)
+
+
+def test_class_mean_agreement_is_the_cosine_of_each_class_sum_with_its_anchor() -> None:
+    """cos(sum_c, T_c) whatever the sum's length; NaN where no sum was sent."""
+    rows = _prototypes([0.9, -0.3, 0.0, 0.4], torch.Generator().manual_seed(3)).double().numpy()
+    sums = rows * np.array([[4.0], [1.0], [0.0], [7.5]])  # row 2: no evidence
+    a = class_mean_agreement(sums, ANCHORS)
+    np.testing.assert_allclose(a[[0, 1, 3]], [0.9, -0.3, 0.4], atol=1e-6)  # float32 rows
+    assert np.isnan(a[2])
+
+
+def test_a_reply_s_class_sums_are_checked_against_its_class_counts() -> None:
+    """At most a count's length (a sum of unit features), zero under the minimum count, the
+    declared shape, finite: anything else is a malformed reply."""
+    counts = [3, 2, 5, 0]
+    good = np.zeros((4, 8))
+    good[0, 0], good[2, 1] = 2.9, -5.0
+    metrics = class_sums_metrics(good + 1.0 * (np.arange(4) == 1)[:, None], np.array(counts))
+    np.testing.assert_array_equal(class_sums_from(metrics, counts, 8), good)  # row 1 zeroed
+    for bad, match in (
+        (good + 10.0 * (np.arange(4) == 0)[:, None], "longer than its class count"),
+        (good + 0.1 * (np.arange(4) == 1)[:, None], "under 3 images"),
+        (np.full((4, 8), np.nan), "non-finite"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            class_sums_from({"class-feature-sums": bad.ravel().tolist()}, counts, 8)
+    with pytest.raises(ValueError, match="expected 32 values"):
+        class_sums_from({"class-feature-sums": [0.0] * 24}, counts, 8)
+
+
+def test_class_sums_that_claim_perfect_agreement_earn_what_the_typical_hospital_earns() -> None:
+    """Class sums are the hospital's own report: one that sends n_kc T_c (a_kc = 1 on every
+    class) earns the say of the typical (median) hospital and no more; uncapped, the cap
+    (twice its FedAvg share) would be the bound."""
+    updates = _updates(k=3, counts=[[6] * C] * 3)
+    gen = torch.Generator().manual_seed(5)
+    for u, a in zip(updates, (1.0, 0.5, 0.3), strict=True):
+        u.num_examples = 6 * C
+        rows = _prototypes([a] * C, gen).double().numpy()  # cos a with T_c
+        u.class_sums = 6 * rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    free = Config(methods=MethodsConfig(text_anchored=_class_means_cfg(50.0, cap=np.inf)))
+    shared, proto = client_weights(updates, "text-anchored", free, ANCHORS)
+    say = np.exp(50.0 * (0.3 - 0.5))  # hospital 2 sits 0.2 below the median (hospital 1)
+    np.testing.assert_allclose(shared, np.array([1, 1, say]) / (2 + say), rtol=1e-6)
+    np.testing.assert_allclose(proto, np.repeat(shared[:, None], C, axis=1), rtol=1e-6)
+    assert shared[0] < 0.5 < 2 / 3  # the default cap does not even bind

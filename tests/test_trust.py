@@ -67,6 +67,7 @@ def federation(fed_config, fed_data_root, tmp_path_factory) -> dict:
         "fl.client_eval=true",
         "model.lora.text=true",
         "model.prompt_context=2",
+        "methods.text_anchored.evidence=class-means",
     )
     table_cfg = fed_config(*table)
     local = {"data.split_file": str(evil), "model.roi.unet_checkpoint": str(out / "u.pt")}
@@ -239,6 +240,9 @@ CONDITIONS = {  # the table's "sent when" cells, evaluated on a config
     "`model.lora.text`": lambda cfg: cfg.model.lora.text,
     "`model.prompt_context` > 0": lambda cfg: cfg.model.prompt_context > 0,
     "`model.train_visual_proj`": lambda cfg: cfg.model.train_visual_proj,
+    "`methods.text_anchored.evidence: class-means`": (
+        lambda cfg: cfg.methods.text_anchored.evidence == "class-means"
+    ),
 }
 MESSAGES = {  # the table's (message, kind) cells -> (captured replies, record)
     ("train reply", "tensor"): ("train", ARRAYS),

@@ -117,6 +117,9 @@ class ModelConfig:
     text_tower: Literal["backbone", "minilm"] = "backbone"
     roi: RoiConfig = field(default_factory=RoiConfig)
     align_weight: float = 0.5  # "a" of the dual-alignment loss: text vs prototype branch
+    # the visual prototypes' start: a seeded orthogonal matrix, or the text anchors T (so
+    # every method starts from T and a hospital's drift from T is what agreement measures)
+    prototype_init: Literal["orthogonal", "anchors"] = "orthogonal"
 
 
 @dataclass
@@ -138,6 +141,20 @@ class TrainConfig:
 
 
 @dataclass
+class BadHospitalConfig:
+    """``fl.bad_hospital``: one simulated hospital that labels differently, on its own train
+    and val labels (savlt_model/data/corruption.py; docs/federation.md, hard partitions)."""
+
+    kind: Literal["none", "noise", "swap"] = "none"
+    hospital: int = 0  # its index among the partition's hospitals
+    share: float = 0.4  # noise: share of its train and val labels set to another class
+    # swap: the two classes whose labels it exchanges; []: the first class of task.positive
+    # and the first class that is not positive (opposite binary risk)
+    pair: list[str] = field(default_factory=list)
+    seed: int = 0  # noise: with the job seed, which labels change and to what
+
+
+@dataclass
 class FederatedConfig:
     partition: Literal["paper", "centers"] = "paper"  # how the data is split into hospitals
     # how a centre's K-shot train (and val) images are dealt into its hospitals: by sub-site
@@ -145,6 +162,7 @@ class FederatedConfig:
     split: Literal["sites", "dirichlet"] = "sites"
     dirichlet_alpha: float = 0.5  # dirichlet: smaller = more class skew between hospitals
     leave_one_out: bool = False  # centers partition: also train without each centre, test on it
+    bad_hospital: BadHospitalConfig = field(default_factory=BadHospitalConfig)
     held_out: str | None = None  # set per job by leave_one_out: the centre no hospital holds
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     hospitals: int = 3

@@ -91,6 +91,7 @@ def validate(cfg: Config, local: bool = True) -> Config:
     check_server_optimisers(cfg)
     if cfg.fl.dirichlet_alpha <= 0:
         raise SavltError("config key 'fl.dirichlet_alpha' must be > 0 (e.g. 0.5; 100: near-iid)")
+    check_bad_hospital(cfg)
     check_simulation(cfg.simulation)
     bad = [m for m in cfg.fl.methods if m not in METHODS]
     if bad:
@@ -131,6 +132,31 @@ def check_server_optimisers(cfg: Config) -> None:
         raise SavltError(
             "config keys 'methods.fedadam.server_lr' and '.tau' must be > 0, '.beta1' and "
             "'.beta2' in [0, 1)"
+        )
+
+
+def check_bad_hospital(cfg: Config) -> None:
+    """``fl.bad_hospital`` names a hospital of the run, a share and two classes that exist."""
+    bad, fl = cfg.fl.bad_hospital, cfg.fl
+    if not 0 <= bad.hospital < fl.hospitals:
+        raise SavltError(
+            f"config key 'fl.bad_hospital.hospital' must be in 0..{fl.hospitals - 1} "
+            f"(an index among fl.hospitals={fl.hospitals}), got {bad.hospital}"
+        )
+    if not 0 < bad.share <= 1:
+        raise SavltError(
+            f"config key 'fl.bad_hospital.share' must be in (0, 1] (e.g. 0.4), got {bad.share}"
+        )
+    unknown = [c for c in bad.pair if c not in cfg.task.classes]
+    if bad.pair and (len(bad.pair) != 2 or len(set(bad.pair)) != 2 or unknown):
+        raise SavltError(
+            f"config key 'fl.bad_hospital.pair' must be two different classes of task.classes "
+            f"(or [] for the default pair), got {bad.pair}"
+        )
+    if bad.kind != "none" and fl.leave_one_out:
+        raise SavltError(
+            "config key 'fl.bad_hospital': not with fl.leave_one_out (a held-out centre "
+            "renumbers the hospitals); set fl.bad_hospital.kind: none or fl.leave_one_out: false"
         )
 
 

@@ -15,6 +15,9 @@ round-robin into hospitals; ``dirichlet`` deals its images at random with a clas
 class c goes to the hospitals in proportions drawn from Dirichlet(``fl.dirichlet_alpha``),
 seeded by the job seed, so 20 or 50 virtual hospitals are possible. Either way every
 hospital holds at least one training image, or the run stops saying what to change.
+
+With ``fl.bad_hospital`` one hospital then labels its own train and val images differently
+(:mod:`savlt_model.data.corruption`); what was changed is the partition's ``bad_hospital``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from savlt_model.config import Config
+from savlt_model.data.corruption import describe, relabel
 from savlt_model.data.folders import Sample
 from savlt_model.data.protocol import (
     CenterData,
@@ -47,6 +51,7 @@ class Hospital:
 class Partition:
     hospitals: list[Hospital]
     tests: dict[str, list[Sample]]
+    bad_hospital: dict | None = None  # fl.bad_hospital as applied (corruption.describe)
 
     @property
     def pooled_train(self) -> list[Sample]:
@@ -145,7 +150,22 @@ def split_center(cfg: Config, center: CenterData, n: int, seed: int) -> list[Hos
 
 
 def build_partition(cfg: Config, seed: int) -> Partition:
-    """The hospitals and test sets of ``cfg.fl.partition`` for one seed."""
+    """The hospitals and test sets of ``cfg.fl.partition`` for one seed, with
+    ``fl.bad_hospital``'s labels."""
+    partition = _partition(cfg, seed)
+    if cfg.fl.bad_hospital.kind == "none":
+        return partition
+    i = cfg.fl.bad_hospital.hospital  # < fl.hospitals, the partition's size (validated)
+    good = partition.hospitals[i]
+    train, in_train = relabel(good.train, cfg, seed, part=1)
+    val, in_val = relabel(good.val, cfg, seed, part=2)
+    hospitals = list(partition.hospitals)
+    hospitals[i] = Hospital(good.name, train, val)
+    changed, sizes = {"train": in_train, "val": in_val}, {"train": len(train), "val": len(val)}
+    return Partition(hospitals, partition.tests, describe(cfg, good.name, changed, sizes))
+
+
+def _partition(cfg: Config, seed: int) -> Partition:
     n = cfg.fl.hospitals
     if cfg.fl.partition == "paper":
         center, tests = paper_protocol(cfg, seed, with_sites=cfg.fl.split == "sites")

@@ -34,6 +34,9 @@ class HospitalStats:
     # (K, C) a_kc in [-1, 1], computed by the server from the upload (never self-reported);
     # meaningless where n_kc == 0
     agreement: np.ndarray
+    # (K, C) cos(class-c mean feature of hospital k, T_c) from the class sums a hospital
+    # sends when the plan asks (NaN: no evidence, too few images); None when not asked
+    class_agreement: np.ndarray | None = None
 
 
 # (stats, the method's hyperparameters or None) -> (shared weights (K,), prototype-row
@@ -63,6 +66,9 @@ class Method:
     # SCAFFOLD's control variates: the server sends c, each hospital corrects its local steps
     # by c - c_i (server/controls.py, client/controls.py)
     controls: bool = False
+    # (the method's hyperparameters or None) -> whether hospitals send their class feature
+    # sums (HospitalStats.class_agreement); the round plan carries the answer
+    class_means: Callable[[Any], bool] = lambda params: False
 
     @property
     def section(self) -> str:
@@ -83,6 +89,10 @@ class Method:
     def losses(self, methods: Any) -> LossTerms:
         """Its loss terms under a config's ``methods`` section."""
         return self.loss_terms(self.settings(methods))
+
+    def wants_class_means(self, methods: Any) -> bool:
+        """Whether its weighting under a config's ``methods`` section needs class sums."""
+        return self.class_means(self.settings(methods))
 
 
 def normalise(raw: np.ndarray) -> np.ndarray:

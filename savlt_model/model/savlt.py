@@ -85,8 +85,9 @@ class SavltModel(nn.Module):
         self.roi_pool = RoiAttentionPool(tower.width, m.roi.heads)
         self.text = TextEncoder(clip, tokens, m.prompt_context)
         self.text_is_frozen = not (m.lora.text or m.prompt_context)
-        self.prototypes = nn.Parameter(torch.empty_like(anchors))
-        nn.init.orthogonal_(self.prototypes)
+        self.prototypes = nn.Parameter(anchors.clone())  # model.prototype_init: anchors
+        if m.prototype_init == "orthogonal":
+            nn.init.orthogonal_(self.prototypes)
         self.register_buffer("logit_scale", clip.logit_scale.detach().exp().clone())
         self.base_weights = snapshot_base_weights(self)  # plain dict: not in the state_dict
 

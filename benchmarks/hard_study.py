@@ -1,0 +1,204 @@
+"""Hard partitions measured: FedAvg vs text-anchored weighting where a hospital labels differently.
+
+Issue #28's study on the synthetic data (SYNTHETIC, not clinical performance). Each cell is
+one ``savlt simulate`` of a config of configs/ per seed (FedAvg and text-anchored with
+per-class evidence in one process), written under ``runs/hard-study/<cell>-s<seed>``; a
+finished cell is skipped, so the study resumes. Every cell starts the prototypes from the
+text anchors (``model.prototype_init: anchors``) except ``clean-orthogonal``, so FedAvg and
+text-anchored differ only in the aggregation.
+
+    python benchmarks/hard_study.py run                  # every cell, every seed
+    python benchmarks/hard_study.py run --cell swap --seed 42 --quick
+    python benchmarks/hard_study.py table                # markdown tables
+
+``--quick`` trains at the same-total budget (11 local steps per round instead of 32), for a
+check of the mechanism on 2 cores; the comparisons of docs/federation.md are at the configs'
+own budget. ``table`` reads every finished run: accuracy per centre and the worst
+hospital's own validation accuracy; and, per round, what the aggregation gave the hospital
+that labels differently (its shared weight and its prototype-row weights per class, each
+next to what its data size alone gives) and how its class evidence compared with the other
+hospitals' (cos of its class mean to T_c minus the other hospitals' mean).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "runs" / "hard-study"
+SEEDS = (5, 42, 123)
+HSIL_MILD = "[high-grade_squamous_intraepithelial_lesion, mild_inflammation]"
+COMMON = (
+    "fl.eval_every=0",  # scored after the last round only: the study needs no curves
+    "tracking.tensorboard=false",
+    "fl.methods=[fedavg, text-anchored]",
+    "methods.text_anchored.evidence=class-means",
+    "model.prototype_init=anchors",
+)
+# cell -> (config file, overrides on top of COMMON)
+CELLS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "clean": ("configs/default.yaml", ()),
+    "clean-orthogonal": ("configs/default.yaml", ("model.prototype_init=orthogonal",)),
+    "swap": ("configs/swap.yaml", ()),
+    "swap-prototypes": ("configs/swap.yaml", ("methods.text_anchored.evidence=prototypes",)),
+    "swap-hsil-mild-h2": (
+        "configs/swap.yaml",
+        (f"fl.bad_hospital.pair={HSIL_MILD}", "fl.bad_hospital.hospital=2"),
+    ),
+    "noise": ("configs/noise.yaml", ()),
+    "dirichlet-0.1": ("configs/dirichlet-0.1.yaml", ()),
+    "dirichlet-0.5": ("configs/dirichlet-0.5.yaml", ()),
+}
+QUICK = ("fl.budget=same-total",)
+CENTRES = ("mixed", "xiangya", "huaxi", "scanner_hr", "scanner_lc")
+
+
+def run(cells: list[str], seeds: list[int], quick: bool) -> None:
+    for cell in cells:
+        config, extra = CELLS[cell]
+        for seed in seeds:
+            out = OUT / f"{cell}{'-quick' if quick else ''}-s{seed}"
+            if (out / "results.json").exists():
+                print(f"{out.name}: done, skipped", flush=True)
+                continue
+            sets = [*COMMON, *extra, *(QUICK if quick else ()), f"seeds=[{seed}]"]
+            cmd = [sys.executable, "-m", "tools.cli", "simulate", "--config", config]
+            cmd += [a for s in sets for a in ("--set", s)] + ["--out", str(out)]
+            print(" ".join(cmd), flush=True)
+            subprocess.run(cmd, cwd=ROOT, check=True)
+
+
+def _classes(run_dir: Path) -> list[str]:
+    from savlt_model.config import load_config
+
+    return load_config(run_dir / "config.yaml").task.classes
+
+
+def _accuracy_rows(run_dir: Path) -> list[str]:
+    records = json.loads((run_dir / "results.json").read_text())
+    rows = []
+    for method in ("fedavg+cal", "text-anchored+cal"):
+        mine = {r["center"]: r for r in records if r["method"] == method}
+        if not mine:
+            continue
+        cells = [f"{mine[c]['acc_multiclass']:.1f}" if c in mine else "–" for c in CENTRES]
+        first = next(iter(mine.values()))
+        worst = first.get("worst_hospital_val_acc_multiclass")
+        worst_cell = "–" if worst is None else f"{worst:.1f} ({first['worst_hospital']})"
+        rows.append(f"| {run_dir.name} | {method} | " + " | ".join(cells) + f" | {worst_cell} |")
+    return rows
+
+
+def _evidence_gap(row: dict, j: int) -> list[float | None]:
+    """Per class: the bad hospital's cos(class mean, T_c) minus the others' mean."""
+    agreement = np.array(
+        [[np.nan if a is None else a for a in h] for h in row["class-agreement"]], dtype=float
+    )
+    others = np.nanmean(np.delete(agreement, j, axis=0), axis=0)
+    gap = agreement[j] - others
+    return [None if np.isnan(g) else float(g) for g in gap]
+
+
+def _weight_rows(run_dir: Path) -> list[str]:
+    rows = []
+    classes = _classes(run_dir)
+    for path in sorted((run_dir / "jobs").glob("text-anchored_seed*.json")):
+        job = json.loads(path.read_text())
+        for row, entry in zip(job["history"], job.get("bad_hospital_rounds") or [], strict=False):
+            if entry["index"] is None:
+                rows.append(f"| {run_dir.name} | {entry['round']} | not identified | | |")
+                continue
+            gap = _evidence_gap(row, entry["index"])
+            per_class = ", ".join(
+                f"{c[:6]} {w:.2f}/{s:.2f}"
+                for c, w, s in zip(
+                    classes, entry["prototype_weights"], entry["class_share"], strict=True
+                )
+            )
+            gaps = ", ".join("–" if g is None else f"{g:+.3f}" for g in gap)
+            rows.append(
+                f"| {run_dir.name} | {entry['round']} | {entry['weight']:.3f}/"
+                f"{entry['fedavg_weight']:.3f} | {per_class} | {gaps} |"
+            )
+    return rows
+
+
+def _spread_rows(run_dir: Path) -> list[str]:
+    """Without a bad hospital: how far the per-class weights move from the class shares."""
+    rows = []
+    for path in sorted((run_dir / "jobs").glob("text-anchored_seed*.json")):
+        job = json.loads(path.read_text())
+        for row in job["history"]:
+            counts = np.array(row["class-counts"], dtype=float)
+            total = counts.sum(axis=0)
+            share = np.divide(counts, total, out=np.zeros_like(counts), where=total > 0)
+            proto = np.array(row["prototype-weights"])
+            held = counts > 0
+            ratio = proto[held] / share[held]
+            shift = 0.5 * np.abs(np.array(row["weights"]) - np.array(row["fedavg-weights"])).sum()
+            rows.append(
+                f"| {run_dir.name} | {row['round']} | {shift:.4f} | {ratio.min():.3f} | "
+                f"{np.median(ratio):.3f} | {ratio.max():.3f} |"
+            )
+    return rows
+
+
+def table() -> str:
+    runs = sorted(p for p in OUT.glob("*-s*") if (p / "results.json").exists())
+    lines = [
+        "SYNTHETIC DATA — not clinical performance.",
+        "",
+        "5-class accuracy (%, default calibration) per centre; worst hospital: its own val set",
+        "",
+        "| run | method | " + " | ".join(CENTRES) + " | worst hospital |",
+        "|---" * (len(CENTRES) + 3) + "|",
+    ]
+    for run_dir in runs:
+        lines += _accuracy_rows(run_dir)
+    lines += [
+        "",
+        "The bad hospital under text-anchored weighting, per round: shared weight / FedAvg's "
+        "share; prototype rows per class: weight / class share; class evidence: its cos(class "
+        "mean, T_c) minus the other hospitals' mean (– no evidence)",
+        "",
+        "| run | round | shared | prototype rows | class evidence gap |",
+        "|---|---|---|---|---|",
+    ]
+    for run_dir in runs:
+        lines += _weight_rows(run_dir)
+    lines += [
+        "",
+        "Every hospital, text-anchored: weight-shift of the shared weights from FedAvg's, and "
+        "prototype-row weight / class share over the (hospital, class) pairs held",
+        "",
+        "| run | round | weight-shift | min | median | max |",
+        "|---|---|---|---|---|---|",
+    ]
+    for run_dir in runs:
+        lines += _spread_rows(run_dir)
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run_p = sub.add_parser("run", help="run the grid's missing cells")
+    run_p.add_argument("--cell", choices=sorted(CELLS), action="append")
+    run_p.add_argument("--seed", type=int, action="append")
+    run_p.add_argument("--quick", action="store_true", help="same-total budget: a quick check")
+    sub.add_parser("table", help="print the tables from the finished runs")
+    args = parser.parse_args()
+    if args.command == "run":
+        run(args.cell or list(CELLS), args.seed or list(SEEDS), args.quick)
+    else:
+        print(table())
+
+
+if __name__ == "__main__":
+    main()
