@@ -3,8 +3,10 @@
 Why: fixes for a scanner the model never saw must be judged on scanners nobody tuned
 them to. This trains one central model (``savlt train``), exports it, and on every centre
 of the requested style families (synthetic/family.py) reports, per label-free candidate
-(none, recentre, restandardise) and for the guard's pick: binary AUC, the referral rate
-at the model's threshold and the accepted scans' sensitivity and specificity; then the
+(none, recentre, restandardise, t3a, tent) and for the guard's pick: binary AUC, the
+referral rate at the model's threshold, the accepted scans' sensitivity and specificity
+and the guard's signals (instability under scanner randomisation, rank agreement, the
+reasons it refused); then the
 issue's targets (mean AUC, worst centre, adaptation harm, referral) and the Spearman
 correlation of the referral rate with the AUC. Family seed 0 is for tuning, 1-3 report.
 Labels only score. Synthetic data: not clinical numbers.
@@ -24,7 +26,6 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from savlt_model.adaptation import candidate_probs
 from savlt_model.atomic import write_json, write_text
 from savlt_model.config import CERVICAL_CLASSES
 from savlt_model.data.folders import scan_center
@@ -37,23 +38,23 @@ from tools.cli import main as savlt
 from tools.export import export_model
 from tools.inference import BATCH, calibration_of, image_set, load_model, site_guard
 
+CANDIDATES = ("recentre", "restandardise", "t3a", "tent")  # every candidate but "none"
+
 
 def _centre(model, info: dict, root: Path, centre: str) -> dict[str, Any]:
     samples = scan_center(root, centre, model.classes)
     _, labels, feats = predict(model, image_set(info, samples), BATCH)
-    w = model.classifier().cpu().numpy()
-    picked = site_guard(model, info, feats)
-    probs = candidate_probs(
-        feats, w, calibration_of(info), calibration_of(info, "centre_calibration")
-    )
+    picked = site_guard(model, info, samples, feats)
     out: dict[str, Any] = {
         "n": len(labels),
         "shift": picked.shift,
         "guard_choice": picked.choice,
+        "guard_reason": picked.reason,
         "guard_refer_below": picked.refer_below,
     }
     threshold = calibration_of(info).refer_below or 0.0
-    for name, p in {**probs, "guard": picked.probs}.items():
+    rows = {name: (c.probs, c) for name, c in picked.candidates.items()}
+    for name, (p, c) in {**rows, "guard": (picked.probs, None)}.items():
         m = compute_metrics(p, labels, model.positive)
         refer = picked.refer_below if name == "guard" else threshold
         out[name] = {
@@ -61,6 +62,10 @@ def _centre(model, info: dict, root: Path, centre: str) -> dict[str, Any]:
             "acc5": m["acc_multiclass"],
             **accepted_scores(p, labels, list(model.positive), refer),
         }
+        if c is not None:
+            out[name].update(
+                instability=c.instability, rank_agreement=c.rank_agreement, refused=c.refused
+            )
     return out
 
 
@@ -75,7 +80,7 @@ def _summary(rows: dict[str, dict]) -> dict[str, Any]:
         "worst_guard_drop": float(max(base[c] - auc[c] for c in rows)),
         **{
             f"worst_{k}_drop": float(max(base[c] - rows[c][k]["auc"] for c in rows))
-            for k in ("recentre", "restandardise", "t3a")
+            for k in CANDIDATES
         },
         "spearman_referral_vs_auc": float(spearmanr(rates, list(auc.values())).statistic),
         "centres_meeting_sens85_spec75": sum(
@@ -92,11 +97,13 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=6, help="centres per family")
     ap.add_argument("--family-scale", type=float, default=0.5, help="30 x scale per class")
     ap.add_argument("--out", type=Path, default=Path("runs/family_probe"))
+    ap.add_argument("--data", type=Path, default=None, help="DATA folder (default OUT/data)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--set", action="append", default=[], help="config override for the model")
+    ap.add_argument("--name", default="family_probe", help="OUT/NAME.json and OUT/NAME.md")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    root = args.out / "data"
+    root = args.data or args.out / "data"
     if not root.exists():
         generate(root, seed=0, scale=1.0, progress=False)
     for s in args.family_seeds:
@@ -121,16 +128,16 @@ def main() -> None:
             family_name(s, k): _centre(model, info, root, family_name(s, k)) for k in range(args.n)
         }
         result[f"family{s}"] = {"centres": rows, "summary": _summary(rows)}
-    write_json(args.out / "family_probe.json", result)
-    lines = ["| centre | shift | guard | AUC none / recentre / restd / t3a / guard | refer % | "
-             "acc. sens / spec (guard) |", "|---|---|---|---|---|---|"]  # fmt: skip
+    write_json(args.out / f"{args.name}.json", result)
+    lines = ["| centre | shift | guard | AUC none / recentre / restd / t3a / tent / guard "
+             "| refer % | acc. sens / spec (guard) |", "|---|---|---|---|---|---|"]  # fmt: skip
     everything: dict[str, dict] = {}
     for s in args.family_seeds:
         everything.update(result[f"family{s}"]["centres"])
     for c, r in everything.items():
         aucs = " / ".join(
             f"{r[k]['auc']:.1f}" if r[k]["auc"] is not None else "-"
-            for k in ("none", "recentre", "restandardise", "t3a", "guard")
+            for k in ("none", *CANDIDATES, "guard")
         )
         g = r["guard"]
         ss = "/".join(
@@ -143,7 +150,7 @@ def main() -> None:
         )
     for s in args.family_seeds:
         lines.append(f"\nfamily {s}: {json.dumps(result[f'family{s}']['summary'])}")
-    print(write_text(args.out / "family_probe.md", "\n".join(lines) + "\n"))
+    print(write_text(args.out / f"{args.name}.md", "\n".join(lines) + "\n"))
     print("\n".join(lines))
 
 

@@ -15,14 +15,22 @@ guard checks on the site's own scans, without labels, and refuses when it looks 
   so it needs no statistic beyond those the federation already sums;
 - ``t3a``: T3A (Iwasawa & Matsuo 2021), the classifier adjusted from confident site
   features: each class's weight becomes the mean direction of itself and the site's
-  :data:`T3A_SUPPORT` lowest-entropy scans predicted as that class, at the weight's norm.
+  :data:`T3A_SUPPORT` lowest-entropy scans predicted as that class, at the weight's norm;
+- ``tent``: TENT (:mod:`savlt_model.tent`), the LayerNorms re-fitted on the site's scans.
+  It changes the model, not the features, so the caller that holds the model passes its
+  features in (:class:`AdaptedFeatures`); they are scored with the inductive calibration.
 
 Signals, each a reason to refuse a candidate: its predictions collapse onto one class
 (largest predicted-class share above :data:`MAX_CLASS_SHARE`), it reorders the scans
 (Spearman correlation of its high-risk scores with the unadapted ones below
 :data:`MIN_RANK_AGREEMENT`: a label-free map should move the operating point, not invent a
-new ranking), or the site lies beyond the shifts the maps were checked on
-(:data:`MAX_ADAPT_SHIFT` times ``calibration.shift_threshold``). Among the candidates
+new ranking), its predictions are unstable under the training-time scanner randomisation
+(given the features of randomised views of the same scans, :data:`GUARD_VIEWS` of them at
+:data:`GUARD_VIEW_P`: the share of scans whose class changes between a scan and its views
+exceeds the unadapted model's by more than :data:`MAX_EXTRA_INSTABILITY`, i.e. the
+adaptation rests on what the scanner changes rather than on the tissue), or the site lies
+beyond the shifts the maps were checked on (:data:`MAX_ADAPT_SHIFT` times
+``calibration.shift_threshold``). Among the candidates
 left, it takes the one that spreads the predictions most (highest entropy of the
 predicted-class histogram), and only if that beats ``none`` by :data:`MIN_GAIN`; when
 unsure it keeps ``none`` and refers more (the referral threshold is raised halfway to 1).
@@ -31,6 +39,7 @@ unsure it keeps ``none`` and refers more (the referral threshold is raised halfw
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -45,6 +54,9 @@ MAX_ADAPT_SHIFT = 3.0  # x shift_threshold: beyond it, no map is trusted
 MIN_GAIN = 0.05  # entropy (nats) a candidate must add over "none"
 MIN_SCANS = 10  # fewer scans give no usable site statistics
 T3A_SUPPORT = 10  # confident site scans per class that adjust its weight (fixed, not tuned)
+GUARD_VIEWS = 2  # randomised views of each site scan (savlt_model.data.augment)
+GUARD_VIEW_P = 0.5  # probability of each scanner effect in those views
+MAX_EXTRA_INSTABILITY = 0.1  # class changes under randomisation, above the unadapted model's
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -102,6 +114,21 @@ def rank_agreement(a: np.ndarray, b: np.ndarray) -> float:
     return float(spearmanr(a, b).statistic)
 
 
+def instability(probs: np.ndarray, views: Sequence[np.ndarray]) -> float:
+    """Share of (scan, view) pairs whose predicted class differs from the scan's own."""
+    pred = np.asarray(probs).argmax(axis=1)
+    return float(np.mean([np.asarray(v).argmax(axis=1) != pred for v in views]))
+
+
+@dataclass(frozen=True)
+class AdaptedFeatures:
+    """A candidate that changes the model (TENT): the site's features under it, and those
+    of the same randomised views as the unadapted model's."""
+
+    features: np.ndarray
+    views: tuple[np.ndarray, ...] = ()
+
+
 @dataclass(frozen=True)
 class Candidate:
     """One candidate's probabilities on the site and the signals the guard read."""
@@ -110,6 +137,7 @@ class Candidate:
     probs: np.ndarray
     shares: np.ndarray
     rank_agreement: float
+    instability: float | None = None  # None: no randomised views were given
     refused: list[str] = field(default_factory=list)  # reasons; empty: acceptable
 
     @property
@@ -170,12 +198,27 @@ def guard(
     inductive: Calibration,
     centre: Calibration | None,
     shift_threshold: float,
+    views: Sequence[np.ndarray] = (),
+    adapted: dict[str, AdaptedFeatures] | None = None,
 ) -> GuardChoice:
-    """Pick one candidate for a site (or ``none``) from its unlabelled ``features``."""
+    """Pick one candidate for a site (or ``none``) from its unlabelled ``features``, the
+    features of randomised ``views`` of the same scans (each a feature-only candidate
+    maps with the site statistics of the scans themselves) and the candidates that change
+    the model (``adapted``)."""
     f = np.asarray(features, dtype=np.float64)
     probs = candidate_probs(f, classifier, inductive, centre)
+    on_views = {k: [] for k in probs} if views else {}
+    for v in views:
+        for k, p in candidate_probs(v, classifier, inductive, centre, site=f).items():
+            on_views[k].append(p)
+    for name, a in (adapted or {}).items():
+        probs[name] = inductive.probs(a.features, classifier)
+        if views:
+            on_views[name] = [inductive.probs(v, classifier) for v in a.views]
     shift = shift_score(f, inductive.reference)
-    return choose(probs, positive, shift, shift_threshold, inductive.refer_below or 0.0)
+    return choose(
+        probs, positive, shift, shift_threshold, inductive.refer_below or 0.0, on_views or None
+    )
 
 
 def choose(
@@ -184,15 +227,23 @@ def choose(
     shift: float,
     shift_threshold: float,
     refer_below: float,
+    views: dict[str, list[np.ndarray]] | None = None,
 ) -> GuardChoice:
-    """The guard's rule on the candidates' probabilities (``probs["none"]`` required)."""
+    """The guard's rule on the candidates' probabilities (``probs["none"]`` required) and,
+    when given, their probabilities on randomised views of the same scans (``views``,
+    the same candidates)."""
     n = len(probs["none"])
     unsure = round((refer_below + (1 - refer_below) / 2) * CONFIDENCE_BINS) / CONFIDENCE_BINS
     high = {k: np.asarray(p)[:, positive].sum(axis=1) for k, p in probs.items()}
+    unstable = {k: instability(probs[k], v) for k, v in (views or {}).items()}
     cands: dict[str, Candidate] = {}
     for name, p in probs.items():
         c = Candidate(
-            name, np.asarray(p), class_shares(p), rank_agreement(high["none"], high[name])
+            name,
+            np.asarray(p),
+            class_shares(p),
+            rank_agreement(high["none"], high[name]),
+            unstable.get(name),
         )
         if name != "none":
             if c.collapsed:
@@ -200,6 +251,13 @@ def choose(
             if c.rank_agreement < MIN_RANK_AGREEMENT:
                 c.refused.append(
                     f"reorders the scans: Spearman {c.rank_agreement:.2f} < {MIN_RANK_AGREEMENT}"
+                )
+            if c.instability is not None and c.instability > (
+                unstable["none"] + MAX_EXTRA_INSTABILITY
+            ):
+                c.refused.append(
+                    f"unstable under scanner randomisation: {c.instability:.0%} of scans "
+                    f"change class (unadapted {unstable['none']:.0%})"
                 )
             if shift > MAX_ADAPT_SHIFT * shift_threshold:
                 c.refused.append(

@@ -18,6 +18,7 @@ from savlt_model.config import Config
 from savlt_model.data.images import ImageSet, make_loader
 from savlt_model.model.adapters import PROTOTYPES, payload_parameters
 from savlt_model.model.build import autocast
+from savlt_model.model.consistency import consistency_loss
 from savlt_model.model.savlt import SavltModel
 
 
@@ -111,7 +112,12 @@ def train_steps(
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             with autocast(device, t.amp):
-                loss = model.loss(model(images, shift), labels, anchor_weight)
+                if images.dim() == 5:  # (B, views, 3, H, W): train.consistency_weight
+                    loss = consistency_loss(
+                        model, images, labels, shift, anchor_weight, t.consistency_weight
+                    )
+                else:
+                    loss = model.loss(model(images, shift), labels, anchor_weight)
             if prox_mu:
                 loss = loss + 0.5 * prox_mu * sum(
                     (p - start[k]).pow(2).sum() for k, p in params.items()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from savlt_model.adaptation import choose, guard, restandardise, t3a_classifier
+from savlt_model.adaptation import AdaptedFeatures, choose, guard, restandardise, t3a_classifier
 from savlt_model.calibration import Calibration, shift_score
 
 
@@ -100,3 +100,64 @@ def test_t3a_moves_a_class_weight_toward_its_confident_site_scans_at_the_same_no
     np.testing.assert_allclose(got[0], [2.0, 0.0])  # no scan of class 0: unchanged
     mean = np.array([0.0 + 3 * 0.6, 1.0 + 3 * 0.8]) / 4  # (0.45, 0.85)
     np.testing.assert_allclose(got[1], 3.0 * mean / np.linalg.norm(mean))
+
+
+def test_the_guard_refuses_an_adaptation_unstable_under_scanner_randomisation():
+    """Style-a-like: a map that spreads the predictions and keeps the ranking (so collapse
+    and reordering do not fire), but whose calls move with the scanner: on randomised
+    views of the same scans half of them change class, while the model's own do not."""
+    skewed = (NONE + np.array([0.8, 0.0, 0.0])) / 1.8  # "none": 9 of 10 scans in class 0
+    flipped = NONE.copy()
+    flipped[4:9] = flipped[4:9][:, [0, 2, 1]]  # the same scans called class 1 <-> 2
+    views = {"none": [skewed, skewed], "recentre": [flipped, NONE]}
+    got = choose({"none": skewed, "recentre": NONE}, [0], 1.0, 0.5, 0.4, views)
+    cand = got.candidates["recentre"]
+    assert cand.instability == pytest.approx(0.25) and got.candidates["none"].instability == 0.0
+    assert cand.rank_agreement > 0.7 and not cand.collapsed  # only instability refuses it
+    assert cand.refused == [
+        "unstable under scanner randomisation: 25% of scans change class (unadapted 0%)"
+    ]
+    assert got.choice == "none" and got.refer_below == 0.7  # unsure: refers more
+    # the same map, stable on its views, is taken (as without views)
+    calm = {"none": [skewed, skewed], "recentre": [NONE, NONE]}
+    assert choose({"none": skewed, "recentre": NONE}, [0], 1.0, 0.5, 0.4, calm).choice == "recentre"
+    assert choose({"none": skewed, "recentre": NONE}, [0], 1.0, 0.5, 0.4).choice == "recentre"
+    # unstable as much as the unadapted model is not held against a map
+    shaky = {"none": [flipped, NONE], "recentre": [flipped, NONE]}
+    got = choose({"none": NONE, "recentre": NONE}, [0], 1.0, 0.5, 0.4, shaky)
+    assert not got.candidates["recentre"].refused
+
+
+def test_guard_scores_views_with_the_site_statistics_and_takes_model_changing_candidates():
+    """Randomised views are mapped with the statistics of the site's own scans; a
+    candidate that changes the model (TENT) brings its own features and views."""
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(3, 12))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    w = 6.0 * centres
+    y = rng.integers(0, 3, 150)
+
+    def unit(f: np.ndarray) -> np.ndarray:
+        return f / np.linalg.norm(f, axis=1, keepdims=True)
+
+    clean = centres[y] + 0.6 * rng.normal(size=(150, 12))
+    train = unit(centres[rng.integers(0, 3, 150)] + 0.6 * rng.normal(size=(150, 12)))
+    inductive = Calibration(train.mean(axis=0), refer_below=0.5)
+    centre = Calibration(train.mean(axis=0), recentre=True)
+    site = unit(clean + 2.5 * centres[0])  # a display offset pushes every scan toward class 0
+    views = [unit(clean + 2.5 * centres[0] + 0.05 * rng.normal(size=(150, 12))) for _ in "ab"]
+    # a TENT whose features undo the offset but whose views scatter: refused as unstable
+    tent = AdaptedFeatures(unit(clean), tuple(unit(rng.normal(size=(150, 12))) for _ in "ab"))
+    got = guard(site, w, [0], inductive, centre, 0.5, views=views, adapted={"tent": tent})
+    assert set(got.candidates) == {"none", "recentre", "restandardise", "t3a", "tent"}
+    assert got.candidates["none"].collapsed
+    assert got.candidates["tent"].instability > 0.4
+    assert got.candidates["tent"].refused[0].startswith("unstable under scanner randomisation")
+    assert got.candidates["recentre"].instability < 0.1  # mapped with the site's own mean
+    assert got.choice in ("recentre", "restandardise") and not got.candidates[got.choice].refused
+    # a stable TENT that undoes the offset is as good a candidate as the maps
+    calm = AdaptedFeatures(
+        unit(clean), tuple(unit(clean + 0.05 * rng.normal(size=(150, 12))) for _ in "ab")
+    )
+    again = guard(site, w, [0], inductive, centre, 0.5, views=views, adapted={"tent": calm})
+    assert not again.candidates["tent"].refused and not again.candidates["tent"].collapsed

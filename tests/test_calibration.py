@@ -156,9 +156,9 @@ def test_shift_score_is_quiet_in_distribution_and_fires_on_shifted_scans(caplog)
         "config": {"calibration": {"shift_threshold": 0.5}},
     }
     with caplog.at_level(logging.WARNING, logger="tools.inference"):
-        assert warn_if_shifted(model, info, feats[1000:1050], "site A") < 0.5
+        assert warn_if_shifted(model, info, None, feats[1000:1050], "site A") < 0.5
         assert not caplog.records
-        assert warn_if_shifted(model, info, shifted, "site B") > 0.8
+        assert warn_if_shifted(model, info, None, shifted, "site B") > 0.8
     (record,) = caplog.records
     assert "site B: shift score" in record.getMessage() and "exceeds 0.50" in record.getMessage()
     assert "the label-free guard picks" in record.getMessage()

@@ -15,11 +15,19 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from reporting.finish import Finish, finish_model
 from reporting.report import write_report
 from reporting.results import write_results, write_summary
-from savlt_model.adaptation import GuardChoice, guard
+from savlt_model.adaptation import (
+    GUARD_VIEW_P,
+    GUARD_VIEWS,
+    MIN_SCANS,
+    AdaptedFeatures,
+    GuardChoice,
+    guard,
+)
 from savlt_model.atomic import write_json
 from savlt_model.calibration import (
     Calibration,
@@ -36,6 +44,7 @@ from savlt_model.metrics import binary_scores
 from savlt_model.model.build import pick_device
 from savlt_model.model.savlt import SavltModel
 from savlt_model.referral import decide
+from savlt_model.tent import applied, tent_state
 from tools.export import HEAD_JSON, load_exported
 
 BATCH = 32
@@ -49,11 +58,13 @@ def load_model(model_dir: Path) -> tuple[SavltModel, dict]:
     return model, json.loads((Path(model_dir) / HEAD_JSON).read_text(encoding="utf-8"))
 
 
-def image_set(info: dict, samples: list[Sample]) -> ImageSet:
+def image_set(info: dict, samples: list[Sample], scanner_augment: float = 0.0) -> ImageSet:
     """The scans decoded and standardised exactly as the model was trained (models exported
-    before intensity standardisation existed record none)."""
+    before intensity standardisation existed record none); ``scanner_augment`` > 0:
+    re-imaged by random scanners (:class:`savlt_model.data.augment.ScannerAugment`)."""
     size, mean, std = info["image_size"], info["mean"], info["std"]
-    return ImageSet(samples, size, mean, std, train=False, intensity=info.get("intensity", "none"))
+    intensity = info.get("intensity", "none")
+    return ImageSet(samples, size, mean, std, False, intensity, scanner_augment)
 
 
 def calibration_of(info: dict, key: str = "calibration") -> Calibration | None:
@@ -61,12 +72,40 @@ def calibration_of(info: dict, key: str = "calibration") -> Calibration | None:
     return None if raw is None else calibration_from_dict(raw)
 
 
-def site_guard(model: SavltModel, info: dict, features: np.ndarray) -> GuardChoice | None:
-    """The label-free guard's pick for these scans (:mod:`savlt_model.adaptation`), or
-    None for a model exported without a calibration."""
+def randomised_views(model: SavltModel, info: dict, samples: list[Sample]) -> list[np.ndarray]:
+    """Features of :data:`GUARD_VIEWS` randomised views of the scans (the training-time
+    scanner randomisation at :data:`GUARD_VIEW_P`), each view seeded by its index so that
+    every candidate, the model-changing ones too, sees the very same images."""
+    out = []
+    for k in range(GUARD_VIEWS):
+        views = image_set(info, samples, scanner_augment=GUARD_VIEW_P)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(k)
+            out.append(predict(model, views, BATCH)[2])
+    return out
+
+
+def tent_features(
+    model: SavltModel, info: dict, samples: list[Sample], inductive: Calibration
+) -> AdaptedFeatures:
+    """The scans' features, and those of their randomised views, after TENT on them."""
+    state = tent_state(model, image_set(info, samples), inductive)
+    with applied(model, state):
+        feats = predict(model, image_set(info, samples), BATCH)[2]
+        return AdaptedFeatures(feats, tuple(randomised_views(model, info, samples)))
+
+
+def site_guard(
+    model: SavltModel, info: dict, samples: list[Sample] | None, features: np.ndarray
+) -> GuardChoice | None:
+    """The label-free guard's pick for these scans (their ``features`` as the model gives
+    them; :mod:`savlt_model.adaptation`), or None for a model exported without a
+    calibration. With the scans' ``samples``, TENT and the randomised views are computed
+    here; without, only the feature maps are candidates."""
     inductive = calibration_of(info)
     if inductive is None:
         return None
+    enough = samples is not None and len(samples) >= MIN_SCANS  # fewer: all refused anyway
     return guard(
         features,
         model.classifier().cpu().numpy(),
@@ -74,11 +113,13 @@ def site_guard(model: SavltModel, info: dict, features: np.ndarray) -> GuardChoi
         inductive,
         calibration_of(info, "centre_calibration"),
         float(info["config"]["calibration"]["shift_threshold"]),
+        views=randomised_views(model, info, samples) if enough else (),
+        adapted={"tent": tent_features(model, info, samples, inductive)} if enough else None,
     )
 
 
 def warn_if_shifted(
-    model: SavltModel, info: dict, features: np.ndarray, where: str
+    model: SavltModel, info: dict, samples: list[Sample] | None, features: np.ndarray, where: str
 ) -> float | None:
     """Warn when the scans' features sit far from the training hospitals' reference, with
     the guard's advice; the score (:func:`savlt_model.calibration.shift_score`) or None
@@ -88,7 +129,7 @@ def warn_if_shifted(
         return None
     score = shift_score(features, cal.reference)
     if score > float(info["config"]["calibration"]["shift_threshold"]):
-        picked = site_guard(model, info, features)
+        picked = site_guard(model, info, samples, features)
         assert picked is not None  # a calibration exists
         advice = (
             f"the label-free guard picks {picked.choice!r} ({picked.reason}; "
@@ -133,7 +174,7 @@ def predict_images(model_dir: Path, paths: Sequence[Path], on_bad_file: str = "s
         raise SavltError("none of the given images is readable")
     model, info = load_model(model_dir)
     probs, _, feats = predict(model, image_set(info, samples), BATCH)
-    warn_if_shifted(model, info, feats, f"{len(samples)} image(s)")
+    warn_if_shifted(model, info, samples, feats, f"{len(samples)} image(s)")
     cal = calibration_of(info)
     if cal is not None:
         probs = cal.probs(feats, model.classifier().cpu().numpy())
@@ -243,7 +284,7 @@ def calibrate_model(
             f"{min_scans} unlabelled scans of the site"
         )
     feats = predict(model, image_set(info, samples), BATCH)[2]
-    before = warn_if_shifted(model, info, feats, str(folder))
+    before = warn_if_shifted(model, info, samples, feats, str(folder))
     fixed = replace(centre.at_centre(feats), recentre=False)  # this site's mean, kept fixed
     if out.resolve() != model_dir.resolve():
         shutil.copytree(model_dir, out, dirs_exist_ok=True)

@@ -24,6 +24,7 @@ from savlt_model.data.folders import SCAN_SUFFIXES, Listed, Sample, expand_files
 from savlt_model.errors import SavltError
 from savlt_model.evaluation import predict
 from savlt_model.referral import accepted_counts
+from savlt_model.tent import applied, tent_state
 from tools.inference import (
     BATCH,
     SKIP_HINT,
@@ -141,7 +142,7 @@ def site_check(
     model, info = load_model(model_dir)
     samples = unlabelled_scans(folder, on_bad_file)
     feats = predict(model, image_set(info, samples), BATCH)[2]
-    picked = site_guard(model, info, feats)
+    picked = site_guard(model, info, samples, feats)
     if picked is None:
         raise SavltError(
             f"{model_dir} was exported without a calibration; re-export it from its run"
@@ -158,6 +159,7 @@ def site_check(
             name: {
                 "class_shares": dict(zip(model.classes, c.shares.tolist(), strict=True)),
                 "rank_agreement": c.rank_agreement,
+                "instability": c.instability,
                 "refused": c.refused,
             }
             for name, c in picked.candidates.items()
@@ -169,10 +171,13 @@ def site_check(
         lab = spot_check_samples(folder, labels, model.classes)
         _, y, f = predict(model, image_set(info, lab), BATCH)
         w = model.classifier().cpu().numpy()
-        probs = candidate_probs(
-            f, w, calibration_of(info), calibration_of(info, "centre_calibration"), feats
-        )
+        inductive = calibration_of(info)
+        assert inductive is not None  # site_guard needs it
+        probs = candidate_probs(f, w, inductive, calibration_of(info, "centre_calibration"), feats)
         allowed = [n for n, c in picked.candidates.items() if n == "none" or not c.refused]
+        if "tent" in allowed:  # adapted on the site's unlabelled scans, as the guard saw it
+            with applied(model, tent_state(model, image_set(info, samples), inductive)):
+                probs["tent"] = inductive.probs(predict(model, image_set(info, lab), BATCH)[2], w)
         checks = {n: measured(probs[n], y, positive, picked.refer_below) for n in allowed}
 
         def lower(n: str) -> float:
@@ -224,7 +229,9 @@ def format_site_check(report: dict) -> str:
     ]
     for name, c in report["candidates"].items():
         state = "; ".join(c["refused"]) or "acceptable"
-        lines.append(f"  {name}: Spearman {c['rank_agreement']:.2f}, {state}")
+        moved = c.get("instability")
+        moved = "" if moved is None else f", {moved:.0%} change class under randomisation"
+        lines.append(f"  {name}: Spearman {c['rank_agreement']:.2f}{moved}, {state}")
     lines += [
         f"predicted before: {dist(report['before'])}",
         f"predicted after:  {dist(report['after'])}",

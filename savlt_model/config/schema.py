@@ -137,7 +137,10 @@ class TrainConfig:
     eval_batch_size: int = 64
     amp: bool = True  # bf16 autocast + TF32 on CUDA (ignored on CPU)
     workers: int = 0  # DataLoader workers for augmentation (images are decoded once, cached)
-    scanner_augment: float = 0.0  # probability of each scanner-variation effect; 0 = off
+    scanner_augment: float = 0.0  # probability of each scanner-randomisation effect; 0 = off
+    # weight of the AugMix consistency term (Jensen-Shannon divergence of the predictions on
+    # a clean and two randomised views of each scan); needs scanner_augment > 0; 0 = off
+    consistency_weight: float = 0.0
 
 
 @dataclass

@@ -74,6 +74,15 @@ def validate(cfg: Config, local: bool = True) -> Config:
         raise SavltError(
             "config keys 'fl.leave_one_out' / 'fl.held_out' need fl.partition: centers"
         )
+    if not 0.0 <= cfg.train.scanner_augment <= 1.0:
+        raise SavltError("config key 'train.scanner_augment' must lie in [0, 1] (0: off)")
+    if cfg.train.consistency_weight < 0 or (
+        cfg.train.consistency_weight > 0 and cfg.train.scanner_augment == 0
+    ):
+        raise SavltError(
+            "config key 'train.consistency_weight' must be >= 0 and needs randomised views: "
+            "set train.scanner_augment > 0 (or consistency_weight: 0)"
+        )
     if not cfg.train.prototype_lr_scale > 0:
         raise SavltError("config key 'train.prototype_lr_scale' must be > 0 (1: the shared lr)")
     if cfg.fl.eval_every < 0:

@@ -112,9 +112,14 @@ class ImageSet(Dataset):
     """Samples decoded once (in the constructor) and kept in memory as uint8.
 
     Eager decoding means data-loader workers inherit the decoded images instead of each
-    decoding them again, and a broken file fails before training starts. Training
-    augmentation draws from torch's global RNG (seeded per worker by :func:`make_loader`'s
-    generator when ``num_workers > 0``; seed torch yourself for ``num_workers == 0``).
+    decoding them again, and a broken file fails before training starts. Augmentation
+    draws from torch's global RNG (seeded per worker by :func:`make_loader`'s generator
+    when ``num_workers > 0``; seed torch yourself for ``num_workers == 0``).
+
+    ``train`` adds the random crop and flip; ``scanner_augment`` > 0 re-images each scan
+    through a random scanner (:class:`ScannerAugment`, also without ``train``: randomised
+    views of a site's scans); ``views`` > 1 returns, per scan, a (views, 3, H, W) stack of
+    the clean scan and ``views - 1`` independently randomised ones (the consistency term).
     """
 
     def __init__(
@@ -126,7 +131,9 @@ class ImageSet(Dataset):
         train: bool,
         intensity: str = "none",
         scanner_augment: float = 0.0,
+        views: int = 1,
     ) -> None:
+        assert views == 1 or scanner_augment > 0, "randomised views need scanner_augment > 0"
         self.samples = list(samples)
         self.labels = [s.label for s in self.samples]
         self.images = [_decoded(s, size, intensity) for s in self.samples]
@@ -147,7 +154,8 @@ class ImageSet(Dataset):
             if train
             else None
         )
-        self.scanner = ScannerAugment(scanner_augment) if train and scanner_augment > 0 else None
+        self.scanner = ScannerAugment(scanner_augment, intensity) if scanner_augment > 0 else None
+        self.views = views
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -157,6 +165,9 @@ class ImageSet(Dataset):
         if self.augment is not None:
             image = self.augment(image)
         pixels = image.float() / 255.0
+        if self.scanner is not None and self.views > 1:
+            stack = [pixels, *(self.scanner(pixels) for _ in range(self.views - 1))]
+            return (torch.stack(stack) - self.mean) / self.std, self.labels[index]
         if self.scanner is not None:
             pixels = self.scanner(pixels)
         return (pixels - self.mean) / self.std, self.labels[index]

@@ -17,6 +17,7 @@ from savlt_model.data.folders import Sample
 from savlt_model.data.images import ImageSet
 from savlt_model.model.adapters import freeze_lora_a
 from savlt_model.model.backbone import Backbone, load_backbone
+from savlt_model.model.consistency import CONSISTENCY_VIEWS
 from savlt_model.model.savlt import SavltModel
 
 
@@ -75,10 +76,12 @@ def cached_model(cfg: Config, seed: int) -> SavltModel:
 
 def image_sets(cfg: Config, samples: dict[str, list[Sample]], train: bool) -> dict[str, ImageSet]:
     """ImageSets sized and normalised for the configured backbone, with the configured
-    intensity standardisation (and, for training, scanner augmentation)."""
+    intensity standardisation (and, for training, scanner randomisation, with the clean
+    and two randomised views per scan when the consistency term is on)."""
     bb = cached_backbone(cfg.model.name, cfg.model.pretrained)
     augment = cfg.train.scanner_augment if train else 0.0
+    views = CONSISTENCY_VIEWS if train and cfg.train.consistency_weight > 0 else 1
     return {
-        k: ImageSet(v, bb.image_size, bb.mean, bb.std, train, cfg.data.intensity, augment)
+        k: ImageSet(v, bb.image_size, bb.mean, bb.std, train, cfg.data.intensity, augment, views)
         for k, v in samples.items()
     }
