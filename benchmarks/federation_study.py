@@ -63,8 +63,9 @@ def run(cells: list[str], seeds: list[int]) -> None:
 
 
 def collect() -> tuple[dict, dict]:
-    """{(cell, method, centre): {seed: acc}} and {(cell, method): {seed: (up, down) MiB per
-    hospital over the run}} from every finished run."""
+    """{(cell, method, centre): {seed: acc}} and {(cell, method): {seed: (up, down) MiB of
+    one hospital over the run: the sum of each round's largest message}} from every
+    finished run."""
     scores: dict = {}
     traffic: dict = {}
     for run_dir in sorted(OUT.glob("*-s*")):
@@ -81,9 +82,9 @@ def collect() -> tuple[dict, dict]:
             history = summary.get("history") or []
             if not history:
                 continue
-            hospitals = max(len(row.get("weights", [])) for row in history) or 1
-            up = sum(row.get("upload-bytes", 0) for row in history) / hospitals / 2**20
-            down = sum(row.get("download-bytes", 0) for row in history) / hospitals / 2**20
+            # each round logs its largest upload and download (one hospital's message)
+            up = sum(row.get("upload-bytes", 0) for row in history) / 2**20
+            down = sum(row.get("download-bytes", 0) for row in history) / 2**20
             traffic.setdefault((cell, summary["method"]), {})[int(seed)] = (up, down)
     return scores, traffic
 
