@@ -2,7 +2,8 @@
 
 Issue #28's study on the synthetic data (SYNTHETIC, not clinical performance). Each cell is
 one ``savlt simulate`` of the default config with its overrides, per seed, written under
-``runs/federation-study/<cell>-s<seed>``; a finished cell is skipped, so the study resumes.
+``runs/federation-study/<cell>-s<seed>``; a cell finished there or recorded in
+results/federation_study.json is skipped, so the study resumes across sessions.
 
     python benchmarks/federation_study.py run --cell default --seed 5 --seed 42 --seed 123
     python benchmarks/federation_study.py run --group sweep --seed 42   # every rounds cell
@@ -49,11 +50,12 @@ GROUPS = {"sweep": [c for c in CELLS if c.startswith("rounds")]}
 
 
 def run(cells: list[str], seeds: list[int]) -> None:
+    recorded = {(key[0], seed) for key, per in _recorded()[0].items() for seed in per}
     for cell in cells:
         for seed in seeds:
             out = OUT / f"{cell}-s{seed}"
-            if (out / "results.json").exists():
-                print(f"{out.name}: done, skipped", flush=True)
+            if (out / "results.json").exists() or (cell, seed) in recorded:
+                print(f"{out.name}: done (run folder or results file), skipped", flush=True)
                 continue
             sets = [*COMMON, *CELLS[cell], f"seeds=[{seed}]"]
             cmd = [sys.executable, "-m", "tools.cli", "simulate", "--config", CONFIG]
@@ -62,12 +64,28 @@ def run(cells: list[str], seeds: list[int]) -> None:
             subprocess.run(cmd, cwd=ROOT, check=True)
 
 
+def _recorded() -> tuple[dict, dict]:
+    """What results/federation_study.json already holds: runs/ is not committed, so a cell
+    measured in an earlier session is kept from there unless its run folder is here."""
+    if not RESULTS.exists():
+        return {}, {}
+    saved = json.loads(RESULTS.read_text())
+    scores = {
+        tuple(k.split("/")): {int(s): v for s, v in per.items()}
+        for k, per in saved["scores"].items()
+    }
+    traffic = {
+        tuple(k.split("/")): {int(s): tuple(v) for s, v in per.items()}
+        for k, per in saved["traffic_mib"].items()
+    }
+    return scores, traffic
+
+
 def collect() -> tuple[dict, dict]:
     """{(cell, method, centre): {seed: acc}} and {(cell, method): {seed: (up, down) MiB of
-    one hospital over the run: the sum of each round's largest message}} from every
-    finished run."""
-    scores: dict = {}
-    traffic: dict = {}
+    one hospital over the run: the sum of each round's largest message}}: every finished
+    run under runs/, over what the results file recorded before."""
+    scores, traffic = _recorded()
     for run_dir in sorted(OUT.glob("*-s*")):
         if not (run_dir / "results.json").exists():
             continue

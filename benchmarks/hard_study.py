@@ -17,7 +17,11 @@ own budget. ``table`` reads every finished run: accuracy per centre and the wors
 hospital's own validation accuracy; and, per round, what the aggregation gave the hospital
 that labels differently (its shared weight and its prototype-row weights per class, each
 next to what its data size alone gives) and how its class evidence compared with the other
-hospitals' (cos of its class mean to T_c minus the other hospitals' mean).
+hospitals' (cos of its class mean to T_c minus the other hospitals' mean); and the share of
+FedAvg's loss against ``clean`` that each method closes on ``swap`` / ``noise`` cells. The
+full-budget accuracies go to benchmarks/results/hard_study.json.
+
+``swap-drift`` and ``noise-drift`` add SCAFFOLD and FedAdam to FedAvg and text-anchored.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "runs" / "hard-study"
+RESULTS = ROOT / "benchmarks" / "results" / "hard_study.json"
 SEEDS = (5, 42, 123)
 HSIL_MILD = "[high-grade_squamous_intraepithelial_lesion, mild_inflammation]"
 COMMON = (
@@ -42,16 +47,19 @@ COMMON = (
     "model.prototype_init=anchors",
 )
 # cell -> (config file, overrides on top of COMMON)
+DRIFT = "fl.methods=[fedavg, scaffold, fedadam, text-anchored]"  # issue #28's swap target
 CELLS: dict[str, tuple[str, tuple[str, ...]]] = {
     "clean": ("configs/default.yaml", ()),
     "clean-orthogonal": ("configs/default.yaml", ("model.prototype_init=orthogonal",)),
     "swap": ("configs/swap.yaml", ()),
+    "swap-drift": ("configs/swap.yaml", (DRIFT,)),
     "swap-prototypes": ("configs/swap.yaml", ("methods.text_anchored.evidence=prototypes",)),
     "swap-hsil-mild-h2": (
         "configs/swap.yaml",
         (f"fl.bad_hospital.pair={HSIL_MILD}", "fl.bad_hospital.hospital=2"),
     ),
     "noise": ("configs/noise.yaml", ()),
+    "noise-drift": ("configs/noise.yaml", (DRIFT,)),
     "dirichlet-0.1": ("configs/dirichlet-0.1.yaml", ()),
     "dirichlet-0.5": ("configs/dirichlet-0.5.yaml", ()),
 }
@@ -83,10 +91,8 @@ def _classes(run_dir: Path) -> list[str]:
 def _accuracy_rows(run_dir: Path) -> list[str]:
     records = json.loads((run_dir / "results.json").read_text())
     rows = []
-    for method in ("fedavg+cal", "text-anchored+cal"):
+    for method in sorted({r["method"] for r in records if r["method"].endswith("+cal")}):
         mine = {r["center"]: r for r in records if r["method"] == method}
-        if not mine:
-            continue
         cells = [f"{mine[c]['acc_multiclass']:.1f}" if c in mine else "–" for c in CENTRES]
         first = next(iter(mine.values()))
         worst = first.get("worst_hospital_val_acc_multiclass")
@@ -149,8 +155,54 @@ def _spread_rows(run_dir: Path) -> list[str]:
     return rows
 
 
+def _scores(runs: list[Path]) -> dict[str, dict[str, dict[str, dict[int, float]]]]:
+    """{cell: {method: {centre: {seed: calibrated 5-class accuracy}}}} of the full-budget
+    runs, plus each method's worst hospital (its own val accuracy) as centre "worst"."""
+    out: dict = {}
+    for run_dir in runs:
+        cell, seed = run_dir.name.rsplit("-s", 1)
+        for r in json.loads((run_dir / "results.json").read_text()):
+            if not r["method"].endswith("+cal"):
+                continue
+            per = out.setdefault(cell, {}).setdefault(r["method"], {})
+            per.setdefault(r["center"], {})[int(seed)] = r["acc_multiclass"]
+            if r.get("worst_hospital_val_acc_multiclass") is not None:
+                per.setdefault("worst", {})[int(seed)] = r["worst_hospital_val_acc_multiclass"]
+    return out
+
+
+def _closed_rows(scores: dict, bad: str) -> list[str]:
+    """Issue #28's target: the share of FedAvg's loss (clean minus ``bad``) each method
+    closes, (method - FedAvg) / (FedAvg clean - FedAvg bad), on the seeds all three share."""
+    rows = []
+    clean = scores.get("clean", {}).get("fedavg+cal", {})
+    cells = [c for c in scores if c == bad or c.startswith(f"{bad}-drift")]
+    for cell in cells:
+        fed = scores[cell].get("fedavg+cal", {})
+        for method in sorted(scores[cell]):
+            cells_out = []
+            for centre in ("xiangya", "huaxi"):
+                seeds = sorted(
+                    set(clean.get(centre, {}))
+                    & set(fed.get(centre, {}))
+                    & set(scores[cell][method].get(centre, {}))
+                )
+                if not seeds:
+                    cells_out.append("–")
+                    continue
+                loss = np.mean([clean[centre][s] - fed[centre][s] for s in seeds])
+                gain = np.mean([scores[cell][method][centre][s] - fed[centre][s] for s in seeds])
+                share = f"{gain / loss:+.2f}" if abs(loss) > 1e-9 else "n/a"
+                cells_out.append(f"loss {loss:.1f}, gain {gain:+.1f} ({share}) n={len(seeds)}")
+            rows.append(f"| {cell} | {method} | " + " | ".join(cells_out) + " |")
+    return rows
+
+
 def table() -> str:
     runs = sorted(p for p in OUT.glob("*-s*") if (p / "results.json").exists())
+    full = [p for p in runs if "-quick-" not in p.name]
+    scores = _scores(full)
+    RESULTS.write_text(json.dumps(scores, indent=1, sort_keys=True))
     lines = [
         "SYNTHETIC DATA — not clinical performance.",
         "",
@@ -182,6 +234,16 @@ def table() -> str:
     ]
     for run_dir in runs:
         lines += _spread_rows(run_dir)
+    for bad in ("swap", "noise"):
+        lines += [
+            "",
+            f"What FedAvg loses on `{bad}` against `clean` (Xiangya, Huaxi; mean over the "
+            "paired seeds) and the share each method closes (target: >= 0.5)",
+            "",
+            "| cell | method | xiangya | huaxi |",
+            "|---|---|---|---|",
+        ]
+        lines += _closed_rows(scores, bad)
     return "\n".join(lines)
 
 
