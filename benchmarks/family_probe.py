@@ -63,9 +63,7 @@ def _centre(model, info: dict, root: Path, centre: str) -> dict[str, Any]:
             **accepted_scores(p, labels, list(model.positive), refer),
         }
         if c is not None:
-            out[name].update(
-                instability=c.instability, rank_agreement=c.rank_agreement, refused=c.refused
-            )
+            out[name].update(instability=c.instability, auc_cost=c.auc_cost, refused=c.refused)
     return out
 
 

@@ -21,19 +21,19 @@ guard checks on the site's own scans, without labels, and refuses when it looks 
   features in (:class:`AdaptedFeatures`); they are scored with the inductive calibration.
 
 Signals, each a reason to refuse a candidate: its predictions collapse onto one class
-(largest predicted-class share above :data:`MAX_CLASS_SHARE`), it reorders the scans
-(Spearman correlation of its high-risk scores with the unadapted ones below
-:data:`MIN_RANK_AGREEMENT`: a label-free map should move the operating point, not invent a
-new ranking), its predictions are unstable under the training-time scanner randomisation
-(given the features of randomised views of the same scans, :data:`GUARD_VIEWS` of them at
-:data:`GUARD_VIEW_P`: the share of scans whose class changes between a scan and its views
-exceeds the unadapted model's by more than :data:`MAX_EXTRA_INSTABILITY`, i.e. the
-adaptation rests on what the scanner changes rather than on the tissue), or the site lies
-beyond the shifts the maps were checked on (:data:`MAX_ADAPT_SHIFT` times
-``calibration.shift_threshold``). Among the candidates
-left, it takes the one that spreads the predictions most (highest entropy of the
-predicted-class histogram), and only if that beats ``none`` by :data:`MIN_GAIN`; when
-unsure it keeps ``none`` and refers more (the referral threshold is raised halfway to 1).
+(largest predicted-class share above :data:`MAX_CLASS_SHARE`), it reorders the scans where
+the unadapted model was sure (:func:`expected_auc_cost` above :data:`MAX_AUC_COST`: the
+binary AUC it would lose if the unadapted probabilities were right; a label-free map should
+move the operating point, not invent a new ranking), its predictions are unstable under the
+training-time scanner randomisation (given the features of randomised views of the same
+scans, :data:`GUARD_VIEWS` of them at :data:`GUARD_VIEW_P`: the share of scans whose class
+changes between a scan and its views exceeds the unadapted model's by more than
+:data:`MAX_EXTRA_INSTABILITY`, i.e. the adaptation rests on what the scanner changes rather
+than on the tissue), or the site lies beyond the shifts the maps were checked on
+(:data:`MAX_ADAPT_SHIFT` times ``calibration.shift_threshold``). Among the candidates left,
+it takes the one that spreads the predictions most (highest entropy of the predicted-class
+histogram), and only if that beats ``none`` by :data:`MIN_GAIN`; when unsure it keeps
+``none`` and refers more (the referral threshold is raised halfway to 1).
 """
 
 from __future__ import annotations
@@ -43,13 +43,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
-from scipy.stats import spearmanr
 
 from savlt_model.calibration import Calibration, shift_score
 from savlt_model.referral import CONFIDENCE_BINS, accepted
 
 MAX_CLASS_SHARE = 0.6  # more than 60 % of a site's scans in one class: collapsed
-MIN_RANK_AGREEMENT = 0.7  # Spearman of high-risk scores, adapted vs unadapted
+# Half of issue #24's harm budget (a candidate may never cost more than 2 AUC points): the
+# cost is estimated with the unadapted model's own probabilities, which a shift miscalibrates.
+MAX_AUC_COST = 0.01
 MAX_ADAPT_SHIFT = 3.0  # x shift_threshold: beyond it, no map is trusted
 MIN_GAIN = 0.05  # entropy (nats) a candidate must add over "none"
 MIN_SCANS = 10  # fewer scans give no usable site statistics
@@ -107,11 +108,28 @@ def _entropy(shares: np.ndarray) -> float:
     return float(-(s * np.log(s)).sum())
 
 
-def rank_agreement(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman correlation of two score vectors (1.0 when either is constant: no order)."""
-    if np.ptp(a) == 0 or np.ptp(b) == 0:
-        return 1.0
-    return float(spearmanr(a, b).statistic)
+def expected_auc(q: np.ndarray, scores: np.ndarray) -> float:
+    """Binary AUC of ``scores`` expected when scan i is high-risk with probability q_i:
+    sum over pairs i != j of q_i (1 - q_j) [s_i > s_j] (ties count half), over the sum of
+    q_i (1 - q_j). O(n log n): scores sorted once, ties grouped."""
+    q = np.asarray(q, dtype=np.float64)
+    s = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(s, kind="stable")
+    qs, low = q[order], 1.0 - q[order]
+    start = np.flatnonzero(np.r_[True, np.diff(s[order]) != 0])
+    g_high, g_low = np.add.reduceat(qs, start), np.add.reduceat(low, start)
+    below = np.r_[0.0, np.cumsum(g_low)[:-1]]  # low-risk mass strictly below each group
+    ties = 0.5 * (g_high * g_low - np.add.reduceat(qs * low, start))
+    den = q.sum() * (1.0 - q).sum() - float((q * (1.0 - q)).sum())
+    return float(((g_high * below).sum() + ties.sum()) / den) if den > 0 else 0.5
+
+
+def expected_auc_cost(unadapted: np.ndarray, adapted: np.ndarray) -> float:
+    """The binary AUC that ranking by ``adapted`` high-risk scores loses against the
+    ``unadapted`` ones, if the unadapted scores are the true probabilities. Never below 0
+    (the true probabilities rank best); large when the map reorders scans the unadapted
+    model told apart with confidence, small when it reorders only scans it was unsure of."""
+    return max(0.0, expected_auc(unadapted, unadapted) - expected_auc(unadapted, adapted))
 
 
 def instability(probs: np.ndarray, views: Sequence[np.ndarray]) -> float:
@@ -136,7 +154,7 @@ class Candidate:
     name: str
     probs: np.ndarray
     shares: np.ndarray
-    rank_agreement: float
+    auc_cost: float  # expected_auc_cost against "none"
     instability: float | None = None  # None: no randomised views were given
     refused: list[str] = field(default_factory=list)  # reasons; empty: acceptable
 
@@ -242,15 +260,16 @@ def choose(
             name,
             np.asarray(p),
             class_shares(p),
-            rank_agreement(high["none"], high[name]),
+            expected_auc_cost(high["none"], high[name]),
             unstable.get(name),
         )
         if name != "none":
             if c.collapsed:
                 c.refused.append(f"collapses: {c.shares.max():.0%} of scans in one class")
-            if c.rank_agreement < MIN_RANK_AGREEMENT:
+            if c.auc_cost > MAX_AUC_COST:
                 c.refused.append(
-                    f"reorders the scans: Spearman {c.rank_agreement:.2f} < {MIN_RANK_AGREEMENT}"
+                    f"reorders the scans: expected AUC cost {100 * c.auc_cost:.1f} points > "
+                    f"{100 * MAX_AUC_COST:.0f}"
                 )
             if c.instability is not None and c.instability > (
                 unstable["none"] + MAX_EXTRA_INSTABILITY
@@ -275,7 +294,7 @@ def choose(
     if best is not None and best.spread >= none.spread + MIN_GAIN:
         why = (
             f"spreads the predictions (entropy {none.spread:.2f} -> {best.spread:.2f}) and "
-            f"keeps the ranking (Spearman {best.rank_agreement:.2f})"
+            f"keeps the ranking (expected AUC cost {100 * best.auc_cost:.1f} points)"
         )
         return GuardChoice(best.name, why, shift, refer_below, cands)
     why = "no candidate is safe and better than none; referring more"

@@ -7,7 +7,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from savlt_model.adaptation import AdaptedFeatures, choose, guard, restandardise, t3a_classifier
+from savlt_model.adaptation import (
+    MAX_AUC_COST,
+    AdaptedFeatures,
+    choose,
+    expected_auc,
+    expected_auc_cost,
+    guard,
+    restandardise,
+    t3a_classifier,
+)
 from savlt_model.calibration import Calibration, shift_score
 
 
@@ -33,7 +42,7 @@ def test_the_guard_refuses_an_adaptation_that_collapses_predictions():
     assert got.choice == "none"
     cand = got.candidates["recentre"]
     assert cand.shares.tolist() == [0.0, 1.0, 0.0]
-    assert cand.rank_agreement > 0.99  # the ranking alone would not have refused it
+    assert cand.auc_cost == 0.0  # the same ranking: the cost alone would not refuse it
     assert cand.refused == ["collapses: 100% of scans in one class"]
     assert got.refer_below == 0.7  # unsure: the threshold goes halfway from 0.4 to 1
     assert "referring more" in got.reason
@@ -43,8 +52,27 @@ def test_the_guard_refuses_an_adaptation_that_reorders_the_scans():
     inverted = NONE[::-1].copy()  # the same 4 / 3 / 3 spread, the scans in reverse order
     got = choose({"none": NONE, "recentre": inverted}, [0], 1.0, 0.5, 0.4)
     assert got.choice == "none"
-    assert got.candidates["recentre"].rank_agreement < -0.9
-    assert got.candidates["recentre"].refused[0].startswith("reorders the scans")
+    assert got.candidates["recentre"].auc_cost > 0.3
+    assert got.candidates["recentre"].refused[0].startswith("reorders the scans: expected AUC")
+
+
+def test_the_expected_auc_cost_is_the_auc_lost_if_the_unadapted_probabilities_are_right():
+    """By hand, two scans with P(high risk) 0.9 and 0.1: the pairs weigh q_i (1 - q_j), so
+    ranking them right scores 0.81 / 0.82 and inverting them 0.01 / 0.82 (style a: a map
+    that inverts a ranking the model was sure of); ties count half."""
+    q = np.array([0.9, 0.1])
+    assert expected_auc(q, q) == pytest.approx(0.81 / 0.82)
+    assert expected_auc(q, q[::-1]) == pytest.approx(0.01 / 0.82)
+    assert expected_auc(q, np.zeros(2)) == pytest.approx(0.5)
+    assert expected_auc_cost(q, q[::-1]) == pytest.approx(0.80 / 0.82)
+    # any order-keeping map costs nothing; reordering scans the model was unsure of costs
+    # little, the same reordering of confident scans much more
+    assert expected_auc_cost(q, q**3) == 0.0
+    unsure = np.array([0.9, 0.52, 0.48, 0.1])
+    swapped_middle = np.array([0.9, 0.48, 0.52, 0.1])
+    swapped_ends = np.array([0.1, 0.52, 0.48, 0.9])
+    assert 0 < expected_auc_cost(unsure, swapped_middle) < MAX_AUC_COST * 3
+    assert expected_auc_cost(unsure, swapped_ends) > 0.5
 
 
 def test_the_guard_keeps_none_in_distribution_and_takes_a_safe_spreading_map():
@@ -53,7 +81,7 @@ def test_the_guard_keeps_none_in_distribution_and_takes_a_safe_spreading_map():
     assert choose({"none": skewed, "recentre": NONE}, [0], 0.1, 0.5, 0.4).choice == "none"
     got = choose({"none": skewed, "recentre": NONE}, [0], 1.0, 0.5, 0.4)
     assert got.candidates["none"].shares.tolist() == [0.9, 0.0, 0.1]
-    assert got.candidates["recentre"].rank_agreement == pytest.approx(1.0)
+    assert got.candidates["recentre"].auc_cost == 0.0
     assert got.choice == "recentre" and got.refer_below == 0.4  # safe: no extra referral
     # the same map at a shift beyond 3 x the threshold is not trusted
     far = choose({"none": skewed, "recentre": NONE}, [0], 1.6, 0.5, 0.4)
@@ -113,7 +141,7 @@ def test_the_guard_refuses_an_adaptation_unstable_under_scanner_randomisation():
     got = choose({"none": skewed, "recentre": NONE}, [0], 1.0, 0.5, 0.4, views)
     cand = got.candidates["recentre"]
     assert cand.instability == pytest.approx(0.25) and got.candidates["none"].instability == 0.0
-    assert cand.rank_agreement > 0.7 and not cand.collapsed  # only instability refuses it
+    assert cand.auc_cost <= MAX_AUC_COST and not cand.collapsed  # only instability refuses it
     assert cand.refused == [
         "unstable under scanner randomisation: 25% of scans change class (unadapted 0%)"
     ]
@@ -152,7 +180,9 @@ def test_guard_scores_views_with_the_site_statistics_and_takes_model_changing_ca
     assert set(got.candidates) == {"none", "recentre", "restandardise", "t3a", "tent"}
     assert got.candidates["none"].collapsed
     assert got.candidates["tent"].instability > 0.4
-    assert got.candidates["tent"].refused[0].startswith("unstable under scanner randomisation")
+    assert any(
+        r.startswith("unstable under scanner randomisation") for r in got.candidates["tent"].refused
+    )
     assert got.candidates["recentre"].instability < 0.1  # mapped with the site's own mean
     assert got.choice in ("recentre", "restandardise") and not got.candidates[got.choice].refused
     # a stable TENT that undoes the offset is as good a candidate as the maps
@@ -160,4 +190,9 @@ def test_guard_scores_views_with_the_site_statistics_and_takes_model_changing_ca
         unit(clean), tuple(unit(clean + 0.05 * rng.normal(size=(150, 12))) for _ in "ab")
     )
     again = guard(site, w, [0], inductive, centre, 0.5, views=views, adapted={"tent": calm})
-    assert not again.candidates["tent"].refused and not again.candidates["tent"].collapsed
+    tent = again.candidates["tent"]
+    assert tent.instability < 0.1 and not tent.collapsed  # stable, spread ...
+    # ... and held to the same AUC bound as the maps: it re-ranks scans the model was sure of
+    assert tent.refused == [
+        f"reorders the scans: expected AUC cost {100 * tent.auc_cost:.1f} points > 1"
+    ]

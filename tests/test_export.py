@@ -387,7 +387,9 @@ def test_site_check_reports_the_guard_referral_and_a_spot_check(run, tmp_path, c
     )
     assert set(got["candidates"]) == {"none", "recentre", "restandardise", "t3a", "tent"}
     assert all(0 <= c["instability"] <= 1 for c in got["candidates"].values())
-    assert "change class under randomisation" in printed
+    assert got["candidates"]["none"]["expected_auc_cost"] == 0.0
+    assert all(0 <= c["expected_auc_cost"] <= 1 for c in got["candidates"].values())
+    assert "change class under randomisation" in printed and "expected AUC cost" in printed
     assert sum(got["before"].values()) == pytest.approx(1.0)
     assert sum(got["after"].values()) == pytest.approx(1.0)
     assert 0.0 <= got["expected_referral_rate"] <= 1.0

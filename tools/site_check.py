@@ -158,7 +158,7 @@ def site_check(
         "candidates": {
             name: {
                 "class_shares": dict(zip(model.classes, c.shares.tolist(), strict=True)),
-                "rank_agreement": c.rank_agreement,
+                "expected_auc_cost": c.auc_cost,
                 "instability": c.instability,
                 "refused": c.refused,
             }
@@ -231,7 +231,8 @@ def format_site_check(report: dict) -> str:
         state = "; ".join(c["refused"]) or "acceptable"
         moved = c.get("instability")
         moved = "" if moved is None else f", {moved:.0%} change class under randomisation"
-        lines.append(f"  {name}: Spearman {c['rank_agreement']:.2f}{moved}, {state}")
+        cost = 100 * c["expected_auc_cost"]
+        lines.append(f"  {name}: expected AUC cost {cost:.1f} points{moved}, {state}")
     lines += [
         f"predicted before: {dist(report['before'])}",
         f"predicted after:  {dist(report['after'])}",
