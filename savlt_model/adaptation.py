@@ -34,6 +34,12 @@ than on the tissue), or the site lies beyond the shifts the maps were checked on
 it takes the one that spreads the predictions most (highest entropy of the predicted-class
 histogram), and only if that beats ``none`` by :data:`MIN_GAIN`; when unsure it keeps
 ``none`` and refers more (the referral threshold is raised halfway to 1).
+
+Beyond ``calibration.shift_threshold`` the referral threshold also rises with the shift
+(:func:`shift_referral`), whatever the pick: confidence learnt on the training scanners
+is worth less the farther a site lies from them (on the held-out style family, the shift
+score ranks the centres' AUC at Spearman -0.7 to -0.9, docs/scanner-shift.md), and a map
+that moves the features' mean back does not restore what the scanner lost.
 """
 
 from __future__ import annotations
@@ -239,6 +245,16 @@ def guard(
     )
 
 
+def shift_referral(refer_below: float, shift: float, shift_threshold: float) -> float:
+    """The referral threshold at a site of this shift, on the shared bin grid: the model's
+    own up to ``shift_threshold``; beyond, raised in proportion to the excess, reaching 1
+    (every scan referred) at :data:`MAX_ADAPT_SHIFT` x the threshold, where no map was
+    checked either."""
+    excess = (shift - shift_threshold) / ((MAX_ADAPT_SHIFT - 1) * shift_threshold)
+    raised = refer_below + (1 - refer_below) * min(max(excess, 0.0), 1.0)
+    return round(raised * CONFIDENCE_BINS) / CONFIDENCE_BINS
+
+
 def choose(
     probs: dict[str, np.ndarray],
     positive: list[int],
@@ -252,6 +268,7 @@ def choose(
     the same candidates)."""
     n = len(probs["none"])
     unsure = round((refer_below + (1 - refer_below) / 2) * CONFIDENCE_BINS) / CONFIDENCE_BINS
+    at_site = shift_referral(refer_below, shift, shift_threshold)
     high = {k: np.asarray(p)[:, positive].sum(axis=1) for k, p in probs.items()}
     unstable = {k: instability(probs[k], v) for k, v in (views or {}).items()}
     cands: dict[str, Candidate] = {}
@@ -296,8 +313,8 @@ def choose(
             f"spreads the predictions (entropy {none.spread:.2f} -> {best.spread:.2f}) and "
             f"keeps the ranking (expected AUC cost {100 * best.auc_cost:.1f} points)"
         )
-        return GuardChoice(best.name, why, shift, refer_below, cands)
+        return GuardChoice(best.name, why, shift, at_site, cands)
     why = "no candidate is safe and better than none; referring more"
     if none.collapsed:
         why += f" (the model itself puts {none.shares.max():.0%} of scans in one class)"
-    return GuardChoice("none", why, shift, max(refer_below, unsure), cands)
+    return GuardChoice("none", why, shift, max(at_site, unsure), cands)

@@ -15,6 +15,7 @@ from savlt_model.adaptation import (
     expected_auc_cost,
     guard,
     restandardise,
+    shift_referral,
     t3a_classifier,
 )
 from savlt_model.calibration import Calibration, shift_score
@@ -82,7 +83,8 @@ def test_the_guard_keeps_none_in_distribution_and_takes_a_safe_spreading_map():
     got = choose({"none": skewed, "recentre": NONE}, [0], 1.0, 0.5, 0.4)
     assert got.candidates["none"].shares.tolist() == [0.9, 0.0, 0.1]
     assert got.candidates["recentre"].auc_cost == 0.0
-    assert got.choice == "recentre" and got.refer_below == 0.4  # safe: no extra referral
+    # safe, taken; the shift still refers more: (1.0 - 0.5) / (2 x 0.5) of the way to 1
+    assert got.choice == "recentre" and got.refer_below == 0.7
     # the same map at a shift beyond 3 x the threshold is not trusted
     far = choose({"none": skewed, "recentre": NONE}, [0], 1.6, 0.5, 0.4)
     assert far.choice == "none" and "beyond 1.50" in far.candidates["recentre"].refused[0]
@@ -118,7 +120,21 @@ def test_guard_on_a_common_feature_offset_picks_a_map_and_refers_at_the_model_th
     assert got.candidates["none"].collapsed
     assert got.choice in ("recentre", "restandardise") and not got.candidates[got.choice].refused
     assert got.candidates[got.choice].shares.max() < 0.6
-    assert got.refer_below == 0.5 and 0 <= got.referral_rate <= 1
+    assert got.refer_below == shift_referral(0.5, got.shift, 0.5) > 0.5  # refers by the shift
+    assert 0 <= got.referral_rate <= 1
+
+
+def test_the_referral_threshold_rises_with_the_shift_to_every_scan_at_three_thresholds():
+    assert shift_referral(0.4, 0.3, 0.5) == 0.4  # in distribution: the model's own
+    assert shift_referral(0.4, 0.5, 0.5) == 0.4
+    assert shift_referral(0.4, 0.75, 0.5) == pytest.approx(0.55)  # a quarter of the way
+    assert shift_referral(0.4, 1.5, 0.5) == 1.0  # 3 x the threshold: every scan referred
+    assert shift_referral(0.4, 9.0, 0.5) == 1.0
+    # in distribution the guard keeps the model's threshold; unsure beyond it, the larger
+    # of the shift's and halfway to 1
+    assert choose({"none": NONE}, [0], 0.4, 0.5, 0.4).refer_below == 0.4
+    assert choose({"none": NONE}, [0], 0.75, 0.5, 0.4).refer_below == 0.7
+    assert choose({"none": NONE}, [0], 1.2, 0.5, 0.4).refer_below == 0.82
 
 
 def test_t3a_moves_a_class_weight_toward_its_confident_site_scans_at_the_same_norm():
