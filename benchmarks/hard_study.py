@@ -192,7 +192,7 @@ def _closed_rows(scores: dict, bad: str) -> list[str]:
                     continue
                 loss = np.mean([clean[centre][s] - fed[centre][s] for s in seeds])
                 gain = np.mean([scores[cell][method][centre][s] - fed[centre][s] for s in seeds])
-                share = f"{gain / loss:+.2f}" if abs(loss) > 1e-9 else "n/a"
+                share = f"{gain / loss:+.2f}" if loss > 0 else "FedAvg lost nothing"
                 cells_out.append(f"loss {loss:.1f}, gain {gain:+.1f} ({share}) n={len(seeds)}")
             rows.append(f"| {cell} | {method} | " + " | ".join(cells_out) + " |")
     return rows
