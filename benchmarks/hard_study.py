@@ -155,10 +155,26 @@ def _spread_rows(run_dir: Path) -> list[str]:
     return rows
 
 
+def _recorded() -> dict:
+    """What results/hard_study.json already holds (runs/ is not committed): kept unless the
+    same cell and seed ran here again."""
+    if not RESULTS.exists():
+        return {}
+    saved = json.loads(RESULTS.read_text())
+    return {
+        cell: {
+            method: {c: {int(k): v for k, v in seeds.items()} for c, seeds in per.items()}
+            for method, per in methods.items()
+        }
+        for cell, methods in saved.items()
+    }
+
+
 def _scores(runs: list[Path]) -> dict[str, dict[str, dict[str, dict[int, float]]]]:
     """{cell: {method: {centre: {seed: calibrated 5-class accuracy}}}} of the full-budget
-    runs, plus each method's worst hospital (its own val accuracy) as centre "worst"."""
-    out: dict = {}
+    runs over those recorded before, plus each method's worst hospital (its own val
+    accuracy) as centre "worst"."""
+    out: dict = _recorded()
     for run_dir in runs:
         cell, seed = run_dir.name.rsplit("-s", 1)
         for r in json.loads((run_dir / "results.json").read_text()):
