@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Two workers: the tests that start Ray share one xdist group (tests/conftest.py), the rest
-# run beside them.
+# run beside them; each worker's torch gets its share of the cores (tests/conftest.py).
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
