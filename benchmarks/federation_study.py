@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from savlt_model.atomic import write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "runs" / "federation-study"
 RESULTS = ROOT / "benchmarks" / "results" / "federation_study.json"
@@ -166,14 +168,15 @@ def table() -> str:
                     + " | ".join(_cell(d) for d in diffs)
                     + " |"
                 )
-    RESULTS.write_text(
+    write_text(  # atomic: the file is the record of cells whose runs are gone
+        RESULTS,
         json.dumps(
             {
                 "scores": {"/".join(k): v for k, v in scores.items()},
                 "traffic_mib": {"/".join(k): v for k, v in traffic.items()},
             },
             indent=1,
-        )
+        ),
     )
     return "\n".join(lines)
 

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from savlt_model.atomic import write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "runs" / "hard-study"
 RESULTS = ROOT / "benchmarks" / "results" / "hard_study.json"
@@ -218,7 +220,7 @@ def table() -> str:
     runs = sorted(p for p in OUT.glob("*-s*") if (p / "results.json").exists())
     full = [p for p in runs if "-quick-" not in p.name]
     scores = _scores(full)
-    RESULTS.write_text(json.dumps(scores, indent=1, sort_keys=True))
+    write_text(RESULTS, json.dumps(scores, indent=1, sort_keys=True))  # atomic: the record
     lines = [
         "SYNTHETIC DATA — not clinical performance.",
         "",

@@ -51,6 +51,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from savlt_model.calibration import Calibration, shift_score
+from savlt_model.metrics import pair_auc
 from savlt_model.referral import CONFIDENCE_BINS, accepted
 
 MAX_CLASS_SHARE = 0.6  # more than 60 % of a site's scans in one class: collapsed
@@ -114,28 +115,13 @@ def _entropy(shares: np.ndarray) -> float:
     return float(-(s * np.log(s)).sum())
 
 
-def expected_auc(q: np.ndarray, scores: np.ndarray) -> float:
-    """Binary AUC of ``scores`` expected when scan i is high-risk with probability q_i:
-    sum over pairs i != j of q_i (1 - q_j) [s_i > s_j] (ties count half), over the sum of
-    q_i (1 - q_j). O(n log n): scores sorted once, ties grouped."""
-    q = np.asarray(q, dtype=np.float64)
-    s = np.asarray(scores, dtype=np.float64)
-    order = np.argsort(s, kind="stable")
-    qs, low = q[order], 1.0 - q[order]
-    start = np.flatnonzero(np.r_[True, np.diff(s[order]) != 0])
-    g_high, g_low = np.add.reduceat(qs, start), np.add.reduceat(low, start)
-    below = np.r_[0.0, np.cumsum(g_low)[:-1]]  # low-risk mass strictly below each group
-    ties = 0.5 * (g_high * g_low - np.add.reduceat(qs * low, start))
-    den = q.sum() * (1.0 - q).sum() - float((q * (1.0 - q)).sum())
-    return float(((g_high * below).sum() + ties.sum()) / den) if den > 0 else 0.5
-
-
 def expected_auc_cost(unadapted: np.ndarray, adapted: np.ndarray) -> float:
     """The binary AUC that ranking by ``adapted`` high-risk scores loses against the
     ``unadapted`` ones, if the unadapted scores are the true probabilities. Never below 0
     (the true probabilities rank best); large when the map reorders scans the unadapted
     model told apart with confidence, small when it reorders only scans it was unsure of."""
-    return max(0.0, expected_auc(unadapted, unadapted) - expected_auc(unadapted, adapted))
+    q = np.asarray(unadapted, dtype=np.float64)
+    return max(0.0, pair_auc(q, q, 1.0 - q) - pair_auc(adapted, q, 1.0 - q))
 
 
 def instability(probs: np.ndarray, views: Sequence[np.ndarray]) -> float:
@@ -245,14 +231,18 @@ def guard(
     )
 
 
-def shift_referral(refer_below: float, shift: float, shift_threshold: float) -> float:
-    """The referral threshold at a site of this shift, on the shared bin grid: the model's
-    own up to ``shift_threshold``; beyond, raised in proportion to the excess, reaching 1
-    (every scan referred) at :data:`MAX_ADAPT_SHIFT` x the threshold, where no map was
-    checked either."""
-    excess = (shift - shift_threshold) / ((MAX_ADAPT_SHIFT - 1) * shift_threshold)
-    raised = refer_below + (1 - refer_below) * min(max(excess, 0.0), 1.0)
+def _toward_one(refer_below: float, fraction: float) -> float:
+    """The referral threshold moved ``fraction`` of the way to 1, on the shared bin grid."""
+    raised = refer_below + (1 - refer_below) * min(max(fraction, 0.0), 1.0)
     return round(raised * CONFIDENCE_BINS) / CONFIDENCE_BINS
+
+
+def shift_referral(refer_below: float, shift: float, shift_threshold: float) -> float:
+    """The referral threshold at a site of this shift: the model's own up to
+    ``shift_threshold``; beyond, raised in proportion to the excess, reaching 1 (every scan
+    referred) at :data:`MAX_ADAPT_SHIFT` x the threshold, where no map was checked either."""
+    excess = (shift - shift_threshold) / ((MAX_ADAPT_SHIFT - 1) * shift_threshold)
+    return _toward_one(refer_below, excess)
 
 
 def choose(
@@ -267,7 +257,7 @@ def choose(
     when given, their probabilities on randomised views of the same scans (``views``,
     the same candidates)."""
     n = len(probs["none"])
-    unsure = round((refer_below + (1 - refer_below) / 2) * CONFIDENCE_BINS) / CONFIDENCE_BINS
+    unsure = _toward_one(refer_below, 0.5)
     at_site = shift_referral(refer_below, shift, shift_threshold)
     high = {k: np.asarray(p)[:, positive].sum(axis=1) for k, p in probs.items()}
     unstable = {k: instability(probs[k], v) for k, v in (views or {}).items()}

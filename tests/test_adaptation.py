@@ -11,7 +11,6 @@ from savlt_model.adaptation import (
     MAX_AUC_COST,
     AdaptedFeatures,
     choose,
-    expected_auc,
     expected_auc_cost,
     guard,
     restandardise,
@@ -19,6 +18,7 @@ from savlt_model.adaptation import (
     t3a_classifier,
 )
 from savlt_model.calibration import Calibration, shift_score
+from savlt_model.metrics import pair_auc
 
 
 def _p(rows: list[list[float]]) -> np.ndarray:
@@ -62,9 +62,9 @@ def test_the_expected_auc_cost_is_the_auc_lost_if_the_unadapted_probabilities_ar
     ranking them right scores 0.81 / 0.82 and inverting them 0.01 / 0.82 (style a: a map
     that inverts a ranking the model was sure of); ties count half."""
     q = np.array([0.9, 0.1])
-    assert expected_auc(q, q) == pytest.approx(0.81 / 0.82)
-    assert expected_auc(q, q[::-1]) == pytest.approx(0.01 / 0.82)
-    assert expected_auc(q, np.zeros(2)) == pytest.approx(0.5)
+    assert pair_auc(q, q, 1 - q) == pytest.approx(0.81 / 0.82)
+    assert pair_auc(q[::-1], q, 1 - q) == pytest.approx(0.01 / 0.82)
+    assert pair_auc(np.zeros(2), q, 1 - q) == pytest.approx(0.5)
     assert expected_auc_cost(q, q[::-1]) == pytest.approx(0.80 / 0.82)
     # any order-keeping map costs nothing; reordering scans the model was unsure of costs
     # little, the same reordering of confident scans much more
@@ -101,7 +101,7 @@ def test_restandardise_puts_the_site_on_the_reference_mean_and_spread():
     assert shift_score(restandardise(site, mu), mu) < 0.1
 
 
-def test_guard_on_a_common_feature_offset_picks_a_map_and_refers_at_the_model_threshold():
+def test_guard_on_a_common_feature_offset_picks_a_map_and_refers_by_the_shift():
     rng = np.random.default_rng(3)
     centres = rng.normal(size=(3, 12))
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
