@@ -30,7 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "runs" / "anchor-study"
 SEEDS = (5, 42, 123)
 CONFIG = "configs/default.yaml"
-COMMON = ("fl.eval_every=0",)  # score after the last round only: the study needs no curves
+# scored after the last round only (the study needs no curves), at the budget and rounds its
+# tables were measured under (before fl.budget existed)
+COMMON = ("fl.eval_every=0", "fl.budget=same-total", "fl.rounds=5")
 
 # cell -> overrides; "fedavg" and "text-anchored" (lambda 5) share a cell (one process)
 CELLS: dict[str, tuple[str, ...]] = {

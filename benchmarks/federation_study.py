@@ -5,17 +5,18 @@ one ``savlt simulate`` of the default config with its overrides, per seed, writt
 ``runs/federation-study/<cell>-s<seed>``; a cell finished there or recorded in
 results/federation_study.json is skipped, so the study resumes across sessions.
 
-    python benchmarks/federation_study.py run --cell default --seed 5 --seed 42 --seed 123
+    python benchmarks/federation_study.py run --cell central --cell rounds2 --seed 5 --seed 42
     python benchmarks/federation_study.py run --group sweep --seed 42   # every rounds cell
     python benchmarks/federation_study.py table       # markdown + results/federation_study.json
 
 Cells: ``rounds{R}`` (FedAvg at the per-hospital budget, R rounds of 160 / R local steps:
-what the round count costs in accuracy and bytes; R = 5 is the ``default`` cell),
-``default`` (central and FedAvg as ``make simulate`` runs them, for the paired 3-seed
-check) and ``default-data1`` (the same on another synthetic data seed, in its own data
-folder). ``table`` prints, per cell and method, the calibrated and raw accuracy on mixed /
-Xiangya / Huaxi (mean +- std over the seeds found), the rounds sweep with the bytes each
-hospital sent and received over the run, and FedAvg minus central paired by seed.
+what the round count costs in accuracy and bytes; R = ``fl.rounds`` of the default config
+is the default), ``central`` (the baseline; it does not depend on the rounds), and
+``central-data1`` / ``rounds{R}-data1`` (the same on another synthetic data seed, in its
+own data folder). ``table`` prints, per cell and method, the calibrated and raw accuracy on
+mixed / Xiangya / Huaxi (mean +- std over the seeds found), the rounds sweep with the bytes
+each hospital sent and received over the run, and each FedAvg cell minus central on the
+same data, paired by seed.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from savlt_model.atomic import write_text
+from savlt_model.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "runs" / "federation-study"
@@ -37,18 +39,14 @@ CONFIG = "configs/default.yaml"
 CENTRES = ("mixed", "xiangya", "huaxi")
 COMMON = ("fl.eval_every=0",)  # score after the last round only: the study needs no curves
 
-# the default's 5 rounds x 32 steps is the "default" cell's FedAvg
 ROUNDS = (1, 2, 5, 10, 20)
+DATA1 = ("data.synthetic.seed=1", "data.root=runs/data/synthetic-seed1")
 CELLS: dict[str, tuple[str, ...]] = {
-    f"rounds{r}": ("fl.methods=[fedavg]", f"fl.rounds={r}") for r in ROUNDS if r != 5
+    f"rounds{r}": ("fl.methods=[fedavg]", f"fl.rounds={r}") for r in ROUNDS
 }
-CELLS["default"] = ("fl.methods=[central,fedavg]",)
-CELLS["default-data1"] = (
-    *CELLS["default"],
-    "data.synthetic.seed=1",
-    "data.root=runs/data/synthetic-seed1",
-)
-GROUPS = {"sweep": [c for c in CELLS if c.startswith("rounds")]}
+CELLS["central"] = ("fl.methods=[central]",)
+CELLS |= {f"{c}-data1": (*CELLS[c], *DATA1) for c in ("central", "rounds2", "rounds5")}
+GROUPS = {"sweep": [f"rounds{r}" for r in ROUNDS]}
 
 
 def run(cells: list[str], seeds: list[int]) -> None:
@@ -139,8 +137,9 @@ def table() -> str:
     lines += ["", "Rounds x local steps at the per-hospital budget (FedAvg, seed 42):", ""]
     lines += ["| rounds x steps | variant | " + " | ".join(CENTRES) + " | MiB up / down |"]
     lines += ["|---|---|" + "---|" * len(CENTRES) + "---|"]
+    default_rounds = load_config(ROOT / CONFIG).fl.rounds
     for r in ROUNDS:
-        cell = "default" if r == 5 else f"rounds{r}"
+        cell = f"rounds{r}"
         up_down = traffic.get((cell, "fedavg"), {}).get(42)
         for variant in ("+cal", ""):
             accs = [scores.get((cell, "fedavg" + variant, c), {}).get(42) for c in CENTRES]
@@ -148,19 +147,21 @@ def table() -> str:
                 continue
             mib = f"{up_down[0]:.2f} / {up_down[1]:.2f}" if up_down else "-"
             lines.append(
-                f"| {r} x {160 // r} | {variant or 'raw'} | "
+                f"| {r} x {160 // r}{' (default)' if r == default_rounds else ''} "
+                f"| {variant or 'raw'} | "
                 + " | ".join("-" if a is None else f"{a:.1f}" for a in accs)
                 + f" | {mib} |"
             )
     lines += ["", "FedAvg minus central, paired by seed (accuracy points):", ""]
-    lines += ["| cell | variant | seeds | " + " | ".join(CENTRES) + " |"]
+    lines += ["| FedAvg cell | variant | seeds | " + " | ".join(CENTRES) + " |"]
     lines += ["|---|---|---|" + "---|" * len(CENTRES)]
-    for cell in sorted({c for c, _, _ in scores}):
+    for cell in sorted({c for c, m, _ in scores if m == "fedavg"}):
+        central = "central-data1" if cell.endswith("-data1") else "central"
         for variant in ("", "+cal"):
             diffs = []
             for centre in CENTRES:
                 fed = scores.get((cell, "fedavg" + variant, centre), {})
-                cen = scores.get((cell, "central" + variant, centre), {})
+                cen = scores.get((central, "central" + variant, centre), {})
                 diffs.append([fed[s] - cen[s] for s in sorted(set(fed) & set(cen))])
             if diffs[0]:
                 lines.append(

@@ -33,6 +33,8 @@ SEED = 42
 # scored after the last round only, data generated inside the study folder; K = 8 shots and
 # batch 16 (default 16 and 32) so that the grid fits about 40 min of a shared 2-core machine
 COMMON = (
+    "fl.budget=same-total",  # the budget and rounds its tables were measured under
+    "fl.rounds=5",
     "fl.eval_every=0",
     "fl.methods=[fedavg]",
     f"seeds=[{SEED}]",

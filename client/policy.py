@@ -9,8 +9,8 @@ the code ``policy`` (client/guard.py)::
     methods: [fedavg, fedprox]          # federated methods the hospital runs
     backbone_fingerprint: 3f2a...       # the frozen backbone (model.name + weights)
     anchor_fingerprint: 9c1e...         # the text anchors (class list + descriptions)
-    max_rounds: 5                       # fl.rounds and every round number at most this
-    max_local_steps: 20                 # local steps per round at most this
+    max_rounds: 2                       # fl.rounds and every round number at most this
+    max_local_steps: 80                 # local steps per round at most this
     require_dp: false                   # true: only runs with central DP ...
     min_noise_multiplier: 0.0           # ... whose privacy.noise_multiplier is at least this
     run_config_sha256: null             # optional: the exact approved run config

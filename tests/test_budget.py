@@ -11,7 +11,7 @@ from savlt_model.errors import SavltError
 from savlt_model.messages import RoundPlan
 from savlt_model.methods import LossTerms
 
-DEFAULT = "configs/default.yaml"  # K = 16 x 10 iterations = 160 central steps, 5 rounds, 3 sites
+DEFAULT = "configs/default.yaml"  # K = 16 x 10 iterations = 160 central steps, 2 rounds, 3 sites
 
 
 def _plan(cfg) -> RoundPlan:
@@ -21,9 +21,10 @@ def _plan(cfg) -> RoundPlan:
 
 def test_per_hospital_is_the_default_and_same_total_is_the_old_split() -> None:
     fair = load_config(DEFAULT)
-    assert fair.fl.budget == "per-hospital" and local_steps(fair) == 32  # 160 / 5 rounds
-    old = load_config(DEFAULT, ["fl.budget=same-total"])
+    assert fair.fl.budget == "per-hospital" and local_steps(fair) == 80  # 160 / 2 rounds
+    old = load_config(DEFAULT, ["fl.budget=same-total", "fl.rounds=5"])
     assert local_steps(old) == 11  # ceil(160 / (5 rounds x 3 hospitals)): main's split
+    assert local_steps(load_config(DEFAULT, ["fl.budget=same-total"])) == 27  # 160 / (2 x 3)
     explicit = load_config(DEFAULT, ["fl.local_steps=7", "fl.budget=same-total"])
     assert local_steps(explicit) == 7
     assert budget(explicit, "fedavg")["budget"].startswith("fl.local_steps=7 (explicit")
@@ -40,7 +41,7 @@ def test_every_method_states_what_it_trained() -> None:
         "examples_seen": 160 * 32,
     }
     fed = budget(cfg, "fedavg")
-    assert (fed["local_steps"], fed["rounds"], fed["steps_per_hospital"]) == (32, 5, 160)
+    assert (fed["local_steps"], fed["rounds"], fed["steps_per_hospital"]) == (80, 2, 160)
     assert (fed["total_steps"], fed["examples_seen"]) == (480, 480 * 32)  # 3 hospitals
     assert budget(cfg, "local") == {**fed, "budget": "per-hospital"}
     sampled = budget(load_config(DEFAULT, ["fl.fraction_train=0.34"]), "fedavg")
@@ -48,14 +49,14 @@ def test_every_method_states_what_it_trained() -> None:
 
 
 def test_a_policy_approved_under_the_old_split_refuses_the_new_default() -> None:
-    old = load_config(DEFAULT, ["fl.budget=same-total"])
+    old = load_config(DEFAULT, ["fl.budget=same-total", "fl.rounds=5"])
     policy = policy_for(old, fingerprints=("b", "a"))
     assert policy.max_local_steps == 11
     assert refusal(policy, _plan(old)) is None
     new = load_config(DEFAULT)
     reason = refusal(policy, _plan(new))
-    assert reason == "32 local steps per round exceed the approved max_local_steps 11"
-    assert policy_for(new, fingerprints=("b", "a")).max_local_steps == 32  # savlt policy
+    assert reason == "80 local steps per round exceed the approved max_local_steps 11"
+    assert policy_for(new, fingerprints=("b", "a")).max_local_steps == 80  # savlt policy
 
 
 @pytest.mark.parametrize("key", ["fl.budget=all", "fl.budget=per_hospital"])

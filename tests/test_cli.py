@@ -73,9 +73,9 @@ def test_a_config_extends_its_base_and_states_only_what_differs(tmp_path, capsys
     from savlt_model.config import load_config
 
     variant = tmp_path / "variant.yaml"
-    variant.write_text(f"base: {Path('configs/default.yaml').resolve()}\nfl: {{rounds: 2}}\n")
+    variant.write_text(f"base: {Path('configs/default.yaml').resolve()}\nfl: {{rounds: 3}}\n")
     cfg, default = load_config(variant).to_dict(), load_config("configs/default.yaml").to_dict()
-    assert cfg["fl"].pop("rounds") == 2 and default["fl"].pop("rounds") == 5
+    assert cfg["fl"].pop("rounds") == 3 and default["fl"].pop("rounds") == 2
     assert cfg == default  # sections merge key by key: every other fl key is the base's
     assert "text-anchored" in load_config("configs/full.yaml").fl.methods
     (tmp_path / "a.yaml").write_text("base: b.yaml\n")

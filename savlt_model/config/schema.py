@@ -169,7 +169,7 @@ class FederatedConfig:
     held_out: str | None = None  # set per job by leave_one_out: the centre no hospital holds
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     hospitals: int = 3
-    rounds: int = 5
+    rounds: int = 2  # 2 x 80 steps measured best of 1-20 rounds (docs/federation.md)
     # local steps per round: per-hospital = each hospital does central's steps over the rounds;
     # same-total = central's steps shared by every hospital of every round (savlt_model/budget.py)
     budget: Literal["per-hospital", "same-total"] = "per-hospital"
