@@ -97,6 +97,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/family_probe"))
     ap.add_argument("--data", type=Path, default=None, help="DATA folder (default OUT/data)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--config", default="configs/default.yaml", help="the model's config")
     ap.add_argument("--set", action="append", default=[], help="config override for the model")
     ap.add_argument("--name", default="family_probe", help="OUT/NAME.json and OUT/NAME.md")
     args = ap.parse_args()
@@ -110,12 +111,16 @@ def main() -> None:
     if not (run / "results.json").exists():
         sets = [f"data.root={root}", "data.synthetic.enabled=false", "data.held_out_centers=[]"]
         sets += ["seeds=[42]", *args.set]
-        argv = ["train", "--config", "configs/default.yaml", "--out", str(run)]
+        argv = ["train", "--config", args.config, "--out", str(run)]
         assert savlt([*argv, *(a for s in sets for a in ("--set", s))]) == 0
     if not model_dir.exists():
         export_model(run, model_dir)
     model, info = load_model(model_dir)
-    result: dict[str, Any] = {"classes": list(CERVICAL_CLASSES), "overrides": args.set}
+    result: dict[str, Any] = {
+        "classes": list(CERVICAL_CLASSES),
+        "config": args.config,
+        "overrides": args.set,
+    }
     # in distribution: the run's own records on the mixed test split (results.json)
     result["in_distribution"] = [
         {k: r.get(k) for k in ("method", "center", "auc_binary", "referral_rate")}

@@ -182,6 +182,33 @@ def test_percentile_standardisation_undoes_gain_and_range():
         standardise_rgb(rgb, "histogram")
 
 
+def test_equalisation_undoes_any_monotone_display_curve_where_percentiles_do_not():
+    img = _bscan()
+    mask = tissue_mask(img)
+    # another scanner's look-up table: gamma 1.8, lower range, higher gain, top clipped
+    other_scanner = np.clip(0.15 + 0.9 * img**1.8, 0.0, 0.8)
+    other_mask = tissue_mask(other_scanner)
+    a = standardise_bscan(img, mask, "equalise")
+    b = standardise_bscan(other_scanner, other_mask, "equalise")
+    both = mask & other_mask
+    assert np.median(np.abs(a - b)[both]) < 0.01  # the same tissue, ranks kept
+    linear = np.abs(standardise_bscan(img, mask) - standardise_bscan(other_scanner, other_mask))
+    assert np.median(linear[both]) > 0.05  # an affine map cannot undo the gamma
+    assert np.mean(a[mask]) == pytest.approx(0.5, abs=0.02)  # tissue spread evenly
+    assert a.min() >= 0.05 and a.max() <= 0.95
+    assert standardise_rgb(np.zeros((4, 4, 3), np.uint8), "equalise").shape == (4, 4, 3)
+
+
+def test_the_any_scanner_config_is_the_default_with_equalisation_and_twice_the_steps():
+    from savlt_model.budget import budget
+    from savlt_model.config import load_config
+
+    cfg, default = load_config("configs/any-scanner.yaml"), load_config("configs/default.yaml")
+    assert cfg.data.intensity == "equalise" and default.data.intensity == "percentile"
+    assert budget(cfg, "central")["total_steps"] == 2 * budget(default, "central")["total_steps"]
+    assert budget(cfg, "fedavg")["steps_per_hospital"] == 320  # per hospital, as central
+
+
 def test_scanner_augment_is_seeded_and_stays_an_image():
     image = torch.from_numpy(_bscan()).float()[None].expand(3, -1, -1).contiguous()
     augment = ScannerAugment(p=1.0)

@@ -69,8 +69,9 @@ class DataConfig:
     # grouped by patient (a manifest patient column or a DICOM PatientID also does this)
     patient_pattern: str | None = None
     # per-B-scan standardisation at decode time (tissue p1/p99 -> fixed values), so a new
-    # scanner's gain and dynamic range do not move the features (docs/scanner-shift.md)
-    intensity: Literal["none", "percentile", "percentile-detrend"] = "percentile"
+    # scanner's gain and dynamic range do not move the features (docs/scanner-shift.md);
+    # equalise: through the tissue's own rank, so no monotone display curve does either
+    intensity: Literal["none", "percentile", "percentile-detrend", "equalise"] = "percentile"
     synthetic: SynthConfig = field(default_factory=SynthConfig)
     # where splits and few-shot draws are saved: never inside data.root (default runs/work;
     # a deployed hospital's default is under its SuperNode's state directory)

@@ -229,6 +229,6 @@ class ScannerAugment:
             g = _jpeg(g, round(s["jpeg_quality"]))
         if self.intensity != "none":  # decoded as any new scanner's file would be
             grey = g[0, 0].double().numpy()
-            std = standardise_bscan(grey, tissue_mask(grey), self.intensity == "percentile-detrend")
+            std = standardise_bscan(grey, tissue_mask(grey), self.intensity)
             g = torch.from_numpy(std).float()[None, None]
         return g.clamp(0.0, 1.0)[0].expand(3, h, w).contiguous()

@@ -17,7 +17,7 @@ import torch
 from savlt_model.data.tissue import GRAY as LUMA
 from savlt_model.data.tissue import SurfaceDetector
 
-INTENSITY_MODES: tuple[str, ...] = ("none", "percentile", "percentile-detrend")
+INTENSITY_MODES: tuple[str, ...] = ("none", "percentile", "percentile-detrend", "equalise")
 GRAY = np.array(LUMA)  # grey from RGB exactly as the tissue detector makes it
 _MIN_TISSUE = 64  # pixels: below this the mask failed and the whole frame is used
 _TARGET = (0.05, 0.95)  # where the tissue's 1st and 99th percentiles go
@@ -58,12 +58,23 @@ def depth_detrend(gray: np.ndarray, mask: np.ndarray, floor_margin: float = 0.15
     return np.where(mask, gray - slope * (depth - depth[fit].mean()), gray)
 
 
-def standardise_bscan(gray: np.ndarray, mask: np.ndarray, detrend: bool = False) -> np.ndarray:
-    """Map a [0, 1] grey B-scan linearly so its tissue's 1st / 99th percentiles land on
-    0.05 / 0.95 (clipped to [0, 1]); with ``detrend`` the depth ramp is removed first."""
-    if detrend:
+def standardise_bscan(gray: np.ndarray, mask: np.ndarray, mode: str = "percentile") -> np.ndarray:
+    """Map a [0, 1] grey B-scan so its tissue spans 0.05..0.95 (clipped to [0, 1]).
+
+    ``percentile``: linearly, the tissue's 1st / 99th percentiles onto 0.05 / 0.95;
+    ``percentile-detrend``: the same after removing the depth ramp; ``equalise``: through the
+    tissue's own distribution (mid-rank of each grey level among the tissue pixels), which
+    undoes every monotone display curve, gamma and clipping included, not only affine ones.
+    """
+    if mode == "percentile-detrend":
         gray = depth_detrend(gray, mask)
     values = gray[mask] if mask.sum() >= _MIN_TISSUE else gray.ravel()
+    if mode == "equalise":
+        ranked = np.sort(values)
+        below = np.searchsorted(ranked, gray, side="left")
+        upto = np.searchsorted(ranked, gray, side="right")
+        unit = (below + upto) / (2.0 * len(ranked))  # ties share their mid-rank
+        return _TARGET[0] + unit * (_TARGET[1] - _TARGET[0])
     lo, hi = np.percentile(values, [1.0, 99.0])
     unit = np.clip((gray - lo) / max(hi - lo, 1e-6), 0.0, None)
     return np.clip(_TARGET[0] + unit * (_TARGET[1] - _TARGET[0]), 0.0, 1.0)
@@ -80,5 +91,5 @@ def standardise_rgb(rgb: np.ndarray, mode: str) -> np.ndarray:
     if mode not in INTENSITY_MODES:
         raise ValueError(f"unknown intensity mode {mode!r}; choose from {INTENSITY_MODES}")
     gray = (rgb.astype(np.float64) / 255.0) @ GRAY
-    out = standardise_bscan(gray, tissue_mask(gray), detrend=mode == "percentile-detrend")
+    out = standardise_bscan(gray, tissue_mask(gray), mode)
     return np.repeat(np.round(out * 255.0).astype(np.uint8)[..., None], 3, axis=2)
