@@ -5,8 +5,10 @@ dynamic range). Measured on the synthetic centres (docs/scanner-shift.md), that 
 where the shift enters: darker tissue reads as cancer, so a model trained elsewhere calls
 nearly every scan high-risk. Mapping robust percentiles of the *tissue* (not of the whole
 frame, whose dark gel or air above the surface varies by probe) to fixed values undoes gain
-and range, which are affine in the log display. It runs identically in training, at every
-hospital and at inference, because it is part of decoding.
+and range, which are affine in the log display; ``equalise`` maps each grey level through
+the tissue's own rank instead, which also undoes gamma and clipping (any monotone display
+curve; measured in docs/scanner-shift.md, "Training for any scanner"). It runs identically
+in training, at every hospital and at inference, because it is part of decoding.
 """
 
 from __future__ import annotations
