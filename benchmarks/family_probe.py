@@ -1,7 +1,8 @@
-"""Issue #24's measurement: one central model on centres of the held-out style family.
+"""Issue #24's measurement: one trained model on centres of the held-out style family.
 
 Why: fixes for a scanner the model never saw must be judged on scanners nobody tuned
-them to. This trains one central model (``savlt train``), exports it, and on every centre
+them to. This trains one model, central (``savlt train``) or one federated method
+(``--method fedavg``: ``savlt simulate`` of that method alone), exports it, and on every centre
 of the requested style families (synthetic/family.py) reports, per label-free candidate
 (none, recentre, restandardise, t3a, tent) and for the guard's pick: binary AUC, the
 referral rate at the model's threshold, the accepted scans' sensitivity and specificity
@@ -13,6 +14,8 @@ Labels only score. Synthetic data: not clinical numbers.
 
     nice -n 10 .venv/bin/python benchmarks/family_probe.py --family-seeds 0 1 --n 6 \\
         --set train.iterations_per_shot=4 --out runs/family_probe
+    .venv/bin/python benchmarks/family_probe.py --family-seeds 1 2 3 --method fedavg \\
+        --out runs/family_fedavg
 """
 
 from __future__ import annotations
@@ -99,6 +102,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--config", default="configs/default.yaml", help="the model's config")
     ap.add_argument("--set", action="append", default=[], help="config override for the model")
+    ap.add_argument("--method", default="central", help="central, or a federated method")
     ap.add_argument("--name", default="family_probe", help="OUT/NAME.json and OUT/NAME.md")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -111,20 +115,26 @@ def main() -> None:
     if not (run / "results.json").exists():
         sets = [f"data.root={root}", "data.synthetic.enabled=false", "data.held_out_centers=[]"]
         sets += ["seeds=[42]", *args.set]
-        argv = ["train", "--config", args.config, "--out", str(run)]
+        command = "train" if args.method == "central" else "simulate"
+        if command == "simulate":
+            sets.append(f"fl.methods=[{args.method}]")
+        argv = [command, "--config", args.config, "--out", str(run)]
         assert savlt([*argv, *(a for s in sets for a in ("--set", s))]) == 0
     if not model_dir.exists():
-        export_model(run, model_dir)
+        export_model(run, model_dir, method=args.method)
     model, info = load_model(model_dir)
     result: dict[str, Any] = {
         "classes": list(CERVICAL_CLASSES),
         "config": args.config,
+        "method": args.method,
         "overrides": args.set,
     }
-    # in distribution: the run's own records on the mixed test split (results.json)
+    # in distribution: the run's own records on its test centres (results.json)
+    keys = ("method", "center", "auc_binary", "acc_multiclass", "sensitivity", "specificity")
     result["in_distribution"] = [
-        {k: r.get(k) for k in ("method", "center", "auc_binary", "referral_rate")}
+        {k: r.get(k) for k in (*keys, "referral_rate")}
         for r in json.loads((run / "results.json").read_text())
+        if r.get("method") in (args.method, f"{args.method}+cal")
     ]
     for s in args.family_seeds:
         rows = {

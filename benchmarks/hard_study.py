@@ -21,7 +21,9 @@ hospitals' (cos of its class mean to T_c minus the other hospitals' mean); and t
 FedAvg's loss against ``clean`` that each method closes on ``swap`` / ``noise`` cells. The
 full-budget accuracies go to benchmarks/results/hard_study.json.
 
-``swap-drift`` and ``noise-drift`` add SCAFFOLD and FedAdam to FedAvg and text-anchored.
+``swap-drift`` and ``noise-drift`` add SCAFFOLD and FedAdam to FedAvg and text-anchored;
+``centers-every`` and ``dirichlet-0.1-every`` run every method of configs/full.yaml (central
+and local included), and ``table`` adds their held-out centres (``centers``' leave-one-out).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from savlt_model.atomic import write_text
 
@@ -51,6 +54,8 @@ COMMON = (
 )
 # cell -> (config file, overrides on top of COMMON)
 DRIFT = "fl.methods=[fedavg, scaffold, fedadam, text-anchored]"  # issue #28's swap target
+FULL_METHODS = yaml.safe_load((ROOT / "configs/full.yaml").read_text())["fl"]["methods"]
+EVERY = f"fl.methods=[{', '.join(FULL_METHODS)}]"  # every registered method
 CELLS: dict[str, tuple[str, tuple[str, ...]]] = {
     "clean": ("configs/default.yaml", ()),
     "clean-orthogonal": ("configs/default.yaml", ("model.prototype_init=orthogonal",)),
@@ -65,9 +70,12 @@ CELLS: dict[str, tuple[str, tuple[str, ...]]] = {
     "noise-drift": ("configs/noise.yaml", (DRIFT,)),
     "dirichlet-0.1": ("configs/dirichlet-0.1.yaml", ()),
     "dirichlet-0.5": ("configs/dirichlet-0.5.yaml", ()),
+    "centers-every": ("configs/centers.yaml", (EVERY,)),
+    "dirichlet-0.1-every": ("configs/dirichlet-0.1.yaml", (EVERY,)),
 }
 QUICK = ("fl.budget=same-total",)
 CENTRES = ("mixed", "xiangya", "huaxi", "scanner_hr", "scanner_lc")
+HELD_OUT = tuple(f"{c} (held out)" for c in CENTRES[:3])  # centers' leave-one-out records
 
 
 def run(cells: list[str], seeds: list[int], quick: bool) -> None:
@@ -91,12 +99,12 @@ def _classes(run_dir: Path) -> list[str]:
     return load_config(run_dir / "config.yaml").task.classes
 
 
-def _accuracy_rows(run_dir: Path) -> list[str]:
+def _accuracy_rows(run_dir: Path, centres: tuple[str, ...] = CENTRES) -> list[str]:
     records = json.loads((run_dir / "results.json").read_text())
     rows = []
     for method in sorted({r["method"] for r in records if r["method"].endswith("+cal")}):
         mine = {r["center"]: r for r in records if r["method"] == method}
-        cells = [f"{mine[c]['acc_multiclass']:.1f}" if c in mine else "–" for c in CENTRES]
+        cells = [f"{mine[c]['acc_multiclass']:.1f}" if c in mine else "–" for c in centres]
         first = next(iter(mine.values()))
         worst = first.get("worst_hospital_val_acc_multiclass")
         worst_cell = "–" if worst is None else f"{worst:.1f} ({first['worst_hospital']})"
@@ -232,6 +240,17 @@ def table() -> str:
     ]
     for run_dir in runs:
         lines += _accuracy_rows(run_dir)
+    every = [p for p in runs if "-every-" in p.name]
+    if every:
+        lines += [
+            "",
+            "Every method, with the held-out centres (centers: trained without that centre)",
+            "",
+            "| run | method | " + " | ".join(CENTRES[:3] + HELD_OUT) + " | worst hospital |",
+            "|---" * 9 + "|",
+        ]
+        for run_dir in every:
+            lines += _accuracy_rows(run_dir, CENTRES[:3] + HELD_OUT)
     lines += [
         "",
         "The bad hospital under text-anchored weighting, per round: shared weight / FedAvg's "
