@@ -9,7 +9,9 @@ import pytest
 
 from savlt_model.adaptation import (
     MAX_AUC_COST,
+    SELF_TRAINED,
     AdaptedFeatures,
+    call_cost,
     choose,
     expected_auc_cost,
     guard,
@@ -19,6 +21,7 @@ from savlt_model.adaptation import (
 )
 from savlt_model.calibration import Calibration, shift_score
 from savlt_model.metrics import pair_auc
+from savlt_model.referral import accepted
 
 
 def _p(rows: list[list[float]]) -> np.ndarray:
@@ -45,7 +48,9 @@ def test_the_guard_refuses_an_adaptation_that_collapses_predictions():
     assert cand.shares.tolist() == [0.0, 1.0, 0.0]
     assert cand.auc_cost == 0.0  # the same ranking: the cost alone would not refuse it
     assert cand.refused == ["collapses: 100% of scans in one class"]
-    assert got.refer_below == 0.7  # unsure: the threshold goes halfway from 0.4 to 1
+    # unsure: the threshold goes halfway from 0.4 to 1, and the shift's share (half of the
+    # scans at 1.0) refers the five least confident (0.6, 0.6, 0.7, 0.7, 0.75)
+    assert got.refer_below == 0.76
     assert "referring more" in got.reason
 
 
@@ -55,6 +60,33 @@ def test_the_guard_refuses_an_adaptation_that_reorders_the_scans():
     assert got.choice == "none"
     assert got.candidates["recentre"].auc_cost > 0.3
     assert got.candidates["recentre"].refused[0].startswith("reorders the scans: expected AUC")
+
+
+def test_a_candidate_fitted_to_the_models_calls_answers_to_those_calls():
+    """T3A and TENT move the scans the model was unsure of, where the expected AUC cost is
+    nearly blind: here the five scans just above the high-risk call and the five just
+    below trade places (25 of the 20 x 20 call pairs reversed), at an expected cost under
+    the budget. A feature map with the same probabilities passes; a self-trained one not."""
+    q = np.linspace(0.05, 0.9, 40)  # P(high risk); called high-risk above 0.475
+
+    def three(h: np.ndarray) -> np.ndarray:
+        return np.stack([h, 0.95 - h, np.full(len(h), 0.05)], axis=1)
+
+    near = np.argsort(np.abs(q - 0.475), kind="stable")[:10]
+    moved = q.copy()
+    moved[near] = np.where(q[near] > 0.475, q[near] - 0.1, q[near] + 0.1)
+    assert call_cost(three(q), three(moved), [0]) == pytest.approx(25 / 400)
+    assert call_cost(three(q), three(q**2), [0]) == 0.0  # the same order: nothing reversed
+    got = choose(
+        {"none": three(q), "t3a": three(moved), "recentre": three(moved)}, [0], 1.0, 0.5, 0.4
+    )
+    assert {"t3a", "tent"} == SELF_TRAINED
+    for name in ("t3a", "recentre"):
+        assert got.candidates[name].auc_cost < MAX_AUC_COST  # the expected cost lets both by
+    assert got.candidates["recentre"].refused == []
+    assert got.candidates["t3a"].refused == [
+        "reorders the model's own calls it was fitted to: 6.2 % of high- / low-risk call pairs > 1"
+    ]
 
 
 def test_the_expected_auc_cost_is_the_auc_lost_if_the_unadapted_probabilities_are_right():
@@ -84,7 +116,8 @@ def test_the_guard_keeps_none_in_distribution_and_takes_a_safe_spreading_map():
     assert got.candidates["none"].shares.tolist() == [0.9, 0.0, 0.1]
     assert got.candidates["recentre"].auc_cost == 0.0
     # safe, taken; the shift still refers more: (1.0 - 0.5) / (2 x 0.5) of the way to 1
-    assert got.choice == "recentre" and got.refer_below == 0.7
+    # (0.7), and at least that share of the scans under the map: the five below 0.76
+    assert got.choice == "recentre" and got.refer_below == 0.76
     # the same map at a shift beyond 3 x the threshold is not trusted
     far = choose({"none": skewed, "recentre": NONE}, [0], 1.6, 0.5, 0.4)
     assert far.choice == "none" and "beyond 1.50" in far.candidates["recentre"].refused[0]
@@ -120,21 +153,37 @@ def test_guard_on_a_common_feature_offset_picks_a_map_and_refers_by_the_shift():
     assert got.candidates["none"].collapsed
     assert got.choice in ("recentre", "restandardise") and not got.candidates[got.choice].refused
     assert got.candidates[got.choice].shares.max() < 0.6
-    assert got.refer_below == shift_referral(0.5, got.shift, 0.5) > 0.5  # refers by the shift
+    picked = got.candidates[got.choice].probs
+    assert got.refer_below == shift_referral(picked, 0.5, got.shift, 0.5) > 0.5  # by the shift
     assert 0 <= got.referral_rate <= 1
 
 
 def test_the_referral_threshold_rises_with_the_shift_to_every_scan_at_three_thresholds():
-    assert shift_referral(0.4, 0.3, 0.5) == 0.4  # in distribution: the model's own
-    assert shift_referral(0.4, 0.5, 0.5) == 0.4
-    assert shift_referral(0.4, 0.75, 0.5) == pytest.approx(0.55)  # a quarter of the way
-    assert shift_referral(0.4, 1.5, 0.5) == 1.0  # 3 x the threshold: every scan referred
-    assert shift_referral(0.4, 9.0, 0.5) == 1.0
+    # confidence 0.45 at every scan: the raised threshold refers them before the share does
+    low = np.tile([0.45, 0.3, 0.25], (8, 1))
+    assert shift_referral(low, 0.4, 0.3, 0.5) == 0.4  # in distribution: the model's own
+    assert shift_referral(low, 0.4, 0.5, 0.5) == 0.4
+    assert shift_referral(low, 0.4, 0.75, 0.5) == pytest.approx(0.55)  # a quarter of the way
+    assert shift_referral(low, 0.4, 1.5, 0.5) == 1.0  # 3 x the threshold: every scan referred
+    assert shift_referral(low, 0.4, 9.0, 0.5) == 1.0
     # in distribution the guard keeps the model's threshold; unsure beyond it, the larger
-    # of the shift's and halfway to 1
+    # of halfway to 1 (0.7) and the shift's: at 0.75, 0.55 and a quarter of the scans, whose
+    # tied confidences (0.6, 0.6, 0.7, 0.7) make it 0.71; at 1.2, 0.82 and 70 % (0.81)
     assert choose({"none": NONE}, [0], 0.4, 0.5, 0.4).refer_below == 0.4
-    assert choose({"none": NONE}, [0], 0.75, 0.5, 0.4).refer_below == 0.7
+    assert choose({"none": NONE}, [0], 0.75, 0.5, 0.4).refer_below == 0.71  # 4 of 10
     assert choose({"none": NONE}, [0], 1.2, 0.5, 0.4).refer_below == 0.82
+
+
+def test_a_confidently_wrong_site_refers_the_share_of_scans_its_shift_asks_for():
+    # every scan called class 0 at confidence 0.95-0.99: no raised threshold below 0.95
+    # refers any, so the shift's share does: half of the scans at shift 1.0, the least
+    # confident first
+    sure = np.stack([np.linspace(0.95, 0.99, 20), *(np.linspace(0.025, 0.005, 20),) * 2], 1)
+    t = shift_referral(sure, 0.4, 1.0, 0.5)
+    referred = ~accepted(sure, t)
+    assert referred.sum() == 10 and referred[:10].all()
+    assert choose({"none": sure}, [0], 1.0, 0.5, 0.4).referral_rate == 0.5
+    assert shift_referral(sure, 0.4, 0.5, 0.5) == 0.4  # in distribution: no share
 
 
 def test_t3a_moves_a_class_weight_toward_its_confident_site_scans_at_the_same_norm():

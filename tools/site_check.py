@@ -159,6 +159,7 @@ def site_check(
             name: {
                 "class_shares": dict(zip(model.classes, c.shares.tolist(), strict=True)),
                 "expected_auc_cost": c.auc_cost,
+                "call_cost": c.call_cost,
                 "instability": c.instability,
                 "refused": c.refused,
             }
