@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from common import BEFORE_EQUALISE
 
 from savlt_model.atomic import write_text
 from savlt_model.config import load_config
@@ -37,7 +38,7 @@ OUT = ROOT / "runs" / "federation-study"
 RESULTS = ROOT / "benchmarks" / "results" / "federation_study.json"
 CONFIG = "configs/default.yaml"
 CENTRES = ("mixed", "xiangya", "huaxi")
-COMMON = ("fl.eval_every=0",)  # score after the last round only: the study needs no curves
+COMMON = ("fl.eval_every=0", *BEFORE_EQUALISE)  # scored after the last round only
 
 ROUNDS = (1, 2, 5, 10, 20)
 DATA1 = ("data.synthetic.seed=1", "data.root=runs/data/synthetic-seed1")

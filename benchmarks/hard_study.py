@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from common import BEFORE_EQUALISE
 
 from savlt_model.atomic import write_text
 
@@ -45,6 +46,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "hard_study.json"
 SEEDS = (5, 42, 123)
 HSIL_MILD = "[high-grade_squamous_intraepithelial_lesion, mild_inflammation]"
 COMMON = (
+    *BEFORE_EQUALISE,
     "fl.eval_every=0",  # scored after the last round only: the study needs no curves
     "fl.rounds=5",  # its tables were measured at 5 x 32 (the default then; now 2 x 80)
     "tracking.tensorboard=false",

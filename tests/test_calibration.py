@@ -199,12 +199,13 @@ def test_equalisation_undoes_any_monotone_display_curve_where_percentiles_do_not
     assert standardise_rgb(np.zeros((4, 4, 3), np.uint8), "equalise").shape == (4, 4, 3)
 
 
-def test_the_any_scanner_config_is_the_default_with_equalisation_and_twice_the_steps():
+def test_the_default_equalises_and_any_scanner_is_it_at_twice_the_steps():
     from savlt_model.budget import budget
     from savlt_model.config import load_config
 
     cfg, default = load_config("configs/any-scanner.yaml"), load_config("configs/default.yaml")
-    assert cfg.data.intensity == "equalise" and default.data.intensity == "percentile"
+    assert default.data.intensity == "equalise" == load_config(None).data.intensity
+    assert (cfg.data.intensity, cfg.train.lr, default.train.lr) == ("equalise", 1e-3, 2e-3)
     assert budget(cfg, "central")["total_steps"] == 2 * budget(default, "central")["total_steps"]
     assert budget(cfg, "fedavg")["steps_per_hospital"] == 320  # per hospital, as central
 

@@ -68,10 +68,11 @@ class DataConfig:
     # path): named group "patient", else group 1, else the whole match; splits are then
     # grouped by patient (a manifest patient column or a DICOM PatientID also does this)
     patient_pattern: str | None = None
-    # per-B-scan standardisation at decode time (tissue p1/p99 -> fixed values), so a new
-    # scanner's gain and dynamic range do not move the features (docs/scanner-shift.md);
-    # equalise: through the tissue's own rank, so no monotone display curve does either
-    intensity: Literal["none", "percentile", "percentile-detrend", "equalise"] = "percentile"
+    # per-B-scan standardisation at decode time, so a new scanner's display curve does not
+    # move the features (docs/scanner-shift.md): equalise maps each grey level through the
+    # tissue's own rank (any monotone curve undone); percentile maps the tissue's p1/p99 to
+    # fixed values (gain and range only; the default before the held-out family measured it)
+    intensity: Literal["none", "percentile", "percentile-detrend", "equalise"] = "equalise"
     synthetic: SynthConfig = field(default_factory=SynthConfig)
     # where splits and few-shot draws are saved: never inside data.root (default runs/work;
     # a deployed hospital's default is under its SuperNode's state directory)
@@ -189,7 +190,7 @@ class FederatedConfig:
     )
     client_eval: bool = False  # hospitals score the global model on their own val split
     round_timeout: float = 600.0
-    max_update_norm: float = 10.0  # 0: no bound; honest rounds measure 0.56-1.70 (docs/security.md)
+    max_update_norm: float = 15.0  # 0: no bound; honest updates: 0.56-8.14 (docs/security.md)
 
 
 @dataclass
