@@ -81,19 +81,17 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def restandardise(
-    features: np.ndarray, reference: np.ndarray, site: np.ndarray | None = None
-) -> np.ndarray:
-    """Features re-standardised onto the reference: mean and (one) spread, estimated on
-    the ``site``'s scans (default: the features themselves)."""
-    f = np.asarray(features, dtype=np.float64)
-    s = f if site is None else np.asarray(site, dtype=np.float64)
-    mu_ref = np.asarray(reference, dtype=np.float64)
+def restandardised(centre: Calibration, site: np.ndarray) -> Calibration:
+    """The re-centring calibration ``centre`` re-standardising instead, from the ``site``'s
+    scans: their mean moved onto the reference and their spread (one number, the RMS
+    distance to their mean) scaled to the reference's (sqrt(1 - |mu_ref|^2) for unit
+    features), with the site statistics fixed."""
+    s = np.asarray(site, dtype=np.float64)
+    mu_ref = np.asarray(centre.reference, dtype=np.float64)
     mu = s.mean(axis=0)
     s_site = math.sqrt(max(float(((s - mu) ** 2).sum(axis=1).mean()), 1e-12))
     s_ref = math.sqrt(max(1.0 - float(mu_ref @ mu_ref), 1e-12))
-    g = mu_ref + (f - mu) * (s_ref / s_site)
-    return g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12)
+    return replace(centre, recentre=False, center_mean=mu, center_scale=s_ref / s_site)
 
 
 def t3a_classifier(site: np.ndarray, classifier: np.ndarray, inductive: Calibration) -> np.ndarray:
@@ -220,8 +218,7 @@ def candidate_probs(
     out = {"none": inductive.probs(f, classifier)}
     if centre is not None:
         out["recentre"] = centre.at_centre(s).probs(f, classifier)
-        plain = replace(centre, recentre=False, center_mean=None)
-        out["restandardise"] = plain.probs(restandardise(f, centre.reference, s), classifier)
+        out["restandardise"] = restandardised(centre, s).probs(f, classifier)
     out["t3a"] = inductive.probs(f, t3a_classifier(s, classifier, inductive))
     return out
 
@@ -349,3 +346,21 @@ def choose(
         why += f" (the model itself puts {none.shares.max():.0%} of scans in one class)"
     at_site = shift_referral(none.probs, refer_below, shift, shift_threshold)
     return GuardChoice("none", why, shift, max(at_site, unsure), cands)
+
+
+def site_calibration(
+    picked: GuardChoice, inductive: Calibration, centre: Calibration, site: np.ndarray
+) -> Calibration:
+    """What ``savlt calibrate`` stores for a site from the guard's pick on its scans'
+    features ``site``: the feature map it took (``recentre``, ``restandardise``) with the
+    site's statistics fixed, else the model as trained (``none``; ``t3a`` and ``tent``
+    change the model and are applied by site-check only); always with the guard's referral
+    threshold for the site. A map the guard refused is never stored: that is how the
+    calibration that turned style a's AUC 55.6 into 16.2 is stopped."""
+    if picked.choice == "recentre":
+        cal = replace(centre.at_centre(site), recentre=False)
+    elif picked.choice == "restandardise":
+        cal = restandardised(centre, site)
+    else:
+        cal = inductive
+    return replace(cal, refer_below=picked.refer_below)

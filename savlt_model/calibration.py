@@ -85,14 +85,17 @@ class Calibration:
     """What turns features into calibrated probabilities: f -> [re-centre] -> f W^T / T + b.
 
     ``reference`` is the training hospitals' mean feature; ``center_mean`` the mean of the
-    centre being scored (None: not re-centred); ``log_bias`` removes the class bias the
-    model shows on the balanced validation split.
+    centre being scored (None: not re-centred), ``center_scale`` what its spread around
+    that mean is multiplied by on the way to the reference (1: re-centring alone; the
+    spread's ratio: re-standardising, savlt_model.adaptation.restandardised); ``log_bias``
+    removes the class bias the model shows on the balanced validation split.
     """
 
     reference: np.ndarray
     temperature: float = 1.0
     log_bias: np.ndarray | None = None
     center_mean: np.ndarray | None = None
+    center_scale: float = 1.0
     recentre: bool = False  # whether at_centre() re-centres (fixed when it was fitted)
     em_priors: bool = False  # re-estimate the scored centre's class priors (EM)
     # confidence below which a scan is referred (savlt_model.referral); None: never
@@ -108,7 +111,7 @@ class Calibration:
         f = np.asarray(features, dtype=np.float64)
         if self.center_mean is None:
             return f
-        return _normalise(f - self.center_mean + self.reference)
+        return _normalise((f - self.center_mean) * self.center_scale + self.reference)
 
     def probs(self, features: np.ndarray, classifier: np.ndarray) -> np.ndarray:
         z = self.features(features) @ np.asarray(classifier, dtype=np.float64).T
@@ -307,6 +310,7 @@ def calibration_to_dict(cal: Calibration) -> dict:
         "temperature": cal.temperature,
         "log_bias": None if cal.log_bias is None else cal.log_bias.tolist(),
         "center_mean": None if cal.center_mean is None else cal.center_mean.tolist(),
+        "center_scale": cal.center_scale,
         "recentre": cal.recentre,
         "em_priors": cal.em_priors,
         "refer_below": cal.refer_below,
@@ -322,6 +326,7 @@ def calibration_from_dict(raw: dict) -> Calibration:
         temperature=float(raw["temperature"]),
         log_bias=arr("log_bias"),
         center_mean=arr("center_mean"),
+        center_scale=float(raw.get("center_scale", 1.0)),
         recentre=bool(raw.get("recentre", False)),
         em_priors=bool(raw.get("em_priors", False)),
         refer_below=None if raw.get("refer_below") is None else float(raw["refer_below"]),

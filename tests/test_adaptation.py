@@ -4,6 +4,8 @@ common feature offset picks a map that restores the spread."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -15,8 +17,9 @@ from savlt_model.adaptation import (
     choose,
     expected_auc_cost,
     guard,
-    restandardise,
+    restandardised,
     shift_referral,
+    site_calibration,
     t3a_classifier,
 )
 from savlt_model.calibration import Calibration, shift_score
@@ -131,7 +134,11 @@ def test_restandardise_puts_the_site_on_the_reference_mean_and_spread():
     site /= np.linalg.norm(site, axis=1, keepdims=True)
     mu = ref.mean(axis=0)
     assert shift_score(site, mu) > 1.0
-    assert shift_score(restandardise(site, mu), mu) < 0.1
+    moved = restandardised(Calibration(reference=mu, recentre=True), site)
+    assert shift_score(moved.features(site), mu) < 0.1
+    assert not moved.recentre  # the site's statistics are fixed: new scans do not move them
+    spread = np.sqrt(((moved.features(site) - mu) ** 2).sum(axis=1).mean())
+    assert spread == pytest.approx(np.sqrt(1 - mu @ mu), rel=0.1)  # the reference's spread
 
 
 def test_guard_on_a_common_feature_offset_picks_a_map_and_refers_by_the_shift():
@@ -156,6 +163,22 @@ def test_guard_on_a_common_feature_offset_picks_a_map_and_refers_by_the_shift():
     picked = got.candidates[got.choice].probs
     assert got.refer_below == shift_referral(picked, 0.5, got.shift, 0.5) > 0.5  # by the shift
     assert 0 <= got.referral_rate <= 1
+    # `savlt calibrate` stores exactly the map the guard took, with the site's statistics
+    # fixed, so a stored model scores these scans as the guard's pick did, and later scans
+    # of the site without re-estimating anything
+    stored = site_calibration(got, inductive, centre, site)
+    assert stored.refer_below == got.refer_below and not stored.recentre
+    np.testing.assert_allclose(stored.probs(site, w), picked, atol=1e-12)
+    for name in ("recentre", "restandardise"):  # either map, had the guard taken it
+        took = replace(got, choice=name)
+        np.testing.assert_allclose(
+            site_calibration(took, inductive, centre, site).probs(site, w),
+            got.candidates[name].probs,
+            atol=1e-12,
+        )
+    # a map the guard refused is never stored: it keeps the model as trained, referring more
+    kept = site_calibration(replace(got, choice="none"), inductive, centre, site)
+    assert kept == replace(inductive, refer_below=got.refer_below)
 
 
 def test_the_referral_threshold_rises_with_the_shift_to_every_scan_at_three_thresholds():

@@ -215,10 +215,11 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     from tools.inference import calibrate_model
 
     done = calibrate_model(args.model, args.data, args.out, on_bad_file=args.on_bad_file)
-    score = done["shift_score"]
     print(
-        f"Calibrated to {done['scans']} unlabelled scans of {args.data} "
-        f"(shift score before: {'n/a' if score is None else f'{score:.2f}'}): {done['out']}"
+        f"Calibrated to {done['scans']} unlabelled scans of {args.data} (shift score "
+        f"{done['shift_score']:.2f}): the label-free guard took {done['choice']!r} "
+        f"({done['reason']}); {done['referral_rate']:.0%} of these scans would be referred: "
+        f"{done['out']}"
     )
 
 

@@ -11,7 +11,6 @@ import json
 import logging
 import shutil
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ from savlt_model.adaptation import (
     AdaptedFeatures,
     GuardChoice,
     guard,
+    site_calibration,
 )
 from savlt_model.atomic import write_json
 from savlt_model.calibration import (
@@ -263,11 +263,11 @@ def unlabelled_scans(folder: Path, on_bad_file: str = "stop") -> list[Sample]:
 def calibrate_model(
     model_dir: Path, folder: Path, out: Path, min_scans: int = 10, on_bad_file: str = "stop"
 ) -> dict:
-    """Write ``out``: a copy of MODEL_DIR calibrated to one site's unlabelled scans.
-
-    Its features are re-centred from this site's mean onto the training hospitals'
-    reference, with the temperature and class bias fitted at training time; nothing but
-    the site's mean feature is kept (no image, no per-scan feature). Returns a summary.
+    """Write ``out``: a copy of MODEL_DIR adapted to one site's unlabelled scans as the
+    label-free guard decides (:func:`savlt_model.adaptation.site_calibration`): re-centred
+    or re-standardised onto the training hospitals' reference where that is safe, else as
+    trained; with the guard's referral threshold for the site. Nothing but the site's mean
+    feature (and spread) is kept, no image and no per-scan feature. Returns a summary.
     """
     model_dir, out = Path(model_dir), Path(out)
     model, info = load_model(model_dir)
@@ -284,14 +284,27 @@ def calibrate_model(
             f"{min_scans} unlabelled scans of the site"
         )
     feats = predict(model, image_set(info, samples), BATCH)[2]
-    before = warn_if_shifted(model, info, samples, feats, str(folder))
-    fixed = replace(centre.at_centre(feats), recentre=False)  # this site's mean, kept fixed
+    picked = site_guard(model, info, samples, feats)
+    assert picked is not None  # a centre calibration implies the inductive one
+    stored = site_calibration(picked, calibration_of(info), centre, feats)
     if out.resolve() != model_dir.resolve():
         shutil.copytree(model_dir, out, dirs_exist_ok=True)
     info = {
         **info,
-        "calibration": calibration_to_dict(fixed),
-        "calibrated_on": {"folder": str(Path(folder).resolve()), "scans": len(samples)},
+        "calibration": calibration_to_dict(stored),
+        "calibrated_on": {
+            "folder": str(Path(folder).resolve()),
+            "scans": len(samples),
+            "guard_choice": picked.choice,
+            "guard_reason": picked.reason,
+        },
     }
     write_json(out / HEAD_JSON, info)
-    return {"scans": len(samples), "shift_score": before, "out": str(out)}
+    return {
+        "scans": len(samples),
+        "shift_score": picked.shift,
+        "choice": picked.choice,
+        "reason": picked.reason,
+        "referral_rate": picked.referral_rate,
+        "out": str(out),
+    }
