@@ -123,27 +123,31 @@ def _entropy(shares: np.ndarray) -> float:
     return float(-(s * np.log(s)).sum())
 
 
+def _auc_lost(before: np.ndarray, after: np.ndarray, positive: np.ndarray) -> float:
+    """The binary AUC that ranking by ``after`` loses against ``before`` when each scan is
+    high-risk with weight ``positive`` (and low-risk with 1 - it); never below 0."""
+    w = np.asarray(positive, dtype=np.float64)
+    return max(0.0, pair_auc(before, w, 1.0 - w) - pair_auc(after, w, 1.0 - w))
+
+
 def expected_auc_cost(unadapted: np.ndarray, adapted: np.ndarray) -> float:
     """The binary AUC that ranking by ``adapted`` high-risk scores loses against the
     ``unadapted`` ones, if the unadapted scores are the true probabilities. Never below 0
     (the true probabilities rank best); large when the map reorders scans the unadapted
     model told apart with confidence, small when it reorders only scans it was unsure of."""
     q = np.asarray(unadapted, dtype=np.float64)
-    return max(0.0, pair_auc(q, q, 1.0 - q) - pair_auc(adapted, q, 1.0 - q))
+    return _auc_lost(q, adapted, q)
 
 
 def call_cost(unadapted: np.ndarray, adapted: np.ndarray, positive: list[int]) -> float:
     """:func:`expected_auc_cost` with the unadapted model's class calls, not its
-    probabilities, taken as the truth: the share of (called high-risk, called low-risk)
-    scan pairs that the ``adapted`` high-risk scores order worse than the unadapted ones
-    (ties half). 0 when the unadapted model calls every scan one way."""
-    p = np.asarray(unadapted)
-    called = np.isin(p.argmax(axis=1), positive).astype(np.float64)
-
-    def auc(probs: np.ndarray) -> float:
-        return pair_auc(np.asarray(probs)[:, positive].sum(axis=1), called, 1 - called)
-
-    return max(0.0, auc(p) - auc(adapted))
+    probabilities, taken as the truth (``unadapted``, ``adapted``: class probabilities):
+    the share of (called high-risk, called low-risk) scan pairs that the adapted high-risk
+    scores order worse than the unadapted ones (ties half). 0 when the unadapted model
+    calls every scan one way."""
+    p, a = np.asarray(unadapted), np.asarray(adapted)
+    called = np.isin(p.argmax(axis=1), positive)
+    return _auc_lost(p[:, positive].sum(axis=1), a[:, positive].sum(axis=1), called)
 
 
 def instability(probs: np.ndarray, views: Sequence[np.ndarray]) -> float:
@@ -216,11 +220,21 @@ def candidate_probs(
     f = np.asarray(features, dtype=np.float64)
     s = f if site is None else np.asarray(site, dtype=np.float64)
     out = {"none": inductive.probs(f, classifier)}
-    if centre is not None:
-        out["recentre"] = centre.at_centre(s).probs(f, classifier)
-        out["restandardise"] = restandardised(centre, s).probs(f, classifier)
+    out |= {name: cal.probs(f, classifier) for name, cal in feature_maps(centre, s).items()}
     out["t3a"] = inductive.probs(f, t3a_classifier(s, classifier, inductive))
     return out
+
+
+def feature_maps(centre: Calibration | None, site: np.ndarray) -> dict[str, Calibration]:
+    """The candidates that only move the features, as calibrations with the ``site``'s
+    statistics fixed: what the guard scores and what ``savlt calibrate`` stores (none
+    without the re-centring calibration, whose class bias and temperature they use)."""
+    if centre is None:
+        return {}
+    return {
+        "recentre": replace(centre.at_centre(site), recentre=False),
+        "restandardise": restandardised(centre, site),
+    }
 
 
 def guard(
@@ -357,10 +371,5 @@ def site_calibration(
     change the model and are applied by site-check only); always with the guard's referral
     threshold for the site. A map the guard refused is never stored: that is how the
     calibration that turned style a's AUC 55.6 into 16.2 is stopped."""
-    if picked.choice == "recentre":
-        cal = replace(centre.at_centre(site), recentre=False)
-    elif picked.choice == "restandardise":
-        cal = restandardised(centre, site)
-    else:
-        cal = inductive
+    cal = feature_maps(centre, site).get(picked.choice, inductive)
     return replace(cal, refer_below=picked.refer_below)
