@@ -45,6 +45,11 @@ DECISION_HALF_WIDTH = 0.15
 EXTRA_REFERRAL = 0.10  # referral above the in-distribution share by this much: "with referral"
 
 
+def _pct(value: float | None) -> str:
+    """A spot-check percentage, or n/a where no accepted scan had that truth."""
+    return "n/a" if value is None else f"{value:.0f} %"
+
+
 def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     """Wilson score interval of a binomial proportion k / n (0 <= k <= n, n > 0)."""
     if n <= 0 or not 0 <= k <= n:
@@ -124,8 +129,8 @@ def _verdict(
         have = spot["labelled"]
         return (
             f"no-go: label {max(need - have, 0)} more scans first",
-            f"spot check below target (sensitivity {sens}, specificity {spec}; targets "
-            f"{TARGET_SENSITIVITY:.0f} / {TARGET_SPECIFICITY:.0f})",
+            f"spot check below target (sensitivity {_pct(sens)}, specificity {_pct(spec)}; "
+            f"targets {TARGET_SENSITIVITY:.0f} / {TARGET_SPECIFICITY:.0f})",
         )
     if not referral_ok:
         return (
