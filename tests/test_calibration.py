@@ -199,6 +199,26 @@ def test_equalisation_undoes_any_monotone_display_curve_where_percentiles_do_not
     assert standardise_rgb(np.zeros((4, 4, 3), np.uint8), "equalise").shape == (4, 4, 3)
 
 
+def test_equalisation_gives_each_pixel_the_mid_rank_of_its_level_among_tissue_pixels():
+    rng = np.random.default_rng(3)
+    gray = rng.integers(0, 40, (30, 50)) / 39.0  # few levels: many ties
+    mask = np.zeros_like(gray, dtype=bool)
+    mask[12:] = True
+    tissue = np.sort(gray[mask])
+    below = np.searchsorted(tissue, gray, "left")
+    upto = np.searchsorted(tissue, gray, "right")
+    expected = 0.05 + (below + upto) / (2.0 * mask.sum()) * (0.95 - 0.05)
+    np.testing.assert_array_equal(standardise_bscan(gray, mask, "equalise"), expected)
+    # a failed mask (under 64 pixels) ranks against the whole frame
+    whole = np.sort(gray.ravel())
+    frame = (np.searchsorted(whole, gray, "left") + np.searchsorted(whole, gray, "right")) / (
+        2.0 * gray.size
+    )
+    np.testing.assert_array_equal(
+        standardise_bscan(gray, np.zeros_like(mask), "equalise"), 0.05 + frame * (0.95 - 0.05)
+    )
+
+
 def test_the_default_equalises_and_any_scanner_is_it_at_twice_the_steps():
     from savlt_model.budget import budget
     from savlt_model.config import load_config

@@ -70,14 +70,17 @@ def standardise_bscan(gray: np.ndarray, mask: np.ndarray, mode: str = "percentil
     """
     if mode == "percentile-detrend":
         gray = depth_detrend(gray, mask)
-    values = gray[mask] if mask.sum() >= _MIN_TISSUE else gray.ravel()
+    ranked = mask if mask.sum() >= _MIN_TISSUE else np.ones_like(mask)
     if mode == "equalise":
-        ranked = np.sort(values)
-        below = np.searchsorted(ranked, gray, side="left")
-        upto = np.searchsorted(ranked, gray, side="right")
-        unit = (below + upto) / (2.0 * len(ranked))  # ties share their mid-rank
+        # rank by grey level (a decoded scan has few): count the ranked pixels at each level;
+        # pixels below a level and up to it bracket its rank, ties share their mid-rank
+        levels, level_of = np.unique(gray, return_inverse=True)
+        level_of = level_of.reshape(gray.shape)  # numpy < 2 returns it flat
+        counts = np.bincount(level_of[ranked], minlength=len(levels))
+        upto = np.cumsum(counts)
+        unit = (2 * upto - counts)[level_of] / (2.0 * counts.sum())
         return _TARGET[0] + unit * (_TARGET[1] - _TARGET[0])
-    lo, hi = np.percentile(values, [1.0, 99.0])
+    lo, hi = np.percentile(gray[ranked], [1.0, 99.0])
     unit = np.clip((gray - lo) / max(hi - lo, 1e-6), 0.0, None)
     return np.clip(_TARGET[0] + unit * (_TARGET[1] - _TARGET[0]), 0.0, 1.0)
 
