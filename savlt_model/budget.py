@@ -10,6 +10,7 @@ An explicit ``fl.local_steps`` wins over both.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from savlt_model.config import Config
 
@@ -29,12 +30,16 @@ def budget_rule(cfg: Config) -> str:
     return cfg.fl.budget
 
 
-def budget(cfg: Config, method: str) -> dict:
+def budget(cfg: Config, method: str, train_sizes: Sequence[int]) -> dict:
     """What one (method, seed) run trains: the fields every results record carries.
 
     ``central``: one model, central's steps. ``local``: each hospital alone, with the
     steps one hospital does in the federation. Federated: ``local_steps`` per round per
     hospital, every scheduled hospital in every round (``fl.fraction_train``).
+    ``train_sizes``: each hospital's training images (central pools them). A step sees
+    ``min(batch_size, n)`` of a set of n (savlt_model/train.py), so ``examples_seen`` counts
+    that; when Flower samples a fraction of the hospitals, it is the count expected under
+    its uniform sampling.
     """
     batch = cfg.train.batch_size
     if method == "central":
@@ -45,19 +50,20 @@ def budget(cfg: Config, method: str) -> dict:
             "rounds": None,
             "steps_per_hospital": steps,
             "total_steps": steps,
-            "examples_seen": steps * batch,
+            "examples_seen": steps * min(batch, sum(train_sizes)),
         }
     per_round = local_steps(cfg)
     per_hospital = per_round * cfg.fl.rounds
     trainers = cfg.fl.hospitals if method == "local" else _per_round(cfg)
     total = per_hospital * trainers
+    per_step = [min(batch, n) for n in train_sizes]
     return {
         "budget": budget_rule(cfg),
         "local_steps": per_round,
         "rounds": cfg.fl.rounds,
         "steps_per_hospital": per_hospital,
         "total_steps": total,
-        "examples_seen": total * batch,
+        "examples_seen": round(total * sum(per_step) / len(per_step)),
     }
 
 

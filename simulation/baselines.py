@@ -83,7 +83,13 @@ def run_central(cfg: Config, out_dir: Path, progress: bool = True) -> list[dict]
         run = _finish_for(cfg, out_dir, f"central_seed{seed}", "central", seed)
         hospital = Hospital(center.name, center.train, center.val)
         _, new = train_and_finish(
-            cfg, run, [hospital], tests, cfg.total_iterations, progress, **budget(cfg, "central")
+            cfg,
+            run,
+            [hospital],
+            tests,
+            cfg.total_iterations,
+            progress,
+            **budget(cfg, "central", [len(center.train)]),
         )
         records += new
     return records
@@ -110,7 +116,7 @@ def _central(cfg: Config, partition: Partition, seed: int, out: Path) -> list[di
         cfg.total_iterations,
         hospital_val=hospital_val_images(cfg, partition.hospitals),
         **partition_fields(cfg, partition),
-        **budget(cfg, "central"),
+        **budget(cfg, "central", [len(h.train) for h in partition.hospitals]),
     )
     return records
 
@@ -133,7 +139,7 @@ def _local(cfg: Config, partition: Partition, seed: int, out: Path) -> list[dict
             cfg.data.shots,
             _mean_metrics(rs),
             **partition_fields(cfg, partition),
-            **budget(cfg, "local"),
+            **budget(cfg, "local", [len(h.train) for h in partition.hospitals]),
             hospitals=[h.name for h in partition.hospitals],
             per_hospital_acc_multiclass=[r["acc_multiclass"] for r in rs],
             **hospital_val_fields(

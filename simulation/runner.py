@@ -159,7 +159,10 @@ def finish_federated(job: FederatedJob) -> dict:
         adapter_extra={"rounds": summary["rounds"]},
         hospital_val=hospital_val_images(cfg, partition.hospitals) if tests else None,
         **partition_fields(cfg, partition),
-        **{**budget(cfg, job.method), "rounds": summary["rounds"]},  # the rounds done
+        **{  # the rounds done
+            **budget(cfg, job.method, [len(h.train) for h in partition.hospitals]),
+            "rounds": summary["rounds"],
+        },
         upload_bytes=summary["upload_bytes"],
         **(
             {}

@@ -27,12 +27,13 @@ def test_per_hospital_is_the_default_and_same_total_is_the_old_split() -> None:
     assert local_steps(load_config(DEFAULT, ["fl.budget=same-total"])) == 27  # 160 / (2 x 3)
     explicit = load_config(DEFAULT, ["fl.local_steps=7", "fl.budget=same-total"])
     assert local_steps(explicit) == 7
-    assert budget(explicit, "fedavg")["budget"].startswith("fl.local_steps=7 (explicit")
+    assert budget(explicit, "fedavg", [25])["budget"].startswith("fl.local_steps=7 (explicit")
 
 
 def test_every_method_states_what_it_trained() -> None:
     cfg = load_config(DEFAULT)
-    assert budget(cfg, "central") == {
+    sites = [25, 29, 26]  # the default partition's hospitals: each under one batch of 32
+    assert budget(cfg, "central", sites) == {  # one model on the pooled 80
         "budget": "central",
         "local_steps": None,
         "rounds": None,
@@ -40,12 +41,15 @@ def test_every_method_states_what_it_trained() -> None:
         "total_steps": 160,
         "examples_seen": 160 * 32,
     }
-    fed = budget(cfg, "fedavg")
+    fed = budget(cfg, "fedavg", sites)
     assert (fed["local_steps"], fed["rounds"], fed["steps_per_hospital"]) == (80, 2, 160)
-    assert (fed["total_steps"], fed["examples_seen"]) == (480, 480 * 32)  # 3 hospitals
-    assert budget(cfg, "local") == {**fed, "budget": "per-hospital"}
-    sampled = budget(load_config(DEFAULT, ["fl.fraction_train=0.34"]), "fedavg")
-    assert sampled["total_steps"] == 160  # one hospital scheduled per round
+    # a hospital's step sees all of its images when it has fewer than a batch
+    assert (fed["total_steps"], fed["examples_seen"]) == (480, 160 * 80)  # 3 hospitals
+    assert budget(cfg, "fedavg", [40, 40, 40])["examples_seen"] == 480 * 32
+    assert budget(cfg, "local", sites) == {**fed, "budget": "per-hospital"}
+    sampled = budget(load_config(DEFAULT, ["fl.fraction_train=0.34"]), "fedavg", [20, 40, 60])
+    # one hospital scheduled per round: 160 steps, of (20 + 32 + 32) / 3 examples expected
+    assert (sampled["total_steps"], sampled["examples_seen"]) == (160, 160 * 28)
 
 
 def test_a_policy_approved_under_the_old_split_refuses_the_new_default() -> None:
