@@ -103,8 +103,17 @@ def site_guard(
     calibration. With the scans' ``samples``, TENT and the randomised views are computed
     here; without, only the feature maps are candidates."""
     inductive = calibration_of(info)
-    if inductive is None:
-        return None
+    return None if inductive is None else guard_at_site(model, info, samples, features, inductive)
+
+
+def guard_at_site(
+    model: SavltModel,
+    info: dict,
+    samples: list[Sample] | None,
+    features: np.ndarray,
+    inductive: Calibration,
+) -> GuardChoice:
+    """:func:`site_guard` for a model whose calibration ``inductive`` is known."""
     enough = samples is not None and len(samples) >= MIN_SCANS  # fewer: all refused anyway
     return guard(
         features,
@@ -271,8 +280,8 @@ def calibrate_model(
     """
     model_dir, out = Path(model_dir), Path(out)
     model, info = load_model(model_dir)
-    centre = calibration_of(info, "centre_calibration")
-    if centre is None:
+    inductive, centre = calibration_of(info), calibration_of(info, "centre_calibration")
+    if inductive is None or centre is None:
         raise SavltError(
             f"{model_dir} has no centre calibration (exported before it existed, or trained "
             "with calibration.recentre: false); re-export it from its run"
@@ -284,9 +293,8 @@ def calibrate_model(
             f"{min_scans} unlabelled scans of the site"
         )
     feats = predict(model, image_set(info, samples), BATCH)[2]
-    picked = site_guard(model, info, samples, feats)
-    assert picked is not None  # a centre calibration implies the inductive one
-    stored = site_calibration(picked, calibration_of(info), centre, feats)
+    picked = guard_at_site(model, info, samples, feats, inductive)
+    stored = site_calibration(picked, inductive, centre, feats)
     if out.resolve() != model_dir.resolve():
         shutil.copytree(model_dir, out, dirs_exist_ok=True)
     info = {
