@@ -32,7 +32,7 @@ from savlt_model.evaluation import centre_evaluator
 from savlt_model.methods import get_method
 from savlt_model.model.build import cached_model, image_sets
 from server.federation import FederatedJob, job_calibrations, job_summary, run_federated
-from simulation.baselines import run_baseline
+from simulation.baselines import baselines_beside, run_baselines
 from simulation.resources import actor_resources
 from synthetic.write import ensure_data
 
@@ -176,15 +176,22 @@ def finish_federated(job: FederatedJob) -> dict:
     return summary
 
 
+def _reused(job: FederatedJob, resume: bool) -> bool:
+    """Whether an earlier run finished ``job`` and this one resumes: then it is reused."""
+    if resume and job.result_file.is_file():
+        log.info("%s: finished in an earlier run, reusing %s", job.tag, job.result_file)
+        return True
+    return False
+
+
 def run_job(cfg: Config, method: str, seed: int, out: Path, resume: bool) -> dict:
     """One (method, seed) job; a finished one is reused when resuming."""
     job = FederatedJob(cfg, method, seed, out, resume)
-    if resume and job.result_file.is_file():
-        log.info("%s: finished in an earlier run, reusing %s", job.tag, job.result_file)
-    elif not get_method(method).federated:
-        write_json(job.result_file, run_baseline(cfg, method, seed, out))
-    else:
-        simulate_federated(cfg, [job])
+    if not _reused(job, resume):
+        if get_method(method).federated:
+            simulate_federated(cfg, [job])
+        else:
+            write_json(job.result_file, run_baselines(cfg, [method], seed, out)[method])
     return _result(job)
 
 
@@ -230,14 +237,17 @@ def run_simulate(cfg: Config, out: Path, resume: bool = False) -> list[dict]:
             for seed in cfg.seeds
             for m in cfg.fl.methods
         ]
-        for job in jobs:
-            if not get_method(job.method).federated:
-                run_job(job_cfg, job.method, job.seed, job_out, resume)
-                bar.update()
         federated = [j for j in jobs if get_method(j.method).federated]
-        pending = [j for j in federated if not (resume and j.result_file.is_file())]
-        bar.update(len(federated) - len(pending))
-        simulate_federated(job_cfg, pending, bar)
+        to_train = [j for j in jobs if j not in federated and not _reused(j, resume)]
+        pending = [j for j in federated if not _reused(j, resume)]
+        bar.update(len(jobs) - len(to_train) - len(pending))
+        # on the CPU the baselines train beside the federation (baselines_beside)
+        with baselines_beside(job_cfg, [(j.method, j.seed) for j in to_train], job_out) as done:
+            simulate_federated(job_cfg, pending, bar)
+            summaries = done()
+        for job in to_train:
+            write_json(job.result_file, summaries[job.method, job.seed])
+        bar.update(len(to_train))
         for job in jobs:
             summary = _result(job)
             if cfg.tracking.tensorboard and get_method(job.method).federated:

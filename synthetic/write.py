@@ -15,9 +15,11 @@ import math
 import os
 import shutil
 import zlib
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -45,6 +47,7 @@ from synthetic.family import FAMILY_KEY, family_name, family_style
 from synthetic.render import SIGNATURES, Array, render
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Provenance ids written into synth.json / held_out.json. They keep the names of the first
 # release (the generator's old module path): a folder written then still matches, byte for byte.
@@ -88,6 +91,15 @@ def _write(
     mask_dir.mkdir(parents=True, exist_ok=True)
     _save(img, mask, fmt, image_dir / name, mask_dir / f"{stem}.png", bits)
     return name
+
+
+def _on_every_core(fn: Callable[[T], str], plan: list[T], desc: str, progress: bool) -> list[str]:
+    """``fn`` over ``plan`` on every core, results in plan order. Threads suffice: NumPy and
+    PIL release the GIL, and every image has its own seeded stream, so the files do not
+    depend on which thread renders them."""
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        done = pool.map(fn, plan)
+        return list(tqdm(done, total=len(plan), desc=desc, unit="img", disable=not progress))
 
 
 def _key(name: str) -> int:
@@ -146,13 +158,19 @@ def generate(
     tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        site_of: dict[str, str] = {}
-        for centre, site, cls, i in tqdm(plan, desc="synth", unit="img", disable=not progress):
+
+        def one(item: tuple[str, str, str, int]) -> str:
+            centre, site, cls, i = item
             rng = np.random.default_rng([seed, _key(site), _key(cls), i])
             img, mask = render(cls, PROFILES[site], rng)
-            name = _write(tmp / centre, cls, f"{site}_{i:04d}", img, mask, FORMATS[centre])
-            if centre == "mixed":
-                site_of[f"{cls}/{name}"] = site
+            return _write(tmp / centre, cls, f"{site}_{i:04d}", img, mask, FORMATS[centre])
+
+        names = _on_every_core(one, plan, "synth", progress)
+        site_of = {
+            f"{cls}/{name}": site
+            for (centre, site, cls, _), name in zip(plan, names, strict=True)
+            if centre == "mixed"
+        }
         write_json(tmp / "mixed" / "sites.json", site_of)
         summary = _summary(seed, scale, classes)
         write_json(tmp / "synth.json", summary)
@@ -277,9 +295,13 @@ def _render_centre(
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         plan = [(c, i) for c, n in info["counts"].items() for i in range(n)]
-        for cls, i in tqdm(plan, desc=name, unit="img", disable=not progress):
+
+        def one(item: tuple[str, int]) -> str:
+            cls, i = item
             img, mask = render(cls, prof, np.random.default_rng([*stream, _key(cls), i]))
-            _write(tmp, cls, f"{name}_{i:04d}", img, mask, fmt, prof.bit_depth)
+            return _write(tmp, cls, f"{name}_{i:04d}", img, mask, fmt, prof.bit_depth)
+
+        _on_every_core(one, plan, name, progress)
         write_json(tmp / HELD_OUT_INFO, info)
         tmp.rename(root / name)
     except BaseException:

@@ -158,11 +158,12 @@ def test_a_swap_run_records_the_bad_hospital_its_weights_and_the_worst_hospital(
     from simulation import baselines
     from simulation.runner import run_simulate
 
-    trained: list[list[int]] = []
     real = baselines.train_steps
+    log = tmp_path / "trained.jsonl"  # the baselines train in forked processes
 
     def spy(model, train_set, *args, **kwargs):
-        trained.append(list(train_set.labels))
+        with log.open("a") as f:
+            f.write(json.dumps([kwargs["desc"], list(train_set.labels)]) + "\n")
         return real(model, train_set, *args, **kwargs)
 
     monkeypatch.setattr(baselines, "train_steps", spy)
@@ -177,8 +178,14 @@ def test_a_swap_run_records_the_bad_hospital_its_weights_and_the_worst_hospital(
     )
     records = run_simulate(cfg, tmp_path)
     partition = build_partition(cfg, 42)
-    assert trained[0] == [s.label for h in partition.hospitals for s in h.train]  # central
-    assert trained[1:] == [[s.label for s in h.train] for h in partition.hospitals]  # local
+    trained = dict(json.loads(line) for line in log.read_text().splitlines())
+    assert trained == {
+        "central_seed42": [s.label for h in partition.hospitals for s in h.train],
+        **{
+            f"local_seed42_h{i}": [s.label for s in h.train]
+            for i, h in enumerate(partition.hospitals)
+        },
+    }
     names = [h.name for h in partition.hospitals if h.val]
     for method in ("central", "local", "text-anchored", "central+cal", "text-anchored+cal"):
         mine = [r for r in records if r["method"] == method]

@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from savlt_model.config import RoiConfig
-from savlt_model.data.tissue import SurfaceDetector
+from savlt_model.data.tissue import SurfaceDetector, below_surface
 from savlt_model.errors import SavltError
 from savlt_model.model.roi import (
     RoiAttentionPool,
@@ -167,6 +168,22 @@ def test_surface_detector_finds_tilted_surface() -> None:
         assert mask[b].sum(0).min() > 0  # every column has tissue down to the bottom
     tops = roi_top(mask).numpy() * size
     assert np.abs(tops - [55, 70, 35]).max() <= 3
+
+
+@pytest.mark.parametrize(("shape", "k"), [((4, 128, 128), 5), ((1, 224, 384), 7), ((2, 3, 5), 9)])
+@pytest.mark.parametrize("density", [0.05, 0.5, 0.9])
+def test_below_surface_is_the_max_pool_opening_and_cumulative_max(
+    shape: tuple[int, int, int], k: int, density: float
+) -> None:
+    """The boolean opening equals the textbook one: (k, 1) max-pools of the 0/1 image
+    (min-pool = -max-pool(-x)), padded so the window is clipped at the borders, then a
+    cumulative max down each column."""
+    tissue = torch.rand(shape, generator=torch.Generator().manual_seed(k)) < density
+    x = tissue.float()[:, None]
+    pool = {"kernel_size": (k, 1), "stride": 1, "padding": (k // 2, 0)}
+    opened = F.max_pool2d(-F.max_pool2d(-x, **pool), **pool)
+    expected = opened.squeeze(1).cummax(dim=1).values
+    assert torch.equal(below_surface(tissue, k), expected)
 
 
 def test_surface_detector_blank_image_has_no_tissue() -> None:

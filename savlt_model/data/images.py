@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -100,12 +101,17 @@ def load_image(
 _DECODED: dict[tuple[Path, int | None, int, str], torch.Tensor] = {}
 
 
-def _decoded(sample: Sample, size: int, intensity: str) -> torch.Tensor:
-    """Process-wide cache: seeds and methods reuse the same images without decoding again."""
-    key = (Path(sample.path), sample.frame, size, intensity)
-    if key not in _DECODED:
-        _DECODED[key] = load_image(sample.path, size, intensity, sample.frame)
-    return _DECODED[key]
+def _decoded(samples: list[Sample], size: int, intensity: str) -> list[torch.Tensor]:
+    """The samples' images through a process-wide cache (seeds and methods reuse them
+    without decoding again). Those not cached yet are decoded on torch's share of the cores:
+    PIL, NumPy and torch release the GIL, so threads decode side by side, each image exactly
+    as alone."""
+    keys = [(Path(s.path), s.frame, size, intensity) for s in samples]
+    missing = list(dict.fromkeys(k for k in keys if k not in _DECODED))
+    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+        decoded = pool.map(lambda k: load_image(k[0], size, intensity, k[1]), missing)
+        _DECODED.update(zip(missing, decoded, strict=True))
+    return [_DECODED[k] for k in keys]
 
 
 class ImageSet(Dataset):
@@ -136,7 +142,7 @@ class ImageSet(Dataset):
         assert views == 1 or scanner_augment > 0, "randomised views need scanner_augment > 0"
         self.samples = list(samples)
         self.labels = [s.label for s in self.samples]
-        self.images = [_decoded(s, size, intensity) for s in self.samples]
+        self.images = _decoded(self.samples, size, intensity)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
         self.augment = (

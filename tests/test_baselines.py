@@ -1,0 +1,28 @@
+"""The baselines' models train in forked processes, side by side (simulation/baselines.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from simulation.baselines import run_baselines
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_baselines_records_do_not_depend_on_what_trains_beside_it(fed_config, tmp_path):
+    """Central alone and central beside the local models: each model trains in its own
+    process on the hospitals' actor threads, so the records are the same to the bit, and
+    local averages one model per hospital."""
+    cfg = fed_config("train.iterations_per_shot=2", "simulation.max_actors=2")
+    alone = run_baselines(cfg, ["central"], 42, tmp_path / "alone")
+    together = run_baselines(cfg, ["central", "local"], 42, tmp_path / "together")
+    assert alone["central"]["records"] == together["central"]["records"]
+    local = together["local"]["records"]
+    assert {r["method"] for r in local} == {"local", "local+cal"}
+    for r in local:
+        assert len(r["per_hospital_acc_multiclass"]) == cfg.fl.hospitals
+        assert r["acc_multiclass"] == pytest.approx(
+            sum(r["per_hospital_acc_multiclass"]) / cfg.fl.hospitals
+        )
+    figures = tmp_path / "together" / "figures"
+    assert {f"roc_local_seed42_h{i}.png" for i in range(3)} <= {p.name for p in figures.iterdir()}
