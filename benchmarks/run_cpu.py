@@ -25,6 +25,7 @@ SCRIPTS = {
     "train_step": ["--threads", "1"],
     "lora_attention": ["--threads", "1"],
     "data": ["--threads", "1"],
+    "tissue_mask": ["--threads", "1"],
     "aggregation": ["--threads", "1"],
     "payload": ["--threads", "1"],
     "simulation": [],

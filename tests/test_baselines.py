@@ -13,7 +13,7 @@ def test_a_baselines_records_do_not_depend_on_what_trains_beside_it(fed_config, 
     """Central alone and central beside the local models: each model trains in its own
     process on the hospitals' actor threads, so the records are the same to the bit, and
     local averages one model per hospital."""
-    cfg = fed_config("train.iterations_per_shot=2", "simulation.max_actors=2")
+    cfg = fed_config("train.iterations_per_shot=1", "simulation.max_actors=2")
     alone = run_baselines(cfg, ["central"], 42, tmp_path / "alone")
     together = run_baselines(cfg, ["central", "local"], 42, tmp_path / "together")
     assert alone["central"]["records"] == together["central"]["records"]
