@@ -244,8 +244,7 @@ def baselines_beside(
             records = BASELINES[method].records(
                 cfg, partitions[seed], seed, [next(per_model) for _ in trainings]
             )
-            by_job[method, seed] = {"method": method, "seed": seed, "records": records}
-            by_job[method, seed]["curves"] = []
+            by_job[method, seed] = dict(method=method, seed=seed, records=records, curves=[])
         return by_job
 
     resources = _cpu_processes(cfg)

@@ -48,8 +48,8 @@ def _otsu_threshold(x: Tensor) -> Tensor:
 def _vertical(mask: Tensor, k: int, op: Callable[..., Tensor], identity: bool) -> Tensor:
     """``op`` (logical and / or) over each pixel's window of ``k`` rows, clipped at the
     image's top and bottom: a binary erosion / dilation with a (k, 1) element. The same
-    result as a (k, 1) max-pool of the 0/1 image, at a quarter of its cost on a training
-    batch."""
+    result as a (k, 1) max-pool of the 0/1 image, at a third of its cost or less
+    (benchmarks/bench_tissue_mask.py)."""
     r = k // 2
     pad = torch.full((mask.shape[0], r, mask.shape[2]), identity, device=mask.device)
     padded = torch.cat([pad, mask, pad], dim=1)
