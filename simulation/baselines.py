@@ -7,9 +7,8 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,7 +126,7 @@ class Training:
 def _central(cfg: Config, partition: Partition, seed: int, out: Path) -> list[Training]:
     fields = {
         **partition_fields(cfg, partition),
-        **budget(cfg, "central", [len(h.train) for h in partition.hospitals]),
+        **budget(cfg, "central", partition.train_sizes),
     }
     run = _finish_for(cfg, out, f"central_seed{seed}", "central", seed)
     return [Training(run, partition.hospitals, cfg.total_iterations, fields)]
@@ -158,7 +157,7 @@ def _local_records(
             cfg.data.shots,
             _mean_metrics(rs),
             **partition_fields(cfg, partition),
-            **budget(cfg, "local", [len(h.train) for h in partition.hospitals]),
+            **budget(cfg, "local", partition.train_sizes),
             hospitals=[h.name for h in partition.hospitals],
             per_hospital_acc_multiclass=[r["acc_multiclass"] for r in rs],
             **hospital_val_fields(
@@ -185,10 +184,9 @@ BASELINES: dict[str, Baseline] = {
 }
 
 
-def _train(cfg: Config, tests: dict[str, list[Sample]], training: Training) -> list[dict]:
+def _train(cfg: Config, tests: dict[str, list[Sample]], t: Training) -> list[dict]:
     """Train and finish one model; its records."""
-    own = hospital_val_images(cfg, training.hospitals)
-    t = training
+    own = hospital_val_images(cfg, t.hospitals)
     return train_and_finish(
         cfg, t.run, t.hospitals, tests, t.steps, hospital_val=own, **t.record_extra
     )[1]
@@ -205,55 +203,35 @@ def _cpu_processes(cfg: Config) -> tuple[int, int] | None:
     return sim.max_actors or max(1, len(os.sched_getaffinity(0)) // threads), threads
 
 
-# What the processes forked by baselines_beside inherit (a Config does not pickle): set
-# only while they start.
-_WORK: tuple[Config, list[tuple[dict[str, list[Sample]], Training]]] | None = None
+Work = list[tuple[dict[str, list[Sample]], Training]]  # (the test centres, a model)
+
+# What the processes forked by _train_all inherit (a Config does not pickle): set only
+# while they run.
+_WORK: tuple[Config, Work] | None = None
 
 
 def _train_nth(i: int) -> list[dict]:
-    assert _WORK is not None, "only called in a process forked by baselines_beside"
+    assert _WORK is not None, "only called in a process forked by _train_all"
     cfg, work = _WORK
     return _train(cfg, *work[i])
 
 
-@contextmanager
-def baselines_beside(
-    cfg: Config, jobs: list[tuple[str, int]], out: Path
-) -> Iterator[Callable[[], dict[tuple[str, int], dict]]]:
-    """Start the baseline jobs ``(method, seed)``; yields a function that waits for them and
-    returns each job's summary with its records.
+def _train_all(cfg: Config, partitions: list[Partition], work: Work) -> list[list[dict]]:
+    """Each ``(tests, training)``'s records, in order.
 
-    On the CPU their models train in forked processes with the hospitals' actor resources
-    (one thread each by default) while the caller goes on, so the federation runs beside
-    them and no core idles while one model finishes alone; a baseline's numbers then do not
-    depend on the machine's core count, as a hospital's do not. Two one-thread processes did
-    10-20 % more steps per second on two cores than one two-thread process. The images are
-    decoded here first, so every process inherits them. On a GPU the models train here,
-    one after another, before the caller goes on.
+    On the CPU the models train side by side in forked processes with the hospitals' actor
+    resources (one thread each by default), so a baseline's numbers do not depend on the
+    machine's core count, as a hospital's do not. Two one-thread processes did 10-20 % more
+    steps per second on two cores than one two-thread process, and one model's decoding,
+    scoring and figures (one core) overlap another's training. The images are decoded here
+    first, so every process inherits them. On a GPU they train here, one after another.
     """
     global _WORK
-    partitions = {seed: build_partition(cfg, seed) for seed in dict.fromkeys(s for _, s in jobs)}
-    planned = {
-        (m, seed): BASELINES[m].trainings(cfg, partitions[seed], seed, out) for m, seed in jobs
-    }
-    work = [(partitions[seed].tests, t) for (_, seed), ts in planned.items() for t in ts]
-
-    def summaries(per_model: Iterator[list[dict]]) -> dict[tuple[str, int], dict]:
-        by_job: dict[tuple[str, int], dict] = {}
-        for (method, seed), trainings in planned.items():
-            records = BASELINES[method].records(
-                cfg, partitions[seed], seed, [next(per_model) for _ in trainings]
-            )
-            by_job[method, seed] = dict(method=method, seed=seed, records=records, curves=[])
-        return by_job
-
     resources = _cpu_processes(cfg)
     if resources is None or not work:
-        done = summaries(iter([_train(cfg, *w) for w in work]))
-        yield lambda: done
-        return
+        return [_train(cfg, *w) for w in work]
     processes, threads = resources
-    for p in partitions.values():
+    for p in partitions:
         every = [s for h in p.hospitals for s in (*h.train, *h.val)]
         image_sets(cfg, {"hospitals": every, **p.tests}, train=False)
     _WORK = (cfg, work)
@@ -264,19 +242,24 @@ def baselines_beside(
             initializer=torch.set_num_threads,
             initargs=(threads,),
         ) as pool:
-            futures = [pool.submit(_train_nth, i) for i in range(len(work))]
-            _WORK = None  # the processes have forked
-            try:
-                yield lambda: summaries(f.result() for f in futures)
-            except BaseException:
-                pool.shutdown(cancel_futures=True)  # the running models still finish
-                raise
+            return list(pool.map(_train_nth, range(len(work))))
     finally:
         _WORK = None
 
 
-def run_baselines(cfg: Config, methods: list[str], seed: int, out: Path) -> dict[str, dict]:
-    """The baseline jobs ``methods`` of one seed (:func:`baselines_beside`); each job's
-    summary with its records."""
-    with baselines_beside(cfg, [(m, seed) for m in methods], out) as finished:
-        return {method: summary for (method, _), summary in finished().items()}
+def train_baselines(cfg: Config, jobs: list[tuple[str, int]], out: Path) -> dict[tuple, dict]:
+    """The baseline jobs ``(method, seed)``, all their models trained together
+    (:func:`_train_all`); each job's summary with its records."""
+    partitions = {seed: build_partition(cfg, seed) for seed in dict.fromkeys(s for _, s in jobs)}
+    planned = {
+        (m, seed): BASELINES[m].trainings(cfg, partitions[seed], seed, out) for m, seed in jobs
+    }
+    work = [(partitions[seed].tests, t) for (_, seed), ts in planned.items() for t in ts]
+    per_model = iter(_train_all(cfg, list(partitions.values()), work))
+    by_job: dict[tuple, dict] = {}
+    for (method, seed), trainings in planned.items():
+        records = BASELINES[method].records(
+            cfg, partitions[seed], seed, [next(per_model) for _ in trainings]
+        )
+        by_job[method, seed] = dict(method=method, seed=seed, records=records, curves=[])
+    return by_job

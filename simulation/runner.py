@@ -32,7 +32,7 @@ from savlt_model.evaluation import centre_evaluator
 from savlt_model.methods import get_method
 from savlt_model.model.build import cached_model, image_sets
 from server.federation import FederatedJob, job_calibrations, job_summary, run_federated
-from simulation.baselines import baselines_beside, run_baselines
+from simulation.baselines import train_baselines
 from simulation.resources import actor_resources
 from synthetic.write import ensure_data
 
@@ -160,7 +160,7 @@ def finish_federated(job: FederatedJob) -> dict:
         hospital_val=hospital_val_images(cfg, partition.hospitals) if tests else None,
         **partition_fields(cfg, partition),
         **{  # the rounds done
-            **budget(cfg, job.method, [len(h.train) for h in partition.hospitals]),
+            **budget(cfg, job.method, partition.train_sizes),
             "rounds": summary["rounds"],
         },
         upload_bytes=summary["upload_bytes"],
@@ -191,7 +191,7 @@ def run_job(cfg: Config, method: str, seed: int, out: Path, resume: bool) -> dic
         if get_method(method).federated:
             simulate_federated(cfg, [job])
         else:
-            write_json(job.result_file, run_baselines(cfg, [method], seed, out)[method])
+            write_json(job.result_file, train_baselines(cfg, [(method, seed)], out)[method, seed])
     return _result(job)
 
 
@@ -237,17 +237,16 @@ def run_simulate(cfg: Config, out: Path, resume: bool = False) -> list[dict]:
             for seed in cfg.seeds
             for m in cfg.fl.methods
         ]
-        federated = [j for j in jobs if get_method(j.method).federated]
-        to_train = [j for j in jobs if j not in federated and not _reused(j, resume)]
-        pending = [j for j in federated if not _reused(j, resume)]
-        bar.update(len(jobs) - len(to_train) - len(pending))
-        # on the CPU the baselines train beside the federation (baselines_beside)
-        with baselines_beside(job_cfg, [(j.method, j.seed) for j in to_train], job_out) as done:
-            simulate_federated(job_cfg, pending, bar)
-            summaries = done()
+        baselines = [j for j in jobs if not get_method(j.method).federated]
+        to_train = [j for j in baselines if not _reused(j, resume)]
+        summaries = train_baselines(job_cfg, [(j.method, j.seed) for j in to_train], job_out)
         for job in to_train:
             write_json(job.result_file, summaries[job.method, job.seed])
-        bar.update(len(to_train))
+        bar.update(len(baselines))
+        federated = [j for j in jobs if get_method(j.method).federated]
+        pending = [j for j in federated if not _reused(j, resume)]
+        bar.update(len(federated) - len(pending))
+        simulate_federated(job_cfg, pending, bar)
         for job in jobs:
             summary = _result(job)
             if cfg.tracking.tensorboard and get_method(job.method).federated:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from simulation.baselines import run_baselines
+from simulation.baselines import train_baselines
 
 pytestmark = pytest.mark.slow
 
@@ -14,10 +14,10 @@ def test_a_baselines_records_do_not_depend_on_what_trains_beside_it(fed_config, 
     process on the hospitals' actor threads, so the records are the same to the bit, and
     local averages one model per hospital."""
     cfg = fed_config("train.iterations_per_shot=1", "simulation.max_actors=2")
-    alone = run_baselines(cfg, ["central"], 42, tmp_path / "alone")
-    together = run_baselines(cfg, ["central", "local"], 42, tmp_path / "together")
-    assert alone["central"]["records"] == together["central"]["records"]
-    local = together["local"]["records"]
+    alone = train_baselines(cfg, [("central", 42)], tmp_path / "alone")
+    together = train_baselines(cfg, [("central", 42), ("local", 42)], tmp_path / "together")
+    assert alone["central", 42]["records"] == together["central", 42]["records"]
+    local = together["local", 42]["records"]
     assert {r["method"] for r in local} == {"local", "local+cal"}
     for r in local:
         assert len(r["per_hospital_acc_multiclass"]) == cfg.fl.hospitals

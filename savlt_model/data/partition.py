@@ -58,6 +58,11 @@ class Partition:
         """What centralised training sees: every hospital's images together."""
         return [s for h in self.hospitals for s in h.train]
 
+    @property
+    def train_sizes(self) -> list[int]:
+        """Each hospital's training images: what a results record's budget counts from."""
+        return [len(h.train) for h in self.hospitals]
+
 
 def _by_site(
     samples: list[Sample], sites: dict[str, str], groups: list[list[str]]
