@@ -193,14 +193,18 @@ def _train(cfg: Config, tests: dict[str, list[Sample]], t: Training) -> list[dic
 
 
 def _cpu_processes(cfg: Config) -> tuple[int, int] | None:
-    """(processes, torch threads each) for the baselines' models on the CPU, as the
-    hospitals' actors get them: ``simulation.client_cpus`` threads, ``max_actors`` at once
-    (0: as many as the cores fit). None on a GPU: one model at a time, in this process."""
+    """(processes, torch threads each) for the baselines' models on the CPU: a hospital
+    actor's ``simulation.client_cpus`` threads, as many processes as the cores fit, at most
+    ``max_actors``. Unlike a round's hospitals, which all finish before the round does, the
+    models are independent: a process beyond the cores only time-slices them, and left the
+    last one training alone with a core idle (the default's 4 models on 2 cores: 5:38 with
+    3 processes, 4:55 with 2; docs/simulation.md). None on a GPU: one model at a time, here."""
     if pick_device(cfg.train.device).type != "cpu":
         return None
     sim = cfg.simulation
     threads = max(1, int(sim.client_cpus))
-    return sim.max_actors or max(1, len(os.sched_getaffinity(0)) // threads), threads
+    fit = max(1, len(os.sched_getaffinity(0)) // threads)
+    return min(fit, sim.max_actors or fit), threads
 
 
 Work = list[tuple[dict[str, list[Sample]], Training]]  # (the test centres, a model)

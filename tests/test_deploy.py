@@ -13,7 +13,7 @@ import pytest
 from client.policy import load_policy
 from savlt_model.checkpoint import load_adapter
 from savlt_model.config import load_config
-from synthetic.write import ensure_data, generate
+from synthetic.write import ensure_data
 from tests.conftest import tree_hashes
 from tools.deploy.certificates import write_node_keys
 from tools.deploy.flwr_cli import supernode_list
@@ -32,11 +32,10 @@ from tools.deploy.processes import Processes, free_port, managed
 pytestmark = pytest.mark.deploy
 
 
-def test_tls_deployment_trains_and_refuses_an_unregistered_supernode(tmp_path):
+def test_tls_deployment_trains_and_refuses_an_unregistered_supernode(fed_data_root, tmp_path):
     """Also: every hospital runs with its run policy and the DATA folder is only read. (A job
     outside a hospital's policy is refused through Flower in tests/test_trust.py.)"""
-    root = tmp_path / "data"
-    generate(root, seed=3, scale=0.25, progress=False)
+    root = fed_data_root
     cfg = load_config(
         "configs/smoke.yaml",
         [

@@ -83,8 +83,8 @@ def test_no_noise_is_unbounded_epsilon() -> None:
     )
 
 
-@pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.usefixtures("in_process")  # Flower's DP wrapper is server-side: Ray adds nothing
 def test_server_side_dp_noises_the_adapter_and_replies_stay_declared(
     fed_config, tmp_path, capsys, train_replies
 ):
