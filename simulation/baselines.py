@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from reporting.finish import (
 from reporting.results import CALIBRATION_KEYS, make_record
 from savlt_model.budget import budget, local_steps
 from savlt_model.config import Config
+from savlt_model.cores import usable_cores
 from savlt_model.data.folders import Sample
 from savlt_model.data.images import ImageSet
 from savlt_model.data.partition import Hospital, Partition, build_partition
@@ -203,7 +203,7 @@ def _cpu_processes(cfg: Config) -> tuple[int, int] | None:
         return None
     sim = cfg.simulation
     threads = max(1, int(sim.client_cpus))
-    fit = max(1, len(os.sched_getaffinity(0)) // threads)
+    fit = max(1, usable_cores() // threads)
     return min(fit, sim.max_actors or fit), threads
 
 

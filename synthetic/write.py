@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from savlt_model.atomic import write_json
 from savlt_model.config import CERVICAL_CLASSES, Config, resolve_path
+from savlt_model.cores import usable_cores
 from savlt_model.data.protocol import data_root
 from savlt_model.errors import SavltError
 from synthetic.centres import (
@@ -97,7 +98,7 @@ def _on_every_core(fn: Callable[[T], str], plan: list[T], desc: str, progress: b
     """``fn`` over ``plan`` on every core, results in plan order. Threads suffice: NumPy and
     PIL release the GIL, and every image has its own seeded stream, so the files do not
     depend on which thread renders them."""
-    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+    with ThreadPoolExecutor(usable_cores()) as pool:
         done = pool.map(fn, plan)
         return list(tqdm(done, total=len(plan), desc=desc, unit="img", disable=not progress))
 

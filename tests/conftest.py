@@ -13,7 +13,9 @@ from pathlib import Path
 # the suite took 553 s with 13 min of CPU, and 356 s with 7 min at one thread per worker.
 # Each worker gets its share of the cores; subprocesses inherit it through the environment.
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
-    _THREADS = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    from savlt_model.cores import usable_cores
+
+    _THREADS = max(1, usable_cores() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
     os.environ["OMP_NUM_THREADS"] = str(_THREADS)
     import torch
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 from flwr.common.config import parse_config_args
@@ -10,6 +11,7 @@ from flwr.simulation.app import _run_simulation_settings
 from flwr.supercore.utils import simulation_config_from_json
 
 from savlt_model.config import load_config
+from savlt_model.cores import usable_cores
 from savlt_model.errors import SavltError
 from simulation.resources import CUDA_CONTEXT_BYTES, ActorResources, GiB, actor_resources, gpu_share
 from tools.cli import main
@@ -123,3 +125,15 @@ def test_flwr_run_federation_config_gives_flower_the_same_backend_config(capsys)
     fractional = ["federation-config", "--config", "configs/smoke.yaml"]
     assert main([*fractional, "--set", "simulation.client_cpus=0.5"]) == 2
     assert "whole number of CPUs" in capsys.readouterr().err
+
+
+def test_usable_cores_follows_the_affinity_mask_and_falls_back_to_every_core(monkeypatch):
+    """One count for every pool: the process's affinity where the OS has one (Linux), else
+    the machine's cores (macOS and Windows have no ``os.sched_getaffinity``)."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 3, 5}, raising=False)
+    assert usable_cores() == 3
+    monkeypatch.delattr(os, "sched_getaffinity")
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert usable_cores() == 8
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert usable_cores() == 1
