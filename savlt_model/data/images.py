@@ -108,9 +108,10 @@ def _decoded(samples: list[Sample], size: int, intensity: str) -> list[torch.Ten
     as alone."""
     keys = [(Path(s.path), s.frame, size, intensity) for s in samples]
     missing = list(dict.fromkeys(k for k in keys if k not in _DECODED))
-    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
-        decoded = pool.map(lambda k: load_image(k[0], size, intensity, k[1]), missing)
-        _DECODED.update(zip(missing, decoded, strict=True))
+    if missing:  # every later set of the same images: no pool, no threads
+        with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+            decoded = pool.map(lambda k: load_image(k[0], size, intensity, k[1]), missing)
+            _DECODED.update(zip(missing, decoded, strict=True))
     return [_DECODED[k] for k in keys]
 
 
