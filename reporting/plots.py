@@ -46,6 +46,10 @@ def _save(fig: Figure, path: str | Path, synthetic: bool) -> Path:
             bbox={"facecolor": "#c0392b", "edgecolor": "none", "pad": 3},
         )
     fig.tight_layout(rect=(0, 0.05 if synthetic else 0, 1, 1))
+    # tight_layout leaves a placeholder layout engine behind, for which savefig draws the
+    # whole figure once more before it renders; the layout is already done, so drop it:
+    # the same PNG bytes, a quarter less time per figure (docs/simulation.md)
+    fig.set_layout_engine(None)
     return atomic_write(path, lambda p: fig.savefig(p, format="png"))
 
 
