@@ -1,11 +1,11 @@
 """``savlt simulate``: every method of a protocol over every seed, in one run.
 
-Centralised (pooled data) and local-only baselines train in this process; every federated
-method of the registry runs the real Flower ServerApp and ClientApp through
-``flwr.simulation.run_simulation``, and its final global model is then finished like the
-baselines' (:mod:`reporting.finish`). Every (method, seed) job writes ``jobs/<tag>.json`` when
-it finishes, so ``--resume`` skips finished jobs and continues an interrupted federated job
-from its last checkpointed round.
+Centralised (pooled data) and local-only baselines train first, for every variant
+(:mod:`simulation.baselines`); then every federated method of the registry runs the real
+Flower ServerApp and ClientApp through ``flwr.simulation.run_simulation``, and its final
+global model is finished like the baselines' (:mod:`reporting.finish`). Every (method,
+seed) job writes ``jobs/<tag>.json`` when it finishes, so ``--resume`` skips finished jobs
+and continues an interrupted federated job from its last checkpointed round.
 """
 
 from __future__ import annotations
@@ -231,18 +231,25 @@ def run_simulate(cfg: Config, out: Path, resume: bool = False) -> list[dict]:
     bar = tqdm(
         total=len(variants) * len(cfg.seeds) * len(cfg.fl.methods), desc="simulate", unit="job"
     )
-    for job_cfg, job_out, suffix in variants:
-        jobs = [
+    planned = [
+        [
             FederatedJob(job_cfg, m, seed, job_out, resume)
             for seed in cfg.seeds
             for m in cfg.fl.methods
         ]
+        for job_cfg, job_out, _ in variants
+    ]
+    # Every variant's baselines before any federation: the baselines fork their processes,
+    # and a process forked after Ray ran in its parent can crash in Ray's native code (a
+    # leave-one-out run's second variant did: a segfault in _raylet.so, docs/simulation.md).
+    for (job_cfg, job_out, _), jobs in zip(variants, planned, strict=True):
         baselines = [j for j in jobs if not get_method(j.method).federated]
         to_train = [j for j in baselines if not _reused(j, resume)]
         summaries = train_baselines(job_cfg, [(j.method, j.seed) for j in to_train], job_out)
         for job in to_train:
             write_json(job.result_file, summaries[job.method, job.seed])
         bar.update(len(baselines))
+    for (job_cfg, job_out, suffix), jobs in zip(variants, planned, strict=True):
         federated = [j for j in jobs if get_method(j.method).federated]
         pending = [j for j in federated if not _reused(j, resume)]
         bar.update(len(federated) - len(pending))

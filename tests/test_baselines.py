@@ -26,3 +26,39 @@ def test_a_baselines_records_do_not_depend_on_what_trains_beside_it(fed_config, 
         )
     figures = tmp_path / "together" / "figures"
     assert {f"roc_local_seed42_h{i}.png" for i in range(3)} <= {p.name for p in figures.iterdir()}
+
+
+def test_a_leave_one_out_run_trains_every_baseline_before_any_federation(
+    fed_config, monkeypatch, tmp_path
+):
+    """The baselines fork their processes, and one forked after Ray ran in its parent
+    crashed in Ray's native code (a leave-one-out run's second variant), so
+    ``run_simulate`` trains every variant's baselines before it starts any federation."""
+    from savlt_model.atomic import write_json
+    from simulation import runner
+
+    calls: list[tuple[str, str | None]] = []
+
+    def baselines(cfg, jobs, out):
+        calls.append(("baselines", cfg.fl.held_out))
+        return {job: dict(method=job[0], seed=job[1], records=[], curves=[]) for job in jobs}
+
+    def federations(cfg, jobs, progress=None):
+        calls.append(("federation", cfg.fl.held_out))
+        for job in jobs:
+            write_json(job.result_file, dict(method=job.method, records=[], curves=[]))
+
+    monkeypatch.setattr(runner, "train_baselines", baselines)
+    monkeypatch.setattr(runner, "simulate_federated", federations)
+    monkeypatch.setattr(runner, "plot_method_bars", lambda *a, **k: calls.append(("bars", None)))
+    cfg = fed_config(
+        "fl.leave_one_out=true", "fl.methods=[central,fedavg]", "tracking.tensorboard=false"
+    )
+    runner.run_simulate(cfg, tmp_path / "run")
+    variants = [None, "mixed", "xiangya", "huaxi"]
+    assert calls == [
+        *[("baselines", v) for v in variants],
+        *[("federation", v) for v in variants],
+        ("bars", None),
+        ("bars", None),
+    ]
