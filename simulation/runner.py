@@ -219,11 +219,9 @@ def run_simulate(cfg: Config, out: Path, resume: bool = False) -> list[dict]:
     """Run every configured method and seed; write curves.json and the method bar plots
     (the per-round curves are drawn by the report, from curves.json).
 
-    Leave-one-centre-out jobs (``fl.leave_one_out``) write under ``out/heldout-<centre>``;
-    the run reports their held-out centre's records, named ``<centre> (held out)``. Their
-    jobs also score the test-only styles (``data.held_out_centers``), which the run reports
-    from the variant without a held-out centre: one model per method and seed, as in every
-    other row (three of them would read as three seeds).
+    Leave-one-centre-out jobs (``fl.leave_one_out``) write under ``out/heldout-<centre>`` and
+    their records (their held-out centre's only, :func:`build_partition`) are reported with
+    the centre named ``<centre> (held out)``.
     """
     synthetic = is_synthetic(ensure_data(cfg))
     variants = [(cfg, out, "")] + [
@@ -261,11 +259,7 @@ def run_simulate(cfg: Config, out: Path, resume: bool = False) -> list[dict]:
             summary = _result(job)
             if cfg.tracking.tensorboard and get_method(job.method).federated:
                 write_job_events(job_out, job.tag, summary)
-            records += [
-                dict(r, center=r["center"] + suffix)
-                for r in summary["records"]
-                if not suffix or r["center"] == job_cfg.fl.held_out
-            ]
+            records += [dict(r, center=r["center"] + suffix) for r in summary["records"]]
             if not suffix:
                 curves += summary["curves"]
     bar.close()

@@ -78,13 +78,20 @@ def test_held_out_needs_the_centers_protocol(root):
         _cfg(root, "fl.held_out=huaxi")
 
 
-def test_held_out_scanner_centres_are_scored_everywhere_and_never_a_hospital(root):
+def test_held_out_scanner_centres_are_scored_in_every_partition_and_never_a_hospital(root):
+    """... except by a leave-one-out refit, which scores only its held-out centre: its run
+    scores the styles once, and three refits' scores would read as three seeds of a row."""
     add_held_out_centres(root, seed=1, scale=0.3, names=("scanner_lc",), progress=False)
     every_image = {s.key for s in scan_center(root, "scanner_lc", _cfg(root).task.classes)}
     for extra in ([], ["fl.partition=centers"]):
         partition = build_partition(_cfg(root, "data.held_out_centers=[scanner_lc]", *extra), 5)
         assert "scanner_lc" not in {h.name for h in partition.hospitals}
         assert {s.key for s in partition.tests["scanner_lc"]} == every_image
+    loo = _cfg(
+        root, "data.held_out_centers=[scanner_lc]", "fl.partition=centers", "fl.leave_one_out=true"
+    )
+    for refit in leave_one_out_configs(loo):
+        assert list(build_partition(refit, 5).tests) == [refit.fl.held_out]
     with pytest.raises(SavltError, match=r"data\.held_out_centers.*test-only"):
         _cfg(root, "data.held_out_centers=[huaxi]")
 

@@ -197,6 +197,9 @@ def _partition(cfg: Config, seed: int) -> Partition:
             for h in split_center(cfg, p, n // len(training), seed)
         ]
     tests = {p.name: p.test for p in parts if held_out in (None, p.name)}
-    for center in cfg.data.held_out_centers:  # test-only scanner styles: every image
+    # test-only scanner styles, every image; a leave-one-out refit scores its held-out
+    # centre only: its run scores the styles once, with every centre's hospitals
+    styles = cfg.data.held_out_centers if held_out is None else []
+    for center in styles:
         tests[center] = external_test(cfg, root, center)
     return Partition(hospitals, tests)
